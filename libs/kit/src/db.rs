@@ -1,0 +1,116 @@
+//! Database connection. PostgreSQL in production; SQLite files as the
+//! embedded default. Each service connects only to its own database.
+
+use std::time::Duration;
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, SqlErr};
+use sea_orm_migration::MigratorTrait;
+
+/// Connections per PostgreSQL pool.
+pub const POSTGRES_MAX_CONNECTIONS: u32 = 16;
+/// How long a call waits for a pooled connection before failing Unavailable.
+pub const ACQUIRE_TIMEOUT_MS: u64 = 5_000;
+
+/// Connects to `url` and applies the service's migrations.
+///
+/// SQLite gets one connection: SQLite admits one writer at a time anyway,
+/// and a single connection makes every transaction serializable without
+/// `SQLITE_BUSY` upgrades between a read and a write in one transaction.
+pub async fn connect_and_migrate<M: MigratorTrait>(url: &str) -> Result<DatabaseConnection, DbErr> {
+    let db = connect(url).await?;
+    M::up(&db, None).await?;
+    Ok(db)
+}
+
+/// Connects to `url`, creating a missing SQLite file and its directory.
+pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
+    let sqlite = url.starts_with("sqlite:");
+    let url = if sqlite { prepare_sqlite(url)? } else { url.to_owned() };
+    let mut options = ConnectOptions::new(url);
+    options
+        .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+        .connect_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+        .sqlx_logging(false);
+    if sqlite {
+        options.max_connections(1).min_connections(1);
+    } else {
+        options.max_connections(POSTGRES_MAX_CONNECTIONS);
+    }
+    let db = Database::connect(options).await?;
+    if sqlite {
+        // WAL lets readers of other processes (sqlite3 shell, backups) work
+        // while we write; it persists in the file.
+        db.execute_unprepared("PRAGMA journal_mode=WAL").await?;
+    }
+    Ok(db)
+}
+
+fn prepare_sqlite(url: &str) -> Result<String, DbErr> {
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() || path == ":memory:" {
+        return Ok(url.to_owned());
+    }
+    if let Some(dir) = std::path::Path::new(path).parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| DbErr::Custom(format!("creating {}: {e}", dir.display())))?;
+    }
+    let query = if query.contains("mode=") {
+        query.to_owned()
+    } else if query.is_empty() {
+        "mode=rwc".to_owned()
+    } else {
+        format!("{query}&mode=rwc")
+    };
+    Ok(format!("sqlite://{path}?{query}"))
+}
+
+/// True when `error` is a unique-constraint violation (a lost race).
+pub fn is_unique_violation(error: &DbErr) -> bool {
+    matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_get_create_mode() {
+        assert_eq!(
+            prepare_sqlite("sqlite://x.db").unwrap(),
+            "sqlite://x.db?mode=rwc"
+        );
+        assert_eq!(
+            prepare_sqlite("sqlite://x.db?mode=ro").unwrap(),
+            "sqlite://x.db?mode=ro"
+        );
+        assert_eq!(prepare_sqlite("sqlite::memory:").unwrap(), "sqlite::memory:");
+    }
+}
+
+/// Creates the table of `entity` as the entity declares it (columns,
+/// primary key, uniques). Used by the first migration of each table; later
+/// changes get explicit `alter table` migrations.
+pub async fn create_table_for<E: sea_orm::EntityTrait>(
+    manager: &sea_orm_migration::SchemaManager<'_>,
+    entity: E,
+) -> Result<(), DbErr> {
+    let schema = sea_orm::Schema::new(manager.get_database_backend());
+    manager
+        .create_table(schema.create_table_from_entity(entity).if_not_exists().to_owned())
+        .await
+}
+
+/// Drops the table of `entity`.
+pub async fn drop_table_for<E: sea_orm::EntityTrait>(
+    manager: &sea_orm_migration::SchemaManager<'_>,
+    entity: E,
+) -> Result<(), DbErr> {
+    manager
+        .drop_table(sea_orm::sea_query::Table::drop().table(entity).to_owned())
+        .await
+}

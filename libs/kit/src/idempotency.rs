@@ -1,0 +1,215 @@
+//! Idempotent mutations.
+//!
+//! Every mutating request carries an idempotency key. The first successful
+//! response is stored under (scope, key) together with the encoded request:
+//! a replay returns the stored response; the same key with a different
+//! request is refused with INVALID_ARGUMENT on `idempotency_key` and changes
+//! nothing. Failed requests store nothing, so they can be retried.
+//!
+//! Local mutations use [`run`]: the record is written in the same database
+//! transaction as the effect, so the two commit or vanish together.
+//! Orchestrations that call other services (the gateway) use [`claim`] and
+//! [`complete`]: the claim pins the request to the key before any remote
+//! effect, and every remote step is itself idempotent under a derived key,
+//! so a retry after a crash finishes the same work instead of repeating it.
+
+use sea_orm::entity::prelude::*;
+use sea_orm::{ActiveValue::Set, DatabaseTransaction, TransactionTrait};
+
+use crate::ApiError;
+use crate::db::is_unique_violation;
+
+/// Longest accepted idempotency key.
+pub const MAX_KEY_LENGTH: usize = 200;
+/// Attempts when a concurrent request with the same key wins the race.
+const MAX_ATTEMPTS: usize = 3;
+
+pub mod entity {
+    use sea_orm::entity::prelude::*;
+
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "idempotency_keys")]
+    pub struct Model {
+        // The tenant and operation, e.g. "t1/credit.CheckAndReserve".
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub scope: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        // The encoded request: a replay must match it byte for byte.
+        pub request: Vec<u8>,
+        // The encoded first response; None while a claim is in progress.
+        pub response: Option<Vec<u8>>,
+        pub created_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Checks the key's shape; the error names the field.
+pub fn validate_key(key: &str) -> Result<(), ApiError> {
+    if key.trim().is_empty() {
+        return Err(ApiError::invalid("idempotency_key", "required"));
+    }
+    if key.len() > MAX_KEY_LENGTH {
+        return Err(ApiError::invalid(
+            "idempotency_key",
+            format!("at most {MAX_KEY_LENGTH} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn reused() -> ApiError {
+    ApiError::invalid(
+        "idempotency_key",
+        "already used with a different request",
+    )
+}
+
+fn decode<R: prost::Message + Default>(bytes: &[u8]) -> Result<R, ApiError> {
+    R::decode(bytes).map_err(|e| ApiError::Internal(format!("stored response undecodable: {e}")))
+}
+
+/// Runs `work` once per (scope, key) inside one transaction, returning the
+/// stored response on replays.
+pub async fn run<R, F>(
+    db: &DatabaseConnection,
+    scope: &str,
+    key: &str,
+    request: &[u8],
+    work: F,
+) -> Result<R, ApiError>
+where
+    R: prost::Message + Default,
+    F: AsyncFn(&DatabaseTransaction) -> Result<R, ApiError>,
+{
+    validate_key(key)?;
+    for _ in 0..MAX_ATTEMPTS {
+        let txn = db.begin().await?;
+        if let Some(found) = entity::Entity::find_by_id((scope.to_owned(), key.to_owned()))
+            .one(&txn)
+            .await?
+        {
+            txn.rollback().await?;
+            if found.request != request {
+                return Err(reused());
+            }
+            return match found.response {
+                Some(bytes) => decode(&bytes),
+                None => Err(ApiError::Aborted(
+                    "a request with this idempotency key is in progress".into(),
+                )),
+            };
+        }
+        let response = work(&txn).await?;
+        let record = entity::ActiveModel {
+            scope: Set(scope.to_owned()),
+            key: Set(key.to_owned()),
+            request: Set(request.to_vec()),
+            response: Set(Some(response.encode_to_vec())),
+            created_at: Set(chrono::Utc::now()),
+        };
+        match entity::Entity::insert(record).exec(&txn).await {
+            Ok(_) => {
+                txn.commit().await?;
+                return Ok(response);
+            }
+            // A concurrent request with this key committed first: undo ours
+            // and return theirs on the next attempt.
+            Err(error) if is_unique_violation(&error) => {
+                txn.rollback().await?;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(ApiError::Aborted(
+        "concurrent requests with the same idempotency key; retry".into(),
+    ))
+}
+
+/// The state of a claimed key.
+#[derive(Debug)]
+pub enum Claim<R> {
+    /// The work has not completed yet (fresh, or an earlier attempt died
+    /// midway): do it, then [`complete`].
+    Pending,
+    /// Done before: return this response.
+    Done(R),
+}
+
+/// Pins `request` to (scope, key) before any remote effect.
+pub async fn claim<R, C>(conn: &C, scope: &str, key: &str, request: &[u8]) -> Result<Claim<R>, ApiError>
+where
+    R: prost::Message + Default,
+    C: ConnectionTrait,
+{
+    validate_key(key)?;
+    for _ in 0..MAX_ATTEMPTS {
+        if let Some(found) = entity::Entity::find_by_id((scope.to_owned(), key.to_owned()))
+            .one(conn)
+            .await?
+        {
+            if found.request != request {
+                return Err(reused());
+            }
+            return Ok(match found.response {
+                Some(bytes) => Claim::Done(decode(&bytes)?),
+                None => Claim::Pending,
+            });
+        }
+        let record = entity::ActiveModel {
+            scope: Set(scope.to_owned()),
+            key: Set(key.to_owned()),
+            request: Set(request.to_vec()),
+            response: Set(None),
+            created_at: Set(chrono::Utc::now()),
+        };
+        match entity::Entity::insert(record).exec(conn).await {
+            Ok(_) => return Ok(Claim::Pending),
+            Err(error) if is_unique_violation(&error) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(ApiError::Aborted(
+        "concurrent requests with the same idempotency key; retry".into(),
+    ))
+}
+
+/// Stores the response of a claimed key.
+pub async fn complete<R, C>(conn: &C, scope: &str, key: &str, response: &R) -> Result<(), ApiError>
+where
+    R: prost::Message,
+    C: ConnectionTrait,
+{
+    entity::Entity::update_many()
+        .col_expr(
+            entity::Column::Response,
+            Expr::value(Some(response.encode_to_vec())),
+        )
+        .filter(entity::Column::Scope.eq(scope))
+        .filter(entity::Column::Key.eq(key))
+        .exec(conn)
+        .await?;
+    Ok(())
+}
+
+/// The migration creating `idempotency_keys`; every service includes it.
+pub struct Migration;
+
+impl sea_orm_migration::MigrationName for Migration {
+    fn name(&self) -> &str {
+        "m20261204_000000_idempotency_keys"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl sea_orm_migration::MigrationTrait for Migration {
+    async fn up(&self, manager: &sea_orm_migration::SchemaManager) -> Result<(), DbErr> {
+        crate::db::create_table_for(manager, entity::Entity).await
+    }
+
+    async fn down(&self, manager: &sea_orm_migration::SchemaManager) -> Result<(), DbErr> {
+        crate::db::drop_table_for(manager, entity::Entity).await
+    }
+}

@@ -1,0 +1,133 @@
+//! Serving one gRPC service: health (`grpc.health.v1`), reflection (v1 and
+//! v1alpha, since older grpcurl speaks only v1alpha), W3C trace-context
+//! extraction, and graceful shutdown.
+//!
+//! Shutdown order: health turns NOT_SERVING first so balancers stop sending,
+//! then the listener closes and in-flight calls finish, bounded by a grace
+//! period.
+
+use std::future::Future;
+use std::time::Duration;
+
+use opentelemetry::propagation::Extractor;
+use tokio::net::TcpListener;
+use tonic::codegen::http;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Serving failed to start or the transport failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("building reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves `routes` (the service named `service_name`, e.g.
+/// `o2c.credit.v1.CreditService`) on `listener` until `shutdown` resolves.
+pub async fn serve(
+    service_name: &'static str,
+    listener: TcpListener,
+    routes: Routes,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<(), ServeError> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(service_name, ServingStatus::Serving)
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(o2c_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(o2c_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        reporter
+            .set_service_status(service_name, ServingStatus::NotServing)
+            .await;
+        // Nobody listening means the server already ended.
+        let _ = stopping_tx.send(true);
+    });
+
+    let mut server_stop = stopping_rx.clone();
+    let server = Server::builder()
+        .trace_fn(request_span)
+        .add_routes(routes)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+            let _ = server_stop.wait_for(|stopping| *stopping).await;
+        });
+    tokio::pin!(server);
+
+    let mut stop = stopping_rx;
+    tokio::select! {
+        result = &mut server => return Ok(result?),
+        _ = stop.wait_for(|stopping| *stopping) => {}
+    }
+    tracing::info!(service = service_name, "draining in-flight calls");
+    match tokio::time::timeout(grace, server).await {
+        Ok(result) => Ok(result?),
+        Err(_) => {
+            tracing::warn!(
+                service = service_name,
+                grace_ms = grace.as_millis() as u64,
+                "in-flight calls still running after the grace period; stopping anyway"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The server span of one call, continuing the caller's trace.
+fn request_span(request: &http::Request<()>) -> tracing::Span {
+    let path = request.uri().path();
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    );
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(request.headers()))
+    });
+    // An absent or malformed traceparent just starts a new trace.
+    let _ = span.set_parent(parent);
+    span
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|key| key.as_str()).collect()
+    }
+}

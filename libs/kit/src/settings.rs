@@ -1,0 +1,136 @@
+//! Layered settings: defaults in code, then an optional TOML file, then
+//! `O2C_*` environment variables (`__` separates nested keys, so
+//! `O2C_CREDIT__LISTEN_ADDR` sets `credit.listen_addr`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Settings could not be read or are invalid; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("reading settings: {0}")]
+    Read(#[from] Box<figment::Error>),
+    #[error("invalid setting {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+/// What every service needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSettings {
+    /// Where the gRPC server listens; port 0 picks a free port.
+    pub listen_addr: SocketAddr,
+    /// `sqlite://path/to/file.db` (created when missing) or
+    /// `postgres://user@host/db`.
+    pub database_url: String,
+    /// Longest time in-flight calls get to finish after a shutdown signal.
+    pub shutdown_grace_ms: u64,
+}
+
+impl ServiceSettings {
+    /// Defaults for a service on `port` with its SQLite file under `./data`.
+    pub fn local(name: &str, port: u16) -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            database_url: format!("sqlite://data/{name}.db"),
+            shutdown_grace_ms: 10_000,
+        }
+    }
+
+    /// Checks what serde cannot; `prefix` is the key path used in errors.
+    pub fn validate(&self, prefix: &str) -> Result<(), SettingsError> {
+        let url = &self.database_url;
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(SettingsError::Invalid {
+                key: format!("{prefix}database_url"),
+                reason: "must start with sqlite:, postgres:// or postgresql://".into(),
+            });
+        }
+        if self.shutdown_grace_ms > 600_000 {
+            return Err(SettingsError::Invalid {
+                key: format!("{prefix}shutdown_grace_ms"),
+                reason: "at most 600000".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Shared by all services: observability and the optional cache.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CommonSettings {
+    /// OTLP/gRPC endpoint (e.g. `http://127.0.0.1:4317`); no export when unset.
+    pub otlp_endpoint: Option<String>,
+    /// `redis://host:port`; no cache when unset.
+    pub redis_url: Option<String>,
+    /// `text` (default) or `json` log lines.
+    pub log_format: LogFormat,
+}
+
+impl CommonSettings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(SettingsError::Invalid {
+                key: "redis_url".into(),
+                reason: "must start with redis:// or rediss://".into(),
+            });
+        }
+        if let Some(url) = &self.otlp_endpoint
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(SettingsError::Invalid {
+                key: "otlp_endpoint".into(),
+                reason: "must start with http:// or https://".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Loads `T`: its defaults, then `file` when given (it must exist), then the
+/// `O2C_*` environment.
+pub fn load<T>(defaults: T, file: Option<&Path>) -> Result<T, SettingsError>
+where
+    T: Serialize + for<'de> Deserialize<'de>,
+{
+    let mut figment = Figment::from(Serialized::defaults(defaults));
+    if let Some(path) = file {
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment
+        .merge(Env::prefixed("O2C_").split("__"))
+        .extract()
+        .map_err(|e| SettingsError::Read(Box::new(e)))
+}
+
+/// The settings file named by `--config PATH` on the command line, if any.
+pub fn config_path_from_args() -> Option<std::path::PathBuf> {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--config" {
+            return args.next().map(Into::into);
+        }
+        if let Some(path) = arg.strip_prefix("--config=") {
+            return Some(path.into());
+        }
+    }
+    None
+}
