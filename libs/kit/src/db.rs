@@ -102,7 +102,11 @@ pub async fn create_table_for<E: sea_orm::EntityTrait>(
     let schema = sea_orm::Schema::new(manager.get_database_backend());
     manager
         .create_table(schema.create_table_from_entity(entity).if_not_exists().to_owned())
-        .await
+        .await?;
+    for mut index in schema.create_index_from_entity(entity) {
+        manager.create_index(index.if_not_exists().to_owned()).await?;
+    }
+    Ok(())
 }
 
 /// Drops the table of `entity`.

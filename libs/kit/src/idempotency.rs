@@ -6,7 +6,7 @@
 //! request is refused with INVALID_ARGUMENT on `idempotency_key` and changes
 //! nothing. Failed requests store nothing, so they can be retried.
 //!
-//! Local mutations use [`run`]: the record is written in the same database
+//! Local mutations use [`begin`] and [`commit`]: the record is written in the same database
 //! transaction as the effect, so the two commit or vanish together.
 //! Orchestrations that call other services (the gateway) use [`claim`] and
 //! [`complete`]: the claim pins the request to the key before any remote
@@ -71,61 +71,97 @@ fn decode<R: prost::Message + Default>(bytes: &[u8]) -> Result<R, ApiError> {
     R::decode(bytes).map_err(|e| ApiError::Internal(format!("stored response undecodable: {e}")))
 }
 
-/// Runs `work` once per (scope, key) inside one transaction, returning the
-/// stored response on replays.
-pub async fn run<R, F>(
+/// The outcome of [`begin`].
+pub enum Begun<R> {
+    /// The key was used before with this request: return this response.
+    Replay(R),
+    /// First use: do the work inside this transaction, then [`commit`].
+    Fresh(DatabaseTransaction),
+}
+
+/// Starts an idempotent mutation: returns the stored response on a replay,
+/// or a transaction to do the work in.
+pub async fn begin<R>(
     db: &DatabaseConnection,
     scope: &str,
     key: &str,
     request: &[u8],
-    work: F,
+) -> Result<Begun<R>, ApiError>
+where
+    R: prost::Message + Default,
+{
+    validate_key(key)?;
+    let txn = db.begin().await?;
+    match stored::<R>(&txn, scope, key, request).await? {
+        Some(response) => {
+            txn.rollback().await?;
+            Ok(Begun::Replay(response))
+        }
+        None => Ok(Begun::Fresh(txn)),
+    }
+}
+
+/// Records `response` under (scope, key) in `txn` and commits both. When a
+/// concurrent request with the same key committed first, ours is rolled
+/// back and theirs is returned, so every caller sees one outcome.
+pub async fn commit<R>(
+    db: &DatabaseConnection,
+    txn: DatabaseTransaction,
+    scope: &str,
+    key: &str,
+    request: &[u8],
+    response: R,
 ) -> Result<R, ApiError>
 where
     R: prost::Message + Default,
-    F: AsyncFn(&DatabaseTransaction) -> Result<R, ApiError>,
 {
-    validate_key(key)?;
-    for _ in 0..MAX_ATTEMPTS {
-        let txn = db.begin().await?;
-        if let Some(found) = entity::Entity::find_by_id((scope.to_owned(), key.to_owned()))
-            .one(&txn)
-            .await?
-        {
+    let record = entity::ActiveModel {
+        scope: Set(scope.to_owned()),
+        key: Set(key.to_owned()),
+        request: Set(request.to_vec()),
+        response: Set(Some(response.encode_to_vec())),
+        created_at: Set(chrono::Utc::now()),
+    };
+    match entity::Entity::insert(record).exec(&txn).await {
+        Ok(_) => {
+            txn.commit().await?;
+            Ok(response)
+        }
+        Err(error) if is_unique_violation(&error) => {
             txn.rollback().await?;
-            if found.request != request {
-                return Err(reused());
-            }
-            return match found.response {
-                Some(bytes) => decode(&bytes),
-                None => Err(ApiError::Aborted(
-                    "a request with this idempotency key is in progress".into(),
-                )),
-            };
+            stored::<R>(db, scope, key, request).await?.ok_or_else(|| {
+                ApiError::Aborted("concurrent request with the same idempotency key; retry".into())
+            })
         }
-        let response = work(&txn).await?;
-        let record = entity::ActiveModel {
-            scope: Set(scope.to_owned()),
-            key: Set(key.to_owned()),
-            request: Set(request.to_vec()),
-            response: Set(Some(response.encode_to_vec())),
-            created_at: Set(chrono::Utc::now()),
-        };
-        match entity::Entity::insert(record).exec(&txn).await {
-            Ok(_) => {
-                txn.commit().await?;
-                return Ok(response);
-            }
-            // A concurrent request with this key committed first: undo ours
-            // and return theirs on the next attempt.
-            Err(error) if is_unique_violation(&error) => {
-                txn.rollback().await?;
-            }
-            Err(error) => return Err(error.into()),
-        }
+        Err(error) => Err(error.into()),
     }
-    Err(ApiError::Aborted(
-        "concurrent requests with the same idempotency key; retry".into(),
-    ))
+}
+
+/// The stored response for (scope, key), checking the request matches.
+async fn stored<R>(
+    conn: &impl ConnectionTrait,
+    scope: &str,
+    key: &str,
+    request: &[u8],
+) -> Result<Option<R>, ApiError>
+where
+    R: prost::Message + Default,
+{
+    let Some(found) = entity::Entity::find_by_id((scope.to_owned(), key.to_owned()))
+        .one(conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    if found.request != request {
+        return Err(reused());
+    }
+    match found.response {
+        Some(bytes) => decode(&bytes).map(Some),
+        None => Err(ApiError::Aborted(
+            "a request with this idempotency key is in progress".into(),
+        )),
+    }
 }
 
 /// The state of a claimed key.

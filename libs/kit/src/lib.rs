@@ -20,6 +20,7 @@ pub mod cache;
 pub mod client;
 pub mod db;
 pub mod error;
+pub mod fields;
 pub mod idempotency;
 pub mod proto_money;
 pub mod serve;

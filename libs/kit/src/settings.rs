@@ -20,7 +20,6 @@ pub enum SettingsError {
 
 /// What every service needs to run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct ServiceSettings {
     /// Where the gRPC server listens; port 0 picks a free port.
     pub listen_addr: SocketAddr,
@@ -65,7 +64,6 @@ impl ServiceSettings {
 
 /// Shared by all services: observability and the optional cache.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct CommonSettings {
     /// OTLP/gRPC endpoint (e.g. `http://127.0.0.1:4317`); no export when unset.
     pub otlp_endpoint: Option<String>,

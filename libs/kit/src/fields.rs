@@ -1,0 +1,109 @@
+//! Request field checks shared by every service; errors name the field.
+
+use std::str::FromStr;
+
+use crate::ApiError;
+
+/// Longest tenant id.
+pub const MAX_TENANT_ID_LENGTH: usize = 64;
+
+/// A tenant id: 1 to 64 of `A-Z a-z 0-9 _ -`.
+pub fn tenant_id(field: &str, value: &str) -> Result<String, ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "required"));
+    }
+    if value.len() > MAX_TENANT_ID_LENGTH
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(ApiError::invalid(
+            field,
+            format!("1 to {MAX_TENANT_ID_LENGTH} letters, digits, '_' or '-'"),
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// A required id of type `T` (a UUID newtype).
+pub fn id<T: FromStr>(field: &str, value: &str) -> Result<T, ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "required"));
+    }
+    value
+        .parse()
+        .map_err(|_| ApiError::invalid(field, "not a valid id (UUID)"))
+}
+
+/// Required free text, trimmed, 1 to `max` characters.
+pub fn text(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(ApiError::invalid(field, "required"));
+    }
+    if trimmed.chars().count() > max {
+        return Err(ApiError::invalid(field, format!("at most {max} characters")));
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err(ApiError::invalid(field, "must not contain control characters"));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// Optional free text: empty stays empty, otherwise as [`text`].
+pub fn optional_text(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
+    if value.trim().is_empty() {
+        Ok(String::new())
+    } else {
+        text(field, value, max)
+    }
+}
+
+/// A short machine name such as a CRM system or agency: 1 to 50 of
+/// `a-z 0-9 _ -`.
+pub fn slug(field: &str, value: &str) -> Result<String, ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "required"));
+    }
+    if value.len() > 50
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        return Err(ApiError::invalid(
+            field,
+            "1 to 50 lowercase letters, digits, '_' or '-'",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// Collects every violation of a request instead of stopping at the first.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<crate::FieldViolation>);
+
+impl Violations {
+    /// Keeps the value, or records why it is invalid.
+    pub fn check<T>(&mut self, result: Result<T, ApiError>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(ApiError::InvalidArgument(mut found)) => {
+                self.0.append(&mut found);
+                None
+            }
+            Err(other) => {
+                self.0.push(crate::FieldViolation::new("request", other.to_string()));
+                None
+            }
+        }
+    }
+
+    /// Ok when nothing was recorded.
+    pub fn finish(self) -> Result<(), ApiError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::InvalidArgument(self.0))
+        }
+    }
+}
