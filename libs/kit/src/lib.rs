@@ -11,6 +11,7 @@
 //! - [`db`]: database connection (SQLite or PostgreSQL) and migrations.
 //! - [`idempotency`]: replayable mutations keyed by idempotency key.
 //! - [`cache`]: optional Redis connection.
+//! - [`standalone`]: the `main` of every single-service binary.
 //! - [`client`]: channels to other services, with deadlines and trace
 //!   propagation.
 //!
@@ -26,6 +27,7 @@ pub mod proto_money;
 pub mod serve;
 pub mod settings;
 pub mod shutdown;
+pub mod standalone;
 pub mod telemetry;
 
 pub use error::{ApiError, FieldViolation};

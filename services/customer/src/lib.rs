@@ -33,6 +33,15 @@ pub struct Settings {
     pub common: CommonSettings,
 }
 
+impl o2c_kit::standalone::BinarySettings for Settings {
+    fn service(&self) -> &ServiceSettings {
+        &self.service
+    }
+    fn common(&self) -> &CommonSettings {
+        &self.common
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {

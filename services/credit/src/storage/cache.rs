@@ -1,0 +1,85 @@
+//! The Redis cache of exposure snapshots.
+//!
+//! Redis is never the authority: decisions read the database. The cache
+//! serves `GetExposure`. Every write is versioned (a Lua script keeps the
+//! higher version), so a slow writer can never replace a newer snapshot
+//! with an older one; entries also expire, bounding how long a missed
+//! update can linger. Every Redis failure is logged and treated as a miss.
+
+use redis::aio::ConnectionManager;
+
+use crate::domain::Exposure;
+
+/// How long a snapshot lives without being refreshed.
+pub const ENTRY_TTL_MS: u64 = 60_000;
+
+const PUT_IF_NEWER: &str = r"
+local current = redis.call('HGET', KEYS[1], 'version')
+if current and tonumber(current) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'value', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+#[derive(Clone)]
+pub struct ExposureCache {
+    // None when no Redis is configured.
+    redis: Option<ConnectionManager>,
+    script: redis::Script,
+}
+
+impl ExposureCache {
+    pub fn new(redis: Option<ConnectionManager>) -> Self {
+        Self {
+            redis,
+            script: redis::Script::new(PUT_IF_NEWER),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    fn key(tenant_id: &str, exposure_customer: &str) -> String {
+        format!("o2c:credit:exposure:{tenant_id}:{exposure_customer}")
+    }
+
+    /// The cached snapshot, or None on a miss or any failure.
+    pub async fn get(&self, tenant_id: &str, customer_id: &str) -> Option<Exposure> {
+        let mut redis = self.redis.clone()?;
+        let key = Self::key(tenant_id, customer_id);
+        match redis::cmd("HGET")
+            .arg(&key)
+            .arg("value")
+            .query_async::<Option<String>>(&mut redis)
+            .await
+        {
+            Ok(value) => value.as_deref().and_then(Exposure::from_cache_value),
+            Err(error) => {
+                tracing::warn!(%error, "exposure cache read failed; using the database");
+                None
+            }
+        }
+    }
+
+    /// Stores `exposure` unless a newer version is already cached.
+    pub async fn put(&self, tenant_id: &str, exposure: &Exposure) {
+        let Some(mut redis) = self.redis.clone() else {
+            return;
+        };
+        let key = Self::key(tenant_id, &exposure.customer_id.to_string());
+        let result = self
+            .script
+            .key(key)
+            .arg(exposure.version)
+            .arg(exposure.to_cache_value())
+            .arg(ENTRY_TTL_MS)
+            .invoke_async::<i64>(&mut redis)
+            .await;
+        if let Err(error) = result {
+            tracing::warn!(%error, "exposure cache write failed");
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Schema migrations, applied at start on SQLite and PostgreSQL alike.
+
+use sea_orm_migration::prelude::*;
+
+use super::entities::{account, decision, limit_change, receivable, reservation};
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(o2c_kit::idempotency::Migration),
+            Box::new(CreateLedger),
+        ]
+    }
+}
+
+struct CreateLedger;
+
+impl MigrationName for CreateLedger {
+    fn name(&self) -> &str {
+        "m20261204_000001_create_credit_ledger"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateLedger {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::create_table_for(manager, account::Entity).await?;
+        o2c_kit::db::create_table_for(manager, reservation::Entity).await?;
+        o2c_kit::db::create_table_for(manager, receivable::Entity).await?;
+        o2c_kit::db::create_table_for(manager, decision::Entity).await?;
+        o2c_kit::db::create_table_for(manager, limit_change::Entity).await?;
+        // One credit account per customer per tenant.
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_credit_accounts_tenant_customer")
+                    .table(account::Entity)
+                    .col(account::Column::TenantId)
+                    .col(account::Column::CustomerId)
+                    .unique()
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        // One reservation per order: a second check of the same order
+        // cannot reserve twice.
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_credit_reservations_tenant_order")
+                    .table(reservation::Entity)
+                    .col(reservation::Column::TenantId)
+                    .col(reservation::Column::OrderId)
+                    .unique()
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::drop_table_for(manager, limit_change::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, decision::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, receivable::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, reservation::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, account::Entity).await
+    }
+}
