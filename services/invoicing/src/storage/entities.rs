@@ -1,0 +1,73 @@
+//! Table definitions. Money columns are integer minor units of the
+//! invoice currency; quantities and rates are exact decimal text.
+
+pub mod invoice {
+    use sea_orm::entity::prelude::*;
+
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "invoices")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        #[sea_orm(indexed)]
+        pub customer_id: String,
+        /// At most one invoice per order (unique with tenant_id).
+        pub order_id: Option<String>,
+        pub currency_code: String,
+        pub total_minor: i64,
+        pub paid_minor: i64,
+        pub status: String,
+        pub issue_date: Date,
+        pub due_date: Date,
+        /// DUE_ON_RECEIPT or NET.
+        pub terms_kind: String,
+        pub net_days: i32,
+        pub created_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod line {
+    use sea_orm::entity::prelude::*;
+
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "invoice_lines")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub invoice_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub line_no: i32,
+        pub description: String,
+        pub quantity: String,
+        pub unit_price_minor: i64,
+        pub tax_rate_percent: String,
+        pub total_minor: i64,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod applied_payment {
+    use sea_orm::entity::prelude::*;
+
+    /// The primary key is what makes applying one payment to one invoice
+    /// twice impossible.
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "invoice_applied_payments")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub invoice_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub payment_id: String,
+        pub tenant_id: String,
+        pub amount_minor: i64,
+        pub applied_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
