@@ -1,0 +1,174 @@
+//! The gRPC face of the payments service: the only module that knows prost
+//! types.
+
+use o2c_kit::fields::{self, Violations};
+use o2c_kit::idempotency::{self, Begun};
+use o2c_kit::{ApiError, proto_money};
+use o2c_money::ids::{CustomerId, InvoiceId, PaymentId};
+use o2c_proto::payments::v1 as pb;
+use o2c_proto::payments::v1::payments_service_server::PaymentsService;
+use prost::Message;
+use sea_orm::DatabaseConnection;
+use tonic::{Request, Response, Status};
+
+use crate::domain::{self, Allocation, PaymentError};
+use crate::storage::{self, Method, NewPayment, Payment};
+
+/// Serves `o2c.payments.v1.PaymentsService`.
+#[derive(Clone)]
+pub struct PaymentsApi {
+    db: DatabaseConnection,
+}
+
+impl PaymentsApi {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+}
+
+fn missing() -> ApiError {
+    ApiError::Internal("validated fields missing".into())
+}
+
+fn payment_error(error: PaymentError) -> ApiError {
+    let message = error.to_string();
+    match error {
+        PaymentError::DuplicateInvoice(_) | PaymentError::OverAllocated { .. } => {
+            ApiError::invalid("allocations", message)
+        }
+        PaymentError::Currency => ApiError::invalid("allocations", message),
+        PaymentError::CardNumber => ApiError::invalid("reference", message),
+        PaymentError::Money(_) => ApiError::invalid("allocations", message),
+    }
+}
+
+fn validate(request: &pb::RecordPaymentRequest) -> Result<NewPayment, ApiError> {
+    let mut v = Violations::default();
+    let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+    let customer = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
+    let amount = v.check(proto_money::parse_positive("amount", request.amount.as_ref()));
+    v.check(idempotency::validate_key(&request.idempotency_key));
+    let method = match pb::PaymentMethod::try_from(request.method) {
+        Ok(pb::PaymentMethod::BankTransfer) => Some(Method::BankTransfer),
+        Ok(pb::PaymentMethod::Card) => Some(Method::Card),
+        Ok(pb::PaymentMethod::DirectDebit) => Some(Method::DirectDebit),
+        _ => v.check(Err(ApiError::invalid(
+            "method",
+            "BANK_TRANSFER, CARD or DIRECT_DEBIT",
+        ))),
+    };
+    let reference = v.check(fields::optional_text(
+        "reference",
+        &request.reference,
+        domain::MAX_REFERENCE_LENGTH,
+    ));
+    if domain::contains_card_number(&request.reference) {
+        v.check::<()>(Err(payment_error(PaymentError::CardNumber)));
+    }
+    if request.allocations.len() > domain::MAX_ALLOCATIONS {
+        v.check::<()>(Err(ApiError::invalid(
+            "allocations",
+            format!("at most {}", domain::MAX_ALLOCATIONS),
+        )));
+    }
+    let mut allocations = Vec::new();
+    for (index, allocation) in request.allocations.iter().enumerate() {
+        let invoice = v.check(fields::id::<InvoiceId>(
+            &format!("allocations[{index}].invoice_id"),
+            &allocation.invoice_id,
+        ));
+        let value = v.check(proto_money::parse_positive(
+            &format!("allocations[{index}].amount"),
+            allocation.amount.as_ref(),
+        ));
+        if let (Some(invoice_id), Some(amount)) = (invoice, value) {
+            allocations.push(Allocation { invoice_id, amount });
+        }
+    }
+    v.finish()?;
+    let (Some(tenant_id), Some(customer_id), Some(amount), Some(method), Some(reference)) =
+        (tenant, customer, amount, method, reference)
+    else {
+        return Err(missing());
+    };
+    let unapplied = domain::unapplied(amount, &allocations).map_err(payment_error)?;
+    Ok(NewPayment {
+        id: PaymentId::new(),
+        tenant_id,
+        customer_id,
+        amount,
+        unapplied,
+        method,
+        reference,
+        allocations,
+    })
+}
+
+fn to_proto(payment: &Payment) -> pb::Payment {
+    let method = match payment.method {
+        Method::BankTransfer => pb::PaymentMethod::BankTransfer,
+        Method::Card => pb::PaymentMethod::Card,
+        Method::DirectDebit => pb::PaymentMethod::DirectDebit,
+    };
+    pb::Payment {
+        payment_id: payment.id.to_string(),
+        tenant_id: payment.tenant_id.clone(),
+        customer_id: payment.customer_id.to_string(),
+        amount: Some(proto_money::to_proto(&payment.amount)),
+        method: method as i32,
+        reference: payment.reference.clone(),
+        allocations: payment
+            .allocations
+            .iter()
+            .map(|a| pb::Allocation {
+                invoice_id: a.invoice_id.to_string(),
+                amount: Some(proto_money::to_proto(&a.amount)),
+            })
+            .collect(),
+        unapplied: Some(proto_money::to_proto(&payment.unapplied)),
+        received_at: payment
+            .received_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    }
+}
+
+#[tonic::async_trait]
+impl PaymentsService for PaymentsApi {
+    async fn record_payment(
+        &self,
+        request: Request<pb::RecordPaymentRequest>,
+    ) -> Result<Response<pb::RecordPaymentResponse>, Status> {
+        let request = request.into_inner();
+        let new = validate(&request)?;
+        let scope = format!("{}/payments.RecordPayment", new.tenant_id);
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let payment = storage::insert(&txn, &new).await?;
+        let response = pb::RecordPaymentResponse {
+            payment: Some(to_proto(&payment)),
+        };
+        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_payment(
+        &self,
+        request: Request<pb::GetPaymentRequest>,
+    ) -> Result<Response<pb::GetPaymentResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let id = v.check(fields::id::<PaymentId>("payment_id", &request.payment_id));
+        v.finish()?;
+        let (Some(tenant), Some(id)) = (tenant, id) else {
+            return Err(missing().into());
+        };
+        let payment = storage::get(&self.db, &tenant, id).await?;
+        Ok(Response::new(pb::GetPaymentResponse {
+            payment: Some(to_proto(&payment)),
+        }))
+    }
+}

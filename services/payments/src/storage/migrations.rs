@@ -1,0 +1,38 @@
+//! Schema migrations, applied at start on SQLite and PostgreSQL alike.
+
+use sea_orm_migration::prelude::*;
+
+use super::entities::{allocation, payment};
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(o2c_kit::idempotency::Migration),
+            Box::new(CreatePayments),
+        ]
+    }
+}
+
+struct CreatePayments;
+
+impl MigrationName for CreatePayments {
+    fn name(&self) -> &str {
+        "m20261204_000001_create_payments"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreatePayments {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::create_table_for(manager, payment::Entity).await?;
+        o2c_kit::db::create_table_for(manager, allocation::Entity).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::drop_table_for(manager, allocation::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, payment::Entity).await
+    }
+}
