@@ -1,0 +1,45 @@
+//! Table definitions.
+
+pub mod link {
+    use sea_orm::entity::prelude::*;
+
+    /// Which customer a CRM's record maps to.
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "crm_links")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub crm_system: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub external_id: String,
+        pub customer_id: String,
+        pub linked_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod interaction {
+    use sea_orm::entity::prelude::*;
+
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "crm_interactions")]
+    pub struct Model {
+        /// UUID v7: ordering by id is ordering by recording time.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        #[sea_orm(indexed)]
+        pub customer_id: String,
+        pub crm_system: String,
+        pub kind: String,
+        #[sea_orm(column_type = "Text")]
+        pub summary: String,
+        pub occurred_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -1,0 +1,38 @@
+//! Schema migrations, applied at start on SQLite and PostgreSQL alike.
+
+use sea_orm_migration::prelude::*;
+
+use super::entities::{interaction, link};
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(o2c_kit::idempotency::Migration),
+            Box::new(CreateCrmTables),
+        ]
+    }
+}
+
+struct CreateCrmTables;
+
+impl MigrationName for CreateCrmTables {
+    fn name(&self) -> &str {
+        "m20261204_000001_create_crm_tables"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateCrmTables {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::create_table_for(manager, link::Entity).await?;
+        o2c_kit::db::create_table_for(manager, interaction::Entity).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::drop_table_for(manager, interaction::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, link::Entity).await
+    }
+}
