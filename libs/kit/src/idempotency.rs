@@ -167,9 +167,12 @@ where
 /// The state of a claimed key.
 #[derive(Debug)]
 pub enum Claim<R> {
-    /// The work has not completed yet (fresh, or an earlier attempt died
-    /// midway): do it, then [`complete`].
-    Pending,
+    /// First use of the key: do the work, then [`complete`] (or
+    /// [`release`] if it fails before any effect).
+    Fresh,
+    /// An earlier attempt with this very request stopped midway: redo the
+    /// work (every step is idempotent), then [`complete`].
+    Resumed,
     /// Done before: return this response.
     Done(R),
 }
@@ -191,7 +194,7 @@ where
             }
             return Ok(match found.response {
                 Some(bytes) => Claim::Done(decode(&bytes)?),
-                None => Claim::Pending,
+                None => Claim::Resumed,
             });
         }
         let record = entity::ActiveModel {
@@ -202,7 +205,7 @@ where
             created_at: Set(chrono::Utc::now()),
         };
         match entity::Entity::insert(record).exec(conn).await {
-            Ok(_) => return Ok(Claim::Pending),
+            Ok(_) => return Ok(Claim::Fresh),
             Err(error) if is_unique_violation(&error) => continue,
             Err(error) => return Err(error.into()),
         }
@@ -225,6 +228,21 @@ where
         )
         .filter(entity::Column::Scope.eq(scope))
         .filter(entity::Column::Key.eq(key))
+        .exec(conn)
+        .await?;
+    Ok(())
+}
+
+/// Forgets a claim whose work failed before any remote effect, so the
+/// caller may correct the request and reuse the key.
+pub async fn release<C>(conn: &C, scope: &str, key: &str) -> Result<(), ApiError>
+where
+    C: ConnectionTrait,
+{
+    entity::Entity::delete_many()
+        .filter(entity::Column::Scope.eq(scope))
+        .filter(entity::Column::Key.eq(key))
+        .filter(entity::Column::Response.is_null())
         .exec(conn)
         .await?;
     Ok(())

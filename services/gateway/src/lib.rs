@@ -1,1 +1,127 @@
+//! The gateway: the one entry for platform clients. It runs the
+//! order-to-cash workflow by calling the owning services over gRPC, and
+//! keeps only the order workflow state in its own database.
+//!
+//! # Layout
+//! - `domain/`: order states and limits (no I/O).
+//! - `storage/`: the gateway's own database (orders, idempotency claims).
+//! - `grpc/`: `o2c.gateway.v1.GatewayService`, the only prost-aware code.
 
+pub mod domain;
+pub mod grpc;
+pub mod storage;
+
+use std::future::Future;
+use std::time::Duration;
+
+use o2c_kit::client::channel;
+use o2c_kit::settings::{CommonSettings, ServiceSettings, SettingsError};
+use o2c_proto::credit::v1::credit_service_client::CreditServiceClient;
+use o2c_proto::customer::v1::customer_service_client::CustomerServiceClient;
+use o2c_proto::gateway::v1::gateway_service_server::GatewayServiceServer;
+use o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient;
+use o2c_proto::payments::v1::payments_service_client::PaymentsServiceClient;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+
+/// The fully qualified gRPC service name (for health checks).
+pub const SERVICE_NAME: &str = "o2c.gateway.v1.GatewayService";
+/// Port the gateway listens on by default.
+pub const DEFAULT_PORT: u16 = 50050;
+
+/// Where the gateway finds the services it calls.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Upstreams {
+    pub customer_url: String,
+    pub credit_url: String,
+    pub invoicing_url: String,
+    pub payments_url: String,
+    /// Deadline of each call to another service.
+    pub call_timeout_ms: u64,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Self {
+            customer_url: "http://127.0.0.1:50051".into(),
+            credit_url: "http://127.0.0.1:50052".into(),
+            invoicing_url: "http://127.0.0.1:50053".into(),
+            payments_url: "http://127.0.0.1:50054".into(),
+            call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
+        }
+    }
+}
+
+/// Settings of the standalone binary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    #[serde(flatten)]
+    pub service: ServiceSettings,
+    #[serde(flatten)]
+    pub common: CommonSettings,
+    #[serde(flatten)]
+    pub upstreams: Upstreams,
+}
+
+impl o2c_kit::standalone::BinarySettings for Settings {
+    fn service(&self) -> &ServiceSettings {
+        &self.service
+    }
+    fn common(&self) -> &CommonSettings {
+        &self.common
+    }
+    fn validate_more(&self) -> Result<(), SettingsError> {
+        if self.upstreams.call_timeout_ms == 0 || self.upstreams.call_timeout_ms > 60_000 {
+            return Err(SettingsError::Invalid {
+                key: "call_timeout_ms".into(),
+                reason: "1 to 60000".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            service: ServiceSettings::local("gateway", DEFAULT_PORT),
+            common: CommonSettings::default(),
+            upstreams: Upstreams::default(),
+        }
+    }
+}
+
+/// Connects to the database, applies migrations and returns the routes.
+pub async fn build(service: &ServiceSettings, upstreams: &Upstreams) -> anyhow::Result<Routes> {
+    let db = o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
+        .await
+        .map_err(|e| anyhow::anyhow!("gateway database {}: {e}", service.database_url))?;
+    let timeout = Duration::from_millis(upstreams.call_timeout_ms);
+    let up = grpc::Upstream {
+        customer: CustomerServiceClient::new(channel(&upstreams.customer_url, timeout)?),
+        credit: CreditServiceClient::new(channel(&upstreams.credit_url, timeout)?),
+        invoicing: InvoicingServiceClient::new(channel(&upstreams.invoicing_url, timeout)?),
+        payments: PaymentsServiceClient::new(channel(&upstreams.payments_url, timeout)?),
+    };
+    Ok(Routes::new(GatewayServiceServer::new(grpc::GatewayApi::new(db, up))))
+}
+
+/// Serves on `listener` until `shutdown` resolves.
+pub async fn run(
+    service: ServiceSettings,
+    upstreams: Upstreams,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let routes = build(&service, &upstreams).await?;
+    o2c_kit::serve::serve(
+        SERVICE_NAME,
+        listener,
+        routes,
+        shutdown,
+        Duration::from_millis(service.shutdown_grace_ms),
+    )
+    .await?;
+    Ok(())
+}

@@ -14,7 +14,7 @@ pub const POLICY_VERSION: &str = "credit-policy/2026-12-04.1";
 /// Refusals of the credit service.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CreditError {
-    #[error("customer {0} already has a credit account")]
+    #[error("customer {0} already has a credit account in another currency")]
     AccountExists(CustomerId),
     #[error("customer {0} has no credit account")]
     NoAccount(CustomerId),

@@ -60,13 +60,21 @@ fn to_account(row: account::Model) -> Result<Account, ApiError> {
     })
 }
 
-/// Opens the account; a second account for the customer is refused.
+/// Opens the account, or returns the customer's existing account: a
+/// customer has one account per tenant. An existing account in another
+/// currency is refused.
 pub async fn open_account(
     conn: &impl ConnectionTrait,
     tenant_id: &str,
     customer_id: CustomerId,
     currency: Currency,
 ) -> Result<Account, ApiError> {
+    if let Some(existing) = find_account(conn, tenant_id, customer_id).await? {
+        if existing.exposure.currency != currency {
+            return Err(CreditError::AccountExists(customer_id).into());
+        }
+        return Ok(existing);
+    }
     let now = chrono::Utc::now();
     let id = CreditAccountId::new();
     let result = account::Entity::insert(account::ActiveModel {

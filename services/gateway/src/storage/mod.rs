@@ -1,0 +1,141 @@
+//! The gateway's own database: the order workflow and idempotency claims.
+
+pub mod entities;
+pub mod migrations;
+
+use o2c_kit::ApiError;
+use o2c_money::ids::{CustomerId, OrderId};
+use o2c_money::{Currency, Money};
+use sea_orm::ActiveValue::Set;
+use sea_orm::ConnectionTrait;
+use sea_orm::entity::prelude::*;
+
+use crate::domain::OrderStatus;
+use entities::order;
+
+/// A stored order.
+#[derive(Debug, Clone)]
+pub struct Order {
+    pub id: OrderId,
+    pub customer_id: CustomerId,
+    pub client_reference: String,
+    pub amount: Money,
+    pub status: OrderStatus,
+    pub reasons: Vec<String>,
+    pub reservation_id: Option<String>,
+    pub invoice_id: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+fn corrupt(what: &str, value: &str) -> ApiError {
+    ApiError::Internal(format!("stored {what} {value:?} is invalid"))
+}
+
+fn to_domain(row: order::Model) -> Result<Order, ApiError> {
+    let currency = Currency::from_code(&row.currency_code).map_err(|_| corrupt("currency", &row.currency_code))?;
+    Ok(Order {
+        id: row.id.parse().map_err(|_| corrupt("order id", &row.id))?,
+        customer_id: row.customer_id.parse().map_err(|_| corrupt("customer id", &row.customer_id))?,
+        client_reference: row.client_reference,
+        amount: Money::from_minor_units(row.amount_minor, currency)
+            .map_err(|_| corrupt("amount", &row.amount_minor.to_string()))?,
+        status: OrderStatus::from_code(&row.status).ok_or_else(|| corrupt("status", &row.status))?,
+        reasons: row
+            .reasons
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        reservation_id: row.reservation_id,
+        invoice_id: row.invoice_id,
+        created_at: row.created_at,
+    })
+}
+
+/// The order created by the PlaceOrder call with `place_key`, creating it
+/// (pending) on first use.
+pub async fn order_for_key(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    place_key: &str,
+    customer_id: CustomerId,
+    client_reference: &str,
+    amount: Money,
+) -> Result<Order, ApiError> {
+    let existing = order::Entity::find()
+        .filter(order::Column::TenantId.eq(tenant_id))
+        .filter(order::Column::PlaceKey.eq(place_key))
+        .one(conn)
+        .await?;
+    if let Some(row) = existing {
+        return to_domain(row);
+    }
+    let now = chrono::Utc::now();
+    let id = OrderId::new();
+    order::Entity::insert(order::ActiveModel {
+        id: Set(id.to_string()),
+        tenant_id: Set(tenant_id.to_owned()),
+        place_key: Set(place_key.to_owned()),
+        customer_id: Set(customer_id.to_string()),
+        client_reference: Set(client_reference.to_owned()),
+        currency_code: Set(amount.currency().code().to_owned()),
+        amount_minor: Set(amount.minor_units()),
+        status: Set(OrderStatus::Pending.code().to_owned()),
+        reasons: Set(String::new()),
+        reservation_id: Set(None),
+        invoice_id: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+    .exec(conn)
+    .await?;
+    get(conn, tenant_id, id).await
+}
+
+pub async fn get(conn: &impl ConnectionTrait, tenant_id: &str, id: OrderId) -> Result<Order, ApiError> {
+    order::Entity::find_by_id(id.to_string())
+        .filter(order::Column::TenantId.eq(tenant_id))
+        .one(conn)
+        .await?
+        .ok_or_else(|| ApiError::not_found("order", id))
+        .and_then(to_domain)
+}
+
+/// Records the credit decision on the order.
+pub async fn record_decision(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: OrderId,
+    status: OrderStatus,
+    reasons: &[String],
+    reservation_id: Option<&str>,
+) -> Result<Order, ApiError> {
+    order::Entity::update_many()
+        .col_expr(order::Column::Status, Expr::value(status.code()))
+        .col_expr(order::Column::Reasons, Expr::value(reasons.join(",")))
+        .col_expr(order::Column::ReservationId, Expr::value(reservation_id.map(str::to_owned)))
+        .col_expr(order::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
+        .filter(order::Column::Id.eq(id.to_string()))
+        .filter(order::Column::TenantId.eq(tenant_id))
+        .exec(conn)
+        .await?;
+    get(conn, tenant_id, id).await
+}
+
+/// Marks the order invoiced.
+pub async fn record_invoice(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: OrderId,
+    invoice_id: &str,
+) -> Result<Order, ApiError> {
+    order::Entity::update_many()
+        .col_expr(order::Column::Status, Expr::value(OrderStatus::Invoiced.code()))
+        .col_expr(order::Column::InvoiceId, Expr::value(Some(invoice_id.to_owned())))
+        .col_expr(order::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
+        .filter(order::Column::Id.eq(id.to_string()))
+        .filter(order::Column::TenantId.eq(tenant_id))
+        .exec(conn)
+        .await?;
+    get(conn, tenant_id, id).await
+}
