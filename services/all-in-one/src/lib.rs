@@ -1,1 +1,240 @@
+//! All six services in one process, each on its own port with its own
+//! database, so a newcomer can run the suite with one command. Tests use
+//! [`start`] the same way, on port 0.
 
+pub mod demo;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use o2c_kit::settings::{CommonSettings, ServiceSettings, SettingsError};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::service::Routes;
+
+/// Settings of the all-in-one binary. Each service has its own section
+/// (`O2C_CREDIT__DATABASE_URL=postgres://…` moves credit to PostgreSQL).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub gateway: ServiceSettings,
+    pub customer: ServiceSettings,
+    pub credit: ServiceSettings,
+    pub invoicing: ServiceSettings,
+    pub payments: ServiceSettings,
+    pub crm_sync: ServiceSettings,
+    #[serde(flatten)]
+    pub common: CommonSettings,
+    /// Deadline of each internal call.
+    pub call_timeout_ms: u64,
+    /// Seed a demo tenant with a customer, an order, an invoice and a
+    /// payment once everything is up.
+    pub seed_demo: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            gateway: ServiceSettings::local("gateway", o2c_gateway::DEFAULT_PORT),
+            customer: ServiceSettings::local("customer", o2c_customer::DEFAULT_PORT),
+            credit: ServiceSettings::local("credit", o2c_credit::DEFAULT_PORT),
+            invoicing: ServiceSettings::local("invoicing", o2c_invoicing::DEFAULT_PORT),
+            payments: ServiceSettings::local("payments", o2c_payments::DEFAULT_PORT),
+            crm_sync: ServiceSettings::local("crm-sync", o2c_crm_sync::DEFAULT_PORT),
+            common: CommonSettings::default(),
+            call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
+            seed_demo: false,
+        }
+    }
+}
+
+impl Settings {
+    /// Every service on 127.0.0.1:0 with databases from `database_url(name)`.
+    pub fn ephemeral(database_url: impl Fn(&str) -> String) -> Self {
+        let on = |name: &str| ServiceSettings {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database_url: database_url(name),
+            shutdown_grace_ms: 5_000,
+        };
+        Self {
+            gateway: on("gateway"),
+            customer: on("customer"),
+            credit: on("credit"),
+            invoicing: on("invoicing"),
+            payments: on("payments"),
+            crm_sync: on("crm_sync"),
+            common: CommonSettings::default(),
+            call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
+            seed_demo: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        self.gateway.validate("gateway.")?;
+        self.customer.validate("customer.")?;
+        self.credit.validate("credit.")?;
+        self.invoicing.validate("invoicing.")?;
+        self.payments.validate("payments.")?;
+        self.crm_sync.validate("crm_sync.")?;
+        self.common.validate()?;
+        if self.call_timeout_ms == 0 || self.call_timeout_ms > 60_000 {
+            return Err(SettingsError::Invalid {
+                key: "call_timeout_ms".into(),
+                reason: "1 to 60000".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The addresses the services actually listen on.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    pub gateway: SocketAddr,
+    pub customer: SocketAddr,
+    pub credit: SocketAddr,
+    pub invoicing: SocketAddr,
+    pub payments: SocketAddr,
+    pub crm_sync: SocketAddr,
+}
+
+/// A running suite.
+pub struct Suite {
+    pub addresses: Addresses,
+    stop: watch::Sender<bool>,
+    servers: Vec<(&'static str, JoinHandle<Result<(), o2c_kit::serve::ServeError>>)>,
+}
+
+async fn bind(name: &str, settings: &ServiceSettings) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(settings.listen_addr)
+        .await
+        .with_context(|| format!("{name}: binding {}", settings.listen_addr))
+}
+
+fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+/// Binds every listener, connects and migrates every database, then
+/// serves all six services. Returns once all of them accept calls.
+pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
+    settings.validate()?;
+    let listeners = [
+        ("gateway", bind("gateway", &settings.gateway).await?),
+        ("customer", bind("customer", &settings.customer).await?),
+        ("credit", bind("credit", &settings.credit).await?),
+        ("invoicing", bind("invoicing", &settings.invoicing).await?),
+        ("payments", bind("payments", &settings.payments).await?),
+        ("crm-sync", bind("crm-sync", &settings.crm_sync).await?),
+    ];
+    let addr = |i: usize| listeners[i].1.local_addr();
+    let addresses = Addresses {
+        gateway: addr(0)?,
+        customer: addr(1)?,
+        credit: addr(2)?,
+        invoicing: addr(3)?,
+        payments: addr(4)?,
+        crm_sync: addr(5)?,
+    };
+    let call_timeout_ms = settings.call_timeout_ms;
+    let gateway_upstreams = o2c_gateway::Upstreams {
+        customer_url: url(addresses.customer),
+        credit_url: url(addresses.credit),
+        invoicing_url: url(addresses.invoicing),
+        payments_url: url(addresses.payments),
+        call_timeout_ms,
+    };
+    let crm_upstreams = o2c_crm_sync::Upstreams {
+        customer_url: url(addresses.customer),
+        call_timeout_ms,
+    };
+    let routes: [(&'static str, &'static str, Routes, &ServiceSettings); 6] = [
+        (
+            "gateway",
+            o2c_gateway::SERVICE_NAME,
+            o2c_gateway::build(&settings.gateway, &gateway_upstreams).await?,
+            &settings.gateway,
+        ),
+        (
+            "customer",
+            o2c_customer::SERVICE_NAME,
+            o2c_customer::build(&settings.customer).await?,
+            &settings.customer,
+        ),
+        (
+            "credit",
+            o2c_credit::SERVICE_NAME,
+            o2c_credit::build(&settings.credit, settings.common.redis_url.as_deref()).await?,
+            &settings.credit,
+        ),
+        (
+            "invoicing",
+            o2c_invoicing::SERVICE_NAME,
+            o2c_invoicing::build(&settings.invoicing).await?,
+            &settings.invoicing,
+        ),
+        (
+            "payments",
+            o2c_payments::SERVICE_NAME,
+            o2c_payments::build(&settings.payments).await?,
+            &settings.payments,
+        ),
+        (
+            "crm-sync",
+            o2c_crm_sync::SERVICE_NAME,
+            o2c_crm_sync::build(&settings.crm_sync, &crm_upstreams).await?,
+            &settings.crm_sync,
+        ),
+    ];
+    let (stop, stopped) = watch::channel(false);
+    let mut servers = Vec::new();
+    for ((name, service_name, routes, service), (_, listener)) in routes.into_iter().zip(listeners) {
+        let mut stopped = stopped.clone();
+        let shutdown = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        let grace = Duration::from_millis(service.shutdown_grace_ms);
+        let handle = tokio::spawn(o2c_kit::serve::serve(service_name, listener, routes, shutdown, grace));
+        servers.push((name, handle));
+    }
+    Ok(Suite {
+        addresses,
+        stop,
+        servers,
+    })
+}
+
+impl Suite {
+    /// Asks every service to stop (health first, then in-flight calls
+    /// finish) and waits for all of them.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.wait().await
+    }
+
+    /// Waits until every server has ended (after [`Suite::stop`] or a
+    /// failure of one of them).
+    async fn wait(self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        for (name, handle) in self.servers {
+            let outcome = match handle.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(anyhow::anyhow!("{name}: {error}")),
+                Err(join) => Err(anyhow::anyhow!("{name} task: {join}")),
+            };
+            if let Err(error) = outcome {
+                tracing::error!(%error, "service ended with an error");
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Runs until `shutdown` resolves, then stops everything.
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        shutdown.await;
+        self.stop().await
+    }
+}
