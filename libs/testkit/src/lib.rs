@@ -166,3 +166,73 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A service served on 127.0.0.1:0 for one test.
+pub struct Served {
+    pub addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<Result<(), o2c_kit::serve::ServeError>>,
+}
+
+impl Served {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A connected channel to the service.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the service under test")
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+/// Serves `routes` (named `service_name`) through the real service kit on
+/// 127.0.0.1:0.
+pub async fn serve(service_name: &'static str, routes: tonic::service::Routes) -> Served {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(o2c_kit::serve::serve(
+        service_name,
+        listener,
+        routes,
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(5),
+    ));
+    Served { addr, stop, handle }
+}
+
+/// The field paths of an InvalidArgument status's violations.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    o2c_kit::error::field_violations(status)
+}
+
+/// Asserts `status` is InvalidArgument naming `field` among its violations.
+#[track_caller]
+pub fn assert_invalid(status: &tonic::Status, field: &str) {
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let fields = violated_fields(status);
+    assert!(
+        fields.iter().any(|f| f == field),
+        "expected a violation on {field:?}, got {fields:?} ({})",
+        status.message()
+    );
+}
+
+/// The database URL for `backend`, panicking outside CI skip rules; None
+/// means "skip this test" (PostgreSQL absent and not in CI).
+pub async fn database_url(backend: Backend, name: &str) -> Option<(String, TestDatabase)> {
+    let database = database(backend, name).await?;
+    Some((database.url.clone(), database))
+}

@@ -244,6 +244,10 @@ impl CreditService for CreditApi {
             Begun::Fresh(txn) => txn,
         };
         let amount_minor = amount.minor_units();
+        // An order is checked once; changing its amount is an amendment.
+        if storage::order_has_reservation(&txn, &tenant, &order).await? {
+            return Err(ApiError::from(CreditError::OrderAlreadyReserved(order)).into());
+        }
         let account = storage::find_account(&txn, &tenant, customer).await?;
         let (decision, after) = match account {
             None => {

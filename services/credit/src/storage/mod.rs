@@ -277,6 +277,20 @@ pub async fn insert_reservation(
     }
 }
 
+/// Whether `order_id` already holds a reservation (in any state).
+pub async fn order_has_reservation(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    order_id: &str,
+) -> Result<bool, ApiError> {
+    Ok(reservation::Entity::find()
+        .filter(reservation::Column::TenantId.eq(tenant_id))
+        .filter(reservation::Column::OrderId.eq(order_id))
+        .one(conn)
+        .await?
+        .is_some())
+}
+
 pub async fn get_reservation(
     conn: &impl ConnectionTrait,
     tenant_id: &str,

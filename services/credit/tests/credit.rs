@@ -1,0 +1,442 @@
+//! The credit service over real gRPC on 127.0.0.1:0, against a real
+//! database per test (SQLite, and PostgreSQL with Redis).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use o2c_proto::common::v1::Money;
+use o2c_proto::credit::v1 as pb;
+use o2c_proto::credit::v1::credit_service_client::CreditServiceClient;
+use o2c_testkit::{Backend, Served, TestDatabase, assert_invalid};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const TENANT: &str = "tenant-a";
+
+struct Harness {
+    client: CreditServiceClient<Channel>,
+    served: Served,
+    _db: TestDatabase,
+}
+
+async fn start(backend: Backend, name: &str) -> Option<Harness> {
+    let db = o2c_testkit::database(backend, name).await?;
+    let redis = match backend {
+        Backend::Postgres => o2c_testkit::redis_url().await,
+        Backend::Sqlite => None,
+    };
+    let mut service = o2c_kit::settings::ServiceSettings::local("credit", 0);
+    service.database_url = db.url.clone();
+    let routes = o2c_credit::build(&service, redis.as_deref()).await.unwrap();
+    let served = o2c_testkit::serve(o2c_credit::SERVICE_NAME, routes).await;
+    let client = CreditServiceClient::new(served.channel().await);
+    Some(Harness {
+        client,
+        served,
+        _db: db,
+    })
+}
+
+fn eur(amount: &str) -> Option<Money> {
+    Some(Money {
+        amount: amount.into(),
+        currency_code: "EUR".into(),
+    })
+}
+
+fn key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+async fn open_with_limit(client: &mut CreditServiceClient<Channel>, limit: &str) -> String {
+    let customer = uuid::Uuid::now_v7().to_string();
+    client
+        .open_credit_account(pb::OpenCreditAccountRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            currency_code: "EUR".into(),
+        })
+        .await
+        .unwrap();
+    client
+        .set_credit_limit(pb::SetCreditLimitRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            credit_limit: eur(limit),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    customer
+}
+
+async fn reserve(
+    client: &mut CreditServiceClient<Channel>,
+    customer: &str,
+    order: &str,
+    amount: &str,
+) -> pb::CreditDecision {
+    client
+        .check_and_reserve(pb::CheckAndReserveRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.into(),
+            order_id: order.into(),
+            amount: eur(amount),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .decision
+        .unwrap()
+}
+
+async fn exposure(client: &mut CreditServiceClient<Channel>, customer: &str) -> pb::Exposure {
+    client
+        .get_exposure(pb::GetExposureRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .exposure
+        .unwrap()
+}
+
+async fn assert_consistent(client: &mut CreditServiceClient<Channel>, customer: &str) -> pb::Exposure {
+    let check = client
+        .recompute_exposure(pb::RecomputeExposureRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(check.consistent, "stored {:?} != ledger {:?}", check.stored, check.recomputed);
+    assert_eq!(check.stored, check.recomputed);
+    check.stored.unwrap()
+}
+
+fn amount(m: &Option<Money>) -> &str {
+    &m.as_ref().unwrap().amount
+}
+
+async fn ledger_lifecycle(backend: Backend) {
+    let Some(mut h) = start(backend, "ledger").await else { return };
+    let customer = open_with_limit(&mut h.client, "1000.00").await;
+
+    let approved = reserve(&mut h.client, &customer, "order-1", "400.00").await;
+    assert_eq!(approved.decision(), pb::Decision::Approve);
+    assert!(approved.reasons.is_empty());
+    assert!(!approved.reservation_id.is_empty());
+
+    let held = reserve(&mut h.client, &customer, "order-2", "700.00").await;
+    assert_eq!(held.decision(), pb::Decision::Hold);
+    assert_eq!(held.reasons().collect::<Vec<_>>(), [pb::ReasonCode::OverLimit]);
+    assert!(held.reservation_id.is_empty());
+
+    let invoice = uuid::Uuid::now_v7().to_string();
+    let converted = h
+        .client
+        .convert_reservation(pb::ConvertReservationRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            reservation_id: approved.reservation_id.clone(),
+            invoice_id: invoice.clone(),
+            invoice_amount: eur("400.00"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(converted.reservation.unwrap().state(), pb::ReservationState::Converted);
+    let e = converted.exposure.unwrap();
+    assert_eq!(amount(&e.reserved), "0.00");
+    assert_eq!(amount(&e.receivables), "400.00");
+
+    // A reservation resolves exactly once.
+    let again = h
+        .client
+        .release_reservation(pb::ReleaseReservationRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            reservation_id: approved.reservation_id.clone(),
+            reason: "cancel".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+
+    let settled = h
+        .client
+        .settle_receivable(pb::SettleReceivableRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            invoice_id: invoice.clone(),
+            amount: eur("150.00"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .exposure
+        .unwrap();
+    assert_eq!(amount(&settled.receivables), "250.00");
+    assert_eq!(amount(&settled.available), "750.00");
+
+    // Settling more than is open is refused and changes nothing.
+    let over = h
+        .client
+        .settle_receivable(pb::SettleReceivableRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            invoice_id: invoice.clone(),
+            amount: eur("250.01"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), Code::FailedPrecondition);
+
+    let read = exposure(&mut h.client, &customer).await;
+    assert_eq!(amount(&read.total), "250.00");
+    let stored = assert_consistent(&mut h.client, &customer).await;
+    assert_eq!(stored.version, read.version);
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_lifecycle_sqlite() {
+    ledger_lifecycle(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_lifecycle_postgres() {
+    ledger_lifecycle(Backend::Postgres).await;
+}
+
+async fn idempotency(backend: Backend) {
+    let Some(mut h) = start(backend, "idem").await else { return };
+    let customer = open_with_limit(&mut h.client, "100.00").await;
+    let request = pb::CheckAndReserveRequest {
+        idempotency_key: "same-key".into(),
+        tenant_id: TENANT.into(),
+        customer_id: customer.clone(),
+        order_id: "order-1".into(),
+        amount: eur("60.00"),
+    };
+    let first = h.client.check_and_reserve(request.clone()).await.unwrap().into_inner();
+    let replay = h.client.check_and_reserve(request.clone()).await.unwrap().into_inner();
+    assert_eq!(first, replay, "a replay returns the first response");
+    assert_eq!(amount(&exposure(&mut h.client, &customer).await.reserved), "60.00");
+
+    let mut changed = request.clone();
+    changed.amount = eur("10.00");
+    let status = h.client.check_and_reserve(changed).await.unwrap_err();
+    assert_invalid(&status, "idempotency_key");
+    assert_eq!(amount(&exposure(&mut h.client, &customer).await.reserved), "60.00");
+
+    // The same order cannot be reserved twice under another key.
+    let mut second = request.clone();
+    second.idempotency_key = key();
+    let status = h.client.check_and_reserve(second).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert_consistent(&mut h.client, &customer).await;
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_sqlite() {
+    idempotency(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_postgres() {
+    idempotency(Backend::Postgres).await;
+}
+
+async fn bad_input(backend: Backend) {
+    let Some(mut h) = start(backend, "bad").await else { return };
+    let customer = open_with_limit(&mut h.client, "100.00").await;
+    let good = pb::CheckAndReserveRequest {
+        idempotency_key: key(),
+        tenant_id: TENANT.into(),
+        customer_id: customer.clone(),
+        order_id: "order-1".into(),
+        amount: eur("10.00"),
+    };
+    let cases: Vec<(&str, Box<dyn Fn(&mut pb::CheckAndReserveRequest)>)> = vec![
+        ("idempotency_key", Box::new(|r| r.idempotency_key.clear())),
+        ("tenant_id", Box::new(|r| r.tenant_id.clear())),
+        ("customer_id", Box::new(|r| r.customer_id = "not-an-id".into())),
+        ("order_id", Box::new(|r| r.order_id.clear())),
+        ("amount", Box::new(|r| r.amount = None)),
+        ("amount.amount", Box::new(|r| r.amount = eur("-5.00"))),
+        ("amount.amount", Box::new(|r| r.amount = eur("0"))),
+        ("amount.amount", Box::new(|r| r.amount = eur("1.001"))),
+        ("amount.amount", Box::new(|r| r.amount = eur("ten"))),
+        (
+            "amount.currency_code",
+            Box::new(|r| r.amount.as_mut().unwrap().currency_code = "XYZ".into()),
+        ),
+        (
+            "amount.currency_code",
+            Box::new(|r| r.amount.as_mut().unwrap().currency_code = "USD".into()),
+        ),
+    ];
+    for (field, mutate) in cases {
+        let mut request = good.clone();
+        request.idempotency_key = key();
+        mutate(&mut request);
+        let status = h.client.check_and_reserve(request).await.unwrap_err();
+        assert_invalid(&status, field);
+    }
+    let e = exposure(&mut h.client, &customer).await;
+    assert_eq!(amount(&e.reserved), "0.00", "refused requests change nothing");
+
+    let unknown = h
+        .client
+        .release_reservation(pb::ReleaseReservationRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            reservation_id: uuid::Uuid::now_v7().to_string(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let unknown = h
+        .client
+        .get_exposure(pb::GetExposureRequest {
+            tenant_id: TENANT.into(),
+            customer_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    // Another tenant does not see this customer's account.
+    let other = h
+        .client
+        .get_exposure(pb::GetExposureRequest {
+            tenant_id: "tenant-b".into(),
+            customer_id: customer.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::NotFound);
+
+    let negative_limit = h
+        .client
+        .set_credit_limit(pb::SetCreditLimitRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            credit_limit: eur("-1.00"),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&negative_limit, "credit_limit.amount");
+    assert_eq!(amount(&exposure(&mut h.client, &customer).await.credit_limit), "100.00");
+
+    // Without an account the policy blocks.
+    let blocked = reserve(&mut h.client, &uuid::Uuid::now_v7().to_string(), "o", "1.00").await;
+    assert_eq!(blocked.decision(), pb::Decision::Block);
+    assert_eq!(blocked.reasons().collect::<Vec<_>>(), [pb::ReasonCode::NoCreditAccount]);
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_sqlite() {
+    bad_input(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_postgres() {
+    bad_input(Backend::Postgres).await;
+}
+
+/// N concurrent reservations of `amount` against a limit of 100 × amount
+/// approve exactly 100, and the ledger agrees.
+async fn no_over_commit(backend: Backend, concurrent: usize) {
+    let Some(mut h) = start(backend, "race").await else { return };
+    let customer = Arc::new(open_with_limit(&mut h.client, "1000.00").await);
+    let mut tasks = Vec::new();
+    for i in 0..concurrent {
+        let mut client = h.client.clone();
+        let customer = customer.clone();
+        tasks.push(tokio::spawn(async move {
+            reserve(&mut client, &customer, &format!("order-{i}"), "10.00").await
+        }));
+    }
+    let mut approved = 0;
+    for task in tasks {
+        if task.await.unwrap().decision() == pb::Decision::Approve {
+            approved += 1;
+        }
+    }
+    assert_eq!(approved, 100);
+    let e = assert_consistent(&mut h.client, &customer).await;
+    assert_eq!(amount(&e.reserved), "1000.00");
+    assert_eq!(amount(&e.available), "0.00");
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_over_commit_sqlite() {
+    no_over_commit(Backend::Sqlite, 250).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_over_commit_postgres() {
+    no_over_commit(Backend::Postgres, 250).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposure_reads_use_redis_and_never_go_back_in_version() {
+    let Some(redis_url) = o2c_testkit::redis_url().await else { return };
+    let Some(mut h) = start(Backend::Postgres, "cache").await else { return };
+    let customer = open_with_limit(&mut h.client, "500.00").await;
+    reserve(&mut h.client, &customer, "order-1", "100.00").await;
+    let fresh = exposure(&mut h.client, &customer).await;
+
+    // The cache holds the latest version.
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("o2c:credit:exposure:{TENANT}:{customer}");
+    let version: i64 = redis::cmd("HGET")
+        .arg(&key)
+        .arg("version")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(version, fresh.version);
+
+    // A stale writer (lower version) cannot replace it.
+    let cache = o2c_credit::storage::cache::ExposureCache::new(Some(
+        o2c_kit::cache::connect(&redis_url).await.unwrap(),
+    ));
+    let stale = o2c_credit::domain::Exposure {
+        customer_id: customer.parse().unwrap(),
+        currency: o2c_money::Currency::from_code("EUR").unwrap(),
+        limit_minor: 50_000,
+        reserved_minor: 0,
+        receivable_minor: 0,
+        version: fresh.version - 1,
+    };
+    cache.put(TENANT, &stale).await;
+    assert_eq!(exposure(&mut h.client, &customer).await, fresh);
+
+    // With the entry gone the database answers and refills the cache.
+    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
+    assert_eq!(exposure(&mut h.client, &customer).await, fresh);
+    let refilled: Option<i64> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("version")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(refilled, Some(fresh.version));
+    h.served.stop().await;
+}
