@@ -1,1 +1,2 @@
-
+//! Cross-service end-to-end tests live in `tests/`; this crate has no code
+//! of its own.

@@ -1,0 +1,462 @@
+//! The order-to-cash spine through the gateway only, with all six services
+//! running on 127.0.0.1:0 over real gRPC: on SQLite, and on PostgreSQL with
+//! Redis (a fresh database per service per run).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use o2c_all_in_one::{Settings, Suite, start};
+use o2c_proto::common::v1::Money;
+use o2c_proto::credit::v1 as credit_pb;
+use o2c_proto::credit::v1::credit_service_client::CreditServiceClient;
+use o2c_proto::gateway::v1 as pb;
+use o2c_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
+use o2c_testkit::{Backend, TestDatabase, assert_invalid};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+const TENANT: &str = "acme-eu";
+
+struct Running {
+    suite: Suite,
+    gateway: GatewayServiceClient<Channel>,
+    credit: CreditServiceClient<Channel>,
+    _databases: Vec<TestDatabase>,
+}
+
+async fn run_suite(backend: Backend) -> Option<Running> {
+    let names = ["gateway", "customer", "credit", "invoicing", "payments", "crm_sync"];
+    let mut databases = Vec::new();
+    for name in names {
+        databases.push(o2c_testkit::database(backend, name).await?);
+    }
+    let urls: Vec<(String, String)> = names
+        .iter()
+        .zip(&databases)
+        .map(|(n, d)| ((*n).to_owned(), d.url.clone()))
+        .collect();
+    let mut settings = Settings::ephemeral(|name| {
+        urls.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, u)| u.clone())
+            .unwrap()
+    });
+    if backend == Backend::Postgres {
+        settings.common.redis_url = Some(o2c_testkit::redis_url().await?);
+    }
+    let suite = start(&settings).await.unwrap();
+    let connect = |addr: std::net::SocketAddr| async move {
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    };
+    let gateway = GatewayServiceClient::new(connect(suite.addresses.gateway).await);
+    let credit = CreditServiceClient::new(connect(suite.addresses.credit).await);
+    Some(Running {
+        suite,
+        gateway,
+        credit,
+        _databases: databases,
+    })
+}
+
+fn eur(amount: &str) -> Option<Money> {
+    Some(Money {
+        amount: amount.into(),
+        currency_code: "EUR".into(),
+    })
+}
+
+fn as_tenant<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-tenant-id", TENANT.parse().unwrap());
+    request
+}
+
+fn key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn amount(m: &Option<Money>) -> &str {
+    &m.as_ref().unwrap().amount
+}
+
+/// Creates a customer with a linked credit account and `limit`.
+async fn onboard(gateway: &mut GatewayServiceClient<Channel>, limit: &str) -> String {
+    let customer = gateway
+        .create_customer(as_tenant(pb::CreateCustomerRequest {
+            idempotency_key: key(),
+            legal_name: "Müller Maschinenbau GmbH".into(),
+            country_code: "DE".into(),
+            currency_code: "EUR".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    let linked = gateway
+        .link_credit_account(as_tenant(pb::LinkCreditAccountRequest {
+            idempotency_key: key(),
+            customer_id: customer.customer_id.clone(),
+            agency: "creditreform".into(),
+            agency_reference: "DE-4471-1190-22".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    assert!(!linked.credit_account_id.is_empty());
+    assert_eq!(linked.agency_reference_last4, "9022");
+    gateway
+        .set_credit_limit(as_tenant(pb::SetCreditLimitRequest {
+            idempotency_key: key(),
+            customer_id: customer.customer_id.clone(),
+            credit_limit: eur(limit),
+            reason: "onboarding".into(),
+        }))
+        .await
+        .unwrap();
+    customer.customer_id
+}
+
+async fn exposure(gateway: &mut GatewayServiceClient<Channel>, customer: &str) -> pb::Exposure {
+    gateway
+        .get_customer_exposure(as_tenant(pb::GetCustomerExposureRequest {
+            customer_id: customer.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .exposure
+        .unwrap()
+}
+
+async fn assert_ledger_consistent(credit: &mut CreditServiceClient<Channel>, customer: &str) {
+    let check = credit
+        .recompute_exposure(credit_pb::RecomputeExposureRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(check.consistent, "{check:?}");
+}
+
+async fn spine(backend: Backend) {
+    let Some(mut s) = run_suite(backend).await else { return };
+    let customer = onboard(&mut s.gateway, "1000.00").await;
+
+    let place = pb::PlaceOrderRequest {
+        idempotency_key: key(),
+        customer_id: customer.clone(),
+        client_reference: "PO-1".into(),
+        amount: eur("400.00"),
+    };
+    let placed = s.gateway.place_order(as_tenant(place.clone())).await.unwrap().into_inner();
+    let order = placed.order.unwrap();
+    assert_eq!(order.status(), pb::OrderStatus::Approved);
+    assert_eq!(amount(&placed.exposure.unwrap().reserved), "400.00");
+
+    // A retried call returns the same order, reserving nothing more.
+    let replayed = s.gateway.place_order(as_tenant(place)).await.unwrap().into_inner();
+    assert_eq!(replayed.order.unwrap().order_id, order.order_id);
+    assert_eq!(amount(&exposure(&mut s.gateway, &customer).await.reserved), "400.00");
+
+    let held = s
+        .gateway
+        .place_order(as_tenant(pb::PlaceOrderRequest {
+            idempotency_key: key(),
+            customer_id: customer.clone(),
+            client_reference: "PO-2".into(),
+            amount: eur("700.00"),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(held.status(), pb::OrderStatus::Held);
+    assert_eq!(held.reasons, ["OVER_LIMIT"]);
+
+    // A held order cannot be invoiced.
+    let refused = s
+        .gateway
+        .invoice_order(as_tenant(pb::InvoiceOrderRequest {
+            idempotency_key: key(),
+            order_id: held.order_id.clone(),
+            net_days: 30,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+
+    let invoiced = s
+        .gateway
+        .invoice_order(as_tenant(pb::InvoiceOrderRequest {
+            idempotency_key: key(),
+            order_id: order.order_id.clone(),
+            net_days: 30,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(invoiced.order.unwrap().status(), pb::OrderStatus::Invoiced);
+    let invoice = invoiced.invoice.unwrap();
+    assert_eq!(invoice.status(), pb::InvoiceStatus::Open);
+    assert_eq!(amount(&invoice.total), "400.00");
+    assert_ne!(invoice.due_date, invoice.issue_date);
+    let e = exposure(&mut s.gateway, &customer).await;
+    assert_eq!(amount(&e.reserved), "0.00");
+    assert_eq!(amount(&e.receivables), "400.00");
+
+    // Pay 450 against the 400 invoice: 50 stays as unapplied cash.
+    let paid = s
+        .gateway
+        .record_payment(as_tenant(pb::RecordPaymentRequest {
+            idempotency_key: key(),
+            customer_id: customer.clone(),
+            amount: eur("450.00"),
+            method: pb::PaymentMethod::BankTransfer as i32,
+            reference: "REMITTANCE PO-1".into(),
+            allocations: vec![pb::PaymentAllocation {
+                invoice_id: invoice.invoice_id.clone(),
+                amount: eur("400.00"),
+            }],
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(amount(&paid.unapplied), "50.00");
+    assert_eq!(paid.invoices[0].status(), pb::InvoiceStatus::Paid);
+    let e = paid.exposure.unwrap();
+    assert_eq!(amount(&e.total), "0.00");
+    assert_eq!(amount(&e.available), "1000.00");
+
+    let read = s
+        .gateway
+        .get_invoice(as_tenant(pb::GetInvoiceRequest {
+            invoice_id: invoice.invoice_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .invoice
+        .unwrap();
+    assert_eq!(read.status(), pb::InvoiceStatus::Paid);
+    assert_eq!(amount(&read.amount_open), "0.00");
+    assert_eq!(amount(&exposure(&mut s.gateway, &customer).await.total), "0.00");
+    assert_ledger_consistent(&mut s.credit, &customer).await;
+    s.suite.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spine_on_sqlite() {
+    spine(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spine_on_postgres_with_redis() {
+    spine(Backend::Postgres).await;
+}
+
+/// Every spine RPC refuses bad input with the field named, and a refused
+/// call changes nothing.
+async fn bad_input(backend: Backend) {
+    let Some(mut s) = run_suite(backend).await else { return };
+    let g = &mut s.gateway;
+    let customer = onboard(g, "1000.00").await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+
+    // CreateCustomer.
+    let good = pb::CreateCustomerRequest {
+        idempotency_key: key(),
+        legal_name: "Acme".into(),
+        country_code: "FR".into(),
+        currency_code: "EUR".into(),
+    };
+    for (field, change) in [
+        ("idempotency_key", pb::CreateCustomerRequest { idempotency_key: String::new(), ..good.clone() }),
+        ("legal_name", pb::CreateCustomerRequest { legal_name: " ".into(), ..good.clone() }),
+        ("country_code", pb::CreateCustomerRequest { country_code: "France".into(), ..good.clone() }),
+        ("currency_code", pb::CreateCustomerRequest { currency_code: "EURO".into(), ..good.clone() }),
+        ("currency_code", pb::CreateCustomerRequest { currency_code: String::new(), ..good.clone() }),
+    ] {
+        assert_invalid(&g.create_customer(as_tenant(change)).await.unwrap_err(), field);
+    }
+    let status = g.create_customer(Request::new(good.clone())).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "no tenant, no access");
+
+    // LinkCreditAccount.
+    let link = pb::LinkCreditAccountRequest {
+        idempotency_key: key(),
+        customer_id: customer.clone(),
+        agency: "dnb".into(),
+        agency_reference: "12345678".into(),
+    };
+    for (field, change) in [
+        ("customer_id", pb::LinkCreditAccountRequest { customer_id: "x".into(), ..link.clone() }),
+        ("agency", pb::LinkCreditAccountRequest { agency: "D&B".into(), ..link.clone() }),
+        ("agency_reference", pb::LinkCreditAccountRequest { agency_reference: "12!".into(), ..link.clone() }),
+    ] {
+        assert_invalid(&g.link_credit_account(as_tenant(change)).await.unwrap_err(), field);
+    }
+    let status = g
+        .link_credit_account(as_tenant(pb::LinkCreditAccountRequest { customer_id: unknown.clone(), ..link.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    // SetCreditLimit.
+    let limit = pb::SetCreditLimitRequest {
+        idempotency_key: key(),
+        customer_id: customer.clone(),
+        credit_limit: eur("5.00"),
+        reason: String::new(),
+    };
+    for (field, change) in [
+        ("credit_limit.amount", pb::SetCreditLimitRequest { credit_limit: eur("-5.00"), ..limit.clone() }),
+        ("credit_limit.amount", pb::SetCreditLimitRequest { credit_limit: eur("5.001"), ..limit.clone() }),
+        ("credit_limit.currency_code", pb::SetCreditLimitRequest { credit_limit: Some(Money { amount: "5".into(), currency_code: "ABC".into() }), ..limit.clone() }),
+        ("credit_limit.currency_code", pb::SetCreditLimitRequest { credit_limit: Some(Money { amount: "5".into(), currency_code: "USD".into() }), ..limit.clone() }),
+        ("credit_limit", pb::SetCreditLimitRequest { credit_limit: None, ..limit.clone() }),
+    ] {
+        assert_invalid(&g.set_credit_limit(as_tenant(change)).await.unwrap_err(), field);
+    }
+    let status = g
+        .set_credit_limit(as_tenant(pb::SetCreditLimitRequest { customer_id: unknown.clone(), ..limit.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    // PlaceOrder.
+    let place = pb::PlaceOrderRequest {
+        idempotency_key: key(),
+        customer_id: customer.clone(),
+        client_reference: String::new(),
+        amount: eur("10.00"),
+    };
+    for (field, change) in [
+        ("idempotency_key", pb::PlaceOrderRequest { idempotency_key: "k".repeat(151), ..place.clone() }),
+        ("customer_id", pb::PlaceOrderRequest { customer_id: String::new(), ..place.clone() }),
+        ("amount", pb::PlaceOrderRequest { amount: None, ..place.clone() }),
+        ("amount.amount", pb::PlaceOrderRequest { amount: eur("-10.00"), ..place.clone() }),
+        ("amount.amount", pb::PlaceOrderRequest { amount: eur("1e3"), ..place.clone() }),
+        ("amount.currency_code", pb::PlaceOrderRequest { amount: Some(Money { amount: "1".into(), currency_code: "QQQ".into() }), ..place.clone() }),
+        ("amount.currency_code", pb::PlaceOrderRequest { amount: Some(Money { amount: "1".into(), currency_code: "USD".into() }), ..place.clone() }),
+    ] {
+        assert_invalid(&g.place_order(as_tenant(change)).await.unwrap_err(), field);
+    }
+    let status = g
+        .place_order(as_tenant(pb::PlaceOrderRequest { customer_id: unknown.clone(), ..place.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    // A refused PlaceOrder left its key free: the corrected request works.
+    let reuse = key();
+    let wrong = pb::PlaceOrderRequest { idempotency_key: reuse.clone(), amount: Some(Money { amount: "1".into(), currency_code: "USD".into() }), ..place.clone() };
+    assert_invalid(&g.place_order(as_tenant(wrong)).await.unwrap_err(), "amount.currency_code");
+    let fixed = pb::PlaceOrderRequest { idempotency_key: reuse.clone(), ..place.clone() };
+    let order = g.place_order(as_tenant(fixed)).await.unwrap().into_inner().order.unwrap();
+    assert_eq!(order.status(), pb::OrderStatus::Approved);
+    // But an accepted key cannot be reused for another request.
+    let other = pb::PlaceOrderRequest { idempotency_key: reuse, amount: eur("11.00"), ..place.clone() };
+    assert_invalid(&g.place_order(as_tenant(other)).await.unwrap_err(), "idempotency_key");
+
+    // InvoiceOrder.
+    let invoice = pb::InvoiceOrderRequest {
+        idempotency_key: key(),
+        order_id: order.order_id.clone(),
+        net_days: 30,
+    };
+    for (field, change) in [
+        ("order_id", pb::InvoiceOrderRequest { order_id: "nope".into(), ..invoice.clone() }),
+        ("net_days", pb::InvoiceOrderRequest { net_days: -1, ..invoice.clone() }),
+        ("net_days", pb::InvoiceOrderRequest { net_days: 366, ..invoice.clone() }),
+    ] {
+        assert_invalid(&g.invoice_order(as_tenant(change)).await.unwrap_err(), field);
+    }
+    let status = g
+        .invoice_order(as_tenant(pb::InvoiceOrderRequest { order_id: unknown.clone(), ..invoice.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let issued = g.invoice_order(as_tenant(invoice)).await.unwrap().into_inner().invoice.unwrap();
+
+    // RecordPayment.
+    let pay = pb::RecordPaymentRequest {
+        idempotency_key: key(),
+        customer_id: customer.clone(),
+        amount: eur("5.00"),
+        method: pb::PaymentMethod::BankTransfer as i32,
+        reference: String::new(),
+        allocations: vec![pb::PaymentAllocation { invoice_id: issued.invoice_id.clone(), amount: eur("5.00") }],
+    };
+    let allocation = |invoice_id: &str, value: &str| vec![pb::PaymentAllocation { invoice_id: invoice_id.into(), amount: eur(value) }];
+    for (field, change) in [
+        ("amount.amount", pb::RecordPaymentRequest { amount: eur("0.00"), ..pay.clone() }),
+        ("method", pb::RecordPaymentRequest { method: 0, ..pay.clone() }),
+        ("allocations[0].invoice_id", pb::RecordPaymentRequest { allocations: allocation("bad", "5.00"), ..pay.clone() }),
+        ("allocations[0].amount.amount", pb::RecordPaymentRequest { allocations: allocation(&issued.invoice_id, "-1"), ..pay.clone() }),
+        ("allocations", pb::RecordPaymentRequest { allocations: allocation(&issued.invoice_id, "6.00"), ..pay.clone() }),
+        ("reference", pb::RecordPaymentRequest { reference: "card 4111 1111 1111 1111".into(), ..pay.clone() }),
+    ] {
+        assert_invalid(&g.record_payment(as_tenant(change)).await.unwrap_err(), field);
+    }
+    let status = g
+        .record_payment(as_tenant(pb::RecordPaymentRequest { allocations: allocation(&unknown, "5.00"), ..pay.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = g
+        .record_payment(as_tenant(pb::RecordPaymentRequest { allocations: allocation(&issued.invoice_id, "10.01"), amount: eur("20.00"), ..pay.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "more than the open amount");
+
+    // Nothing refused above left a trace.
+    let e = exposure(g, &customer).await;
+    assert_eq!(amount(&e.credit_limit), "1000.00");
+    assert_eq!(amount(&e.reserved), "0.00");
+    assert_eq!(amount(&e.receivables), "10.00");
+    let read = g
+        .get_invoice(as_tenant(pb::GetInvoiceRequest { invoice_id: issued.invoice_id.clone() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .invoice
+        .unwrap();
+    assert_eq!(amount(&read.amount_paid), "0.00");
+
+    // Reads of unknown or malformed ids.
+    assert_eq!(
+        g.get_customer(as_tenant(pb::GetCustomerRequest { customer_id: unknown.clone() })).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_invalid(
+        &g.get_order(as_tenant(pb::GetOrderRequest { order_id: "1".into() })).await.unwrap_err(),
+        "order_id",
+    );
+    assert_eq!(
+        g.get_invoice(as_tenant(pb::GetInvoiceRequest { invoice_id: unknown })).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_ledger_consistent(&mut s.credit, &customer).await;
+    s.suite.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_changes_nothing_on_sqlite() {
+    bad_input(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_changes_nothing_on_postgres() {
+    bad_input(Backend::Postgres).await;
+}
