@@ -1,0 +1,105 @@
+//! The service kit end to end: a real server on 127.0.0.1:0 with health,
+//! reflection and graceful shutdown; layered settings.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// No service of its own: the kit adds health and reflection to any
+/// `Routes`.
+fn routes() -> tonic::service::Routes {
+    tonic::service::Routes::default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_not_serving_before_the_server_stops() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(o2c_kit::serve::serve(
+        "o2c.test.v1.TestService",
+        listener,
+        routes(),
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(30),
+    ));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = health
+        .check(HealthCheckRequest { service: "o2c.test.v1.TestService".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+
+    let mut watch = health
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    stop.send(()).unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("a status change before the deadline")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    // Once its last call is gone the server stops without waiting out
+    // the 30 s grace period.
+    drop(watch);
+    drop(health);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server stopped once in-flight calls ended")
+        .unwrap()
+        .unwrap();
+}
+
+#[test]
+fn settings_layer_defaults_file_and_environment() {
+    let dir = tempfile_dir();
+    let file = dir.join("settings.toml");
+    std::fs::write(
+        &file,
+        "listen_addr = \"127.0.0.1:7000\"\ndatabase_url = \"sqlite://from-file.db\"\nshutdown_grace_ms = 1000\n",
+    )
+    .unwrap();
+    let defaults = o2c_kit::settings::ServiceSettings::local("svc", 1);
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("O2C_SHUTDOWN_GRACE_MS", "2500");
+        let loaded = o2c_kit::settings::load(defaults.clone(), Some(&file)).unwrap();
+        assert_eq!(loaded.listen_addr.port(), 7000, "file over defaults");
+        assert_eq!(loaded.database_url, "sqlite://from-file.db");
+        assert_eq!(loaded.shutdown_grace_ms, 2500, "environment over file");
+
+        jail.set_env("O2C_SHUTDOWN_GRACE_MS", "soon");
+        let error = o2c_kit::settings::load(defaults.clone(), Some(&file)).unwrap_err();
+        assert!(error.to_string().to_lowercase().contains("shutdown_grace_ms"), "{error}");
+
+        let mut bad = defaults.clone();
+        bad.database_url = "mysql://x".into();
+        let error = bad.validate("credit.").unwrap_err();
+        assert!(error.to_string().contains("credit.database_url"), "{error}");
+        Ok(())
+    });
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("o2c-kit-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
