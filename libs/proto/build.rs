@@ -23,7 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("o2c_descriptor.bin"))
-        .compile_protos(&paths, &[root.clone()])?;
+        .compile_protos(&paths, std::slice::from_ref(&root))?;
     println!("cargo:rerun-if-changed={}", root.display());
     for path in &paths {
         println!("cargo:rerun-if-changed={}", path.display());

@@ -24,7 +24,14 @@ struct Running {
 }
 
 async fn run_suite(backend: Backend) -> Option<Running> {
-    let names = ["gateway", "customer", "credit", "invoicing", "payments", "crm_sync"];
+    let names = [
+        "gateway",
+        "customer",
+        "credit",
+        "invoicing",
+        "payments",
+        "crm_sync",
+    ];
     let mut databases = Vec::new();
     for name in names {
         databases.push(o2c_testkit::database(backend, name).await?);
@@ -149,7 +156,9 @@ async fn assert_ledger_consistent(credit: &mut CreditServiceClient<Channel>, cus
 }
 
 async fn spine(backend: Backend) {
-    let Some(mut s) = run_suite(backend).await else { return };
+    let Some(mut s) = run_suite(backend).await else {
+        return;
+    };
     let customer = onboard(&mut s.gateway, "1000.00").await;
 
     let place = pb::PlaceOrderRequest {
@@ -158,15 +167,28 @@ async fn spine(backend: Backend) {
         client_reference: "PO-1".into(),
         amount: eur("400.00"),
     };
-    let placed = s.gateway.place_order(as_tenant(place.clone())).await.unwrap().into_inner();
+    let placed = s
+        .gateway
+        .place_order(as_tenant(place.clone()))
+        .await
+        .unwrap()
+        .into_inner();
     let order = placed.order.unwrap();
     assert_eq!(order.status(), pb::OrderStatus::Approved);
     assert_eq!(amount(&placed.exposure.unwrap().reserved), "400.00");
 
     // A retried call returns the same order, reserving nothing more.
-    let replayed = s.gateway.place_order(as_tenant(place)).await.unwrap().into_inner();
+    let replayed = s
+        .gateway
+        .place_order(as_tenant(place))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(replayed.order.unwrap().order_id, order.order_id);
-    assert_eq!(amount(&exposure(&mut s.gateway, &customer).await.reserved), "400.00");
+    assert_eq!(
+        amount(&exposure(&mut s.gateway, &customer).await.reserved),
+        "400.00"
+    );
 
     let held = s
         .gateway
@@ -250,7 +272,10 @@ async fn spine(backend: Backend) {
         .unwrap();
     assert_eq!(read.status(), pb::InvoiceStatus::Paid);
     assert_eq!(amount(&read.amount_open), "0.00");
-    assert_eq!(amount(&exposure(&mut s.gateway, &customer).await.total), "0.00");
+    assert_eq!(
+        amount(&exposure(&mut s.gateway, &customer).await.total),
+        "0.00"
+    );
     assert_ledger_consistent(&mut s.credit, &customer).await;
     s.suite.stop().await.unwrap();
 }
@@ -268,7 +293,9 @@ async fn spine_on_postgres_with_redis() {
 /// Every spine RPC refuses bad input with the field named, and a refused
 /// call changes nothing.
 async fn bad_input(backend: Backend) {
-    let Some(mut s) = run_suite(backend).await else { return };
+    let Some(mut s) = run_suite(backend).await else {
+        return;
+    };
     let g = &mut s.gateway;
     let customer = onboard(g, "1000.00").await;
     let unknown = uuid::Uuid::now_v7().to_string();
@@ -281,15 +308,51 @@ async fn bad_input(backend: Backend) {
         currency_code: "EUR".into(),
     };
     for (field, change) in [
-        ("idempotency_key", pb::CreateCustomerRequest { idempotency_key: String::new(), ..good.clone() }),
-        ("legal_name", pb::CreateCustomerRequest { legal_name: " ".into(), ..good.clone() }),
-        ("country_code", pb::CreateCustomerRequest { country_code: "France".into(), ..good.clone() }),
-        ("currency_code", pb::CreateCustomerRequest { currency_code: "EURO".into(), ..good.clone() }),
-        ("currency_code", pb::CreateCustomerRequest { currency_code: String::new(), ..good.clone() }),
+        (
+            "idempotency_key",
+            pb::CreateCustomerRequest {
+                idempotency_key: String::new(),
+                ..good.clone()
+            },
+        ),
+        (
+            "legal_name",
+            pb::CreateCustomerRequest {
+                legal_name: " ".into(),
+                ..good.clone()
+            },
+        ),
+        (
+            "country_code",
+            pb::CreateCustomerRequest {
+                country_code: "France".into(),
+                ..good.clone()
+            },
+        ),
+        (
+            "currency_code",
+            pb::CreateCustomerRequest {
+                currency_code: "EURO".into(),
+                ..good.clone()
+            },
+        ),
+        (
+            "currency_code",
+            pb::CreateCustomerRequest {
+                currency_code: String::new(),
+                ..good.clone()
+            },
+        ),
     ] {
-        assert_invalid(&g.create_customer(as_tenant(change)).await.unwrap_err(), field);
+        assert_invalid(
+            &g.create_customer(as_tenant(change)).await.unwrap_err(),
+            field,
+        );
     }
-    let status = g.create_customer(Request::new(good.clone())).await.unwrap_err();
+    let status = g
+        .create_customer(Request::new(good.clone()))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "no tenant, no access");
 
     // LinkCreditAccount.
@@ -300,14 +363,38 @@ async fn bad_input(backend: Backend) {
         agency_reference: "12345678".into(),
     };
     for (field, change) in [
-        ("customer_id", pb::LinkCreditAccountRequest { customer_id: "x".into(), ..link.clone() }),
-        ("agency", pb::LinkCreditAccountRequest { agency: "D&B".into(), ..link.clone() }),
-        ("agency_reference", pb::LinkCreditAccountRequest { agency_reference: "12!".into(), ..link.clone() }),
+        (
+            "customer_id",
+            pb::LinkCreditAccountRequest {
+                customer_id: "x".into(),
+                ..link.clone()
+            },
+        ),
+        (
+            "agency",
+            pb::LinkCreditAccountRequest {
+                agency: "D&B".into(),
+                ..link.clone()
+            },
+        ),
+        (
+            "agency_reference",
+            pb::LinkCreditAccountRequest {
+                agency_reference: "12!".into(),
+                ..link.clone()
+            },
+        ),
     ] {
-        assert_invalid(&g.link_credit_account(as_tenant(change)).await.unwrap_err(), field);
+        assert_invalid(
+            &g.link_credit_account(as_tenant(change)).await.unwrap_err(),
+            field,
+        );
     }
     let status = g
-        .link_credit_account(as_tenant(pb::LinkCreditAccountRequest { customer_id: unknown.clone(), ..link.clone() }))
+        .link_credit_account(as_tenant(pb::LinkCreditAccountRequest {
+            customer_id: unknown.clone(),
+            ..link.clone()
+        }))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -320,16 +407,58 @@ async fn bad_input(backend: Backend) {
         reason: String::new(),
     };
     for (field, change) in [
-        ("credit_limit.amount", pb::SetCreditLimitRequest { credit_limit: eur("-5.00"), ..limit.clone() }),
-        ("credit_limit.amount", pb::SetCreditLimitRequest { credit_limit: eur("5.001"), ..limit.clone() }),
-        ("credit_limit.currency_code", pb::SetCreditLimitRequest { credit_limit: Some(Money { amount: "5".into(), currency_code: "ABC".into() }), ..limit.clone() }),
-        ("credit_limit.currency_code", pb::SetCreditLimitRequest { credit_limit: Some(Money { amount: "5".into(), currency_code: "USD".into() }), ..limit.clone() }),
-        ("credit_limit", pb::SetCreditLimitRequest { credit_limit: None, ..limit.clone() }),
+        (
+            "credit_limit.amount",
+            pb::SetCreditLimitRequest {
+                credit_limit: eur("-5.00"),
+                ..limit.clone()
+            },
+        ),
+        (
+            "credit_limit.amount",
+            pb::SetCreditLimitRequest {
+                credit_limit: eur("5.001"),
+                ..limit.clone()
+            },
+        ),
+        (
+            "credit_limit.currency_code",
+            pb::SetCreditLimitRequest {
+                credit_limit: Some(Money {
+                    amount: "5".into(),
+                    currency_code: "ABC".into(),
+                }),
+                ..limit.clone()
+            },
+        ),
+        (
+            "credit_limit.currency_code",
+            pb::SetCreditLimitRequest {
+                credit_limit: Some(Money {
+                    amount: "5".into(),
+                    currency_code: "USD".into(),
+                }),
+                ..limit.clone()
+            },
+        ),
+        (
+            "credit_limit",
+            pb::SetCreditLimitRequest {
+                credit_limit: None,
+                ..limit.clone()
+            },
+        ),
     ] {
-        assert_invalid(&g.set_credit_limit(as_tenant(change)).await.unwrap_err(), field);
+        assert_invalid(
+            &g.set_credit_limit(as_tenant(change)).await.unwrap_err(),
+            field,
+        );
     }
     let status = g
-        .set_credit_limit(as_tenant(pb::SetCreditLimitRequest { customer_id: unknown.clone(), ..limit.clone() }))
+        .set_credit_limit(as_tenant(pb::SetCreditLimitRequest {
+            customer_id: unknown.clone(),
+            ..limit.clone()
+        }))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -342,32 +471,109 @@ async fn bad_input(backend: Backend) {
         amount: eur("10.00"),
     };
     for (field, change) in [
-        ("idempotency_key", pb::PlaceOrderRequest { idempotency_key: "k".repeat(151), ..place.clone() }),
-        ("customer_id", pb::PlaceOrderRequest { customer_id: String::new(), ..place.clone() }),
-        ("amount", pb::PlaceOrderRequest { amount: None, ..place.clone() }),
-        ("amount.amount", pb::PlaceOrderRequest { amount: eur("-10.00"), ..place.clone() }),
-        ("amount.amount", pb::PlaceOrderRequest { amount: eur("1e3"), ..place.clone() }),
-        ("amount.currency_code", pb::PlaceOrderRequest { amount: Some(Money { amount: "1".into(), currency_code: "QQQ".into() }), ..place.clone() }),
-        ("amount.currency_code", pb::PlaceOrderRequest { amount: Some(Money { amount: "1".into(), currency_code: "USD".into() }), ..place.clone() }),
+        (
+            "idempotency_key",
+            pb::PlaceOrderRequest {
+                idempotency_key: "k".repeat(151),
+                ..place.clone()
+            },
+        ),
+        (
+            "customer_id",
+            pb::PlaceOrderRequest {
+                customer_id: String::new(),
+                ..place.clone()
+            },
+        ),
+        (
+            "amount",
+            pb::PlaceOrderRequest {
+                amount: None,
+                ..place.clone()
+            },
+        ),
+        (
+            "amount.amount",
+            pb::PlaceOrderRequest {
+                amount: eur("-10.00"),
+                ..place.clone()
+            },
+        ),
+        (
+            "amount.amount",
+            pb::PlaceOrderRequest {
+                amount: eur("1e3"),
+                ..place.clone()
+            },
+        ),
+        (
+            "amount.currency_code",
+            pb::PlaceOrderRequest {
+                amount: Some(Money {
+                    amount: "1".into(),
+                    currency_code: "QQQ".into(),
+                }),
+                ..place.clone()
+            },
+        ),
+        (
+            "amount.currency_code",
+            pb::PlaceOrderRequest {
+                amount: Some(Money {
+                    amount: "1".into(),
+                    currency_code: "USD".into(),
+                }),
+                ..place.clone()
+            },
+        ),
     ] {
         assert_invalid(&g.place_order(as_tenant(change)).await.unwrap_err(), field);
     }
     let status = g
-        .place_order(as_tenant(pb::PlaceOrderRequest { customer_id: unknown.clone(), ..place.clone() }))
+        .place_order(as_tenant(pb::PlaceOrderRequest {
+            customer_id: unknown.clone(),
+            ..place.clone()
+        }))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 
     // A refused PlaceOrder left its key free: the corrected request works.
     let reuse = key();
-    let wrong = pb::PlaceOrderRequest { idempotency_key: reuse.clone(), amount: Some(Money { amount: "1".into(), currency_code: "USD".into() }), ..place.clone() };
-    assert_invalid(&g.place_order(as_tenant(wrong)).await.unwrap_err(), "amount.currency_code");
-    let fixed = pb::PlaceOrderRequest { idempotency_key: reuse.clone(), ..place.clone() };
-    let order = g.place_order(as_tenant(fixed)).await.unwrap().into_inner().order.unwrap();
+    let wrong = pb::PlaceOrderRequest {
+        idempotency_key: reuse.clone(),
+        amount: Some(Money {
+            amount: "1".into(),
+            currency_code: "USD".into(),
+        }),
+        ..place.clone()
+    };
+    assert_invalid(
+        &g.place_order(as_tenant(wrong)).await.unwrap_err(),
+        "amount.currency_code",
+    );
+    let fixed = pb::PlaceOrderRequest {
+        idempotency_key: reuse.clone(),
+        ..place.clone()
+    };
+    let order = g
+        .place_order(as_tenant(fixed))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
     assert_eq!(order.status(), pb::OrderStatus::Approved);
     // But an accepted key cannot be reused for another request.
-    let other = pb::PlaceOrderRequest { idempotency_key: reuse, amount: eur("11.00"), ..place.clone() };
-    assert_invalid(&g.place_order(as_tenant(other)).await.unwrap_err(), "idempotency_key");
+    let other = pb::PlaceOrderRequest {
+        idempotency_key: reuse,
+        amount: eur("11.00"),
+        ..place.clone()
+    };
+    assert_invalid(
+        &g.place_order(as_tenant(other)).await.unwrap_err(),
+        "idempotency_key",
+    );
 
     // InvoiceOrder.
     let invoice = pb::InvoiceOrderRequest {
@@ -376,18 +582,48 @@ async fn bad_input(backend: Backend) {
         net_days: 30,
     };
     for (field, change) in [
-        ("order_id", pb::InvoiceOrderRequest { order_id: "nope".into(), ..invoice.clone() }),
-        ("net_days", pb::InvoiceOrderRequest { net_days: -1, ..invoice.clone() }),
-        ("net_days", pb::InvoiceOrderRequest { net_days: 366, ..invoice.clone() }),
+        (
+            "order_id",
+            pb::InvoiceOrderRequest {
+                order_id: "nope".into(),
+                ..invoice.clone()
+            },
+        ),
+        (
+            "net_days",
+            pb::InvoiceOrderRequest {
+                net_days: -1,
+                ..invoice.clone()
+            },
+        ),
+        (
+            "net_days",
+            pb::InvoiceOrderRequest {
+                net_days: 366,
+                ..invoice.clone()
+            },
+        ),
     ] {
-        assert_invalid(&g.invoice_order(as_tenant(change)).await.unwrap_err(), field);
+        assert_invalid(
+            &g.invoice_order(as_tenant(change)).await.unwrap_err(),
+            field,
+        );
     }
     let status = g
-        .invoice_order(as_tenant(pb::InvoiceOrderRequest { order_id: unknown.clone(), ..invoice.clone() }))
+        .invoice_order(as_tenant(pb::InvoiceOrderRequest {
+            order_id: unknown.clone(),
+            ..invoice.clone()
+        }))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let issued = g.invoice_order(as_tenant(invoice)).await.unwrap().into_inner().invoice.unwrap();
+    let issued = g
+        .invoice_order(as_tenant(invoice))
+        .await
+        .unwrap()
+        .into_inner()
+        .invoice
+        .unwrap();
 
     // RecordPayment.
     let pay = pb::RecordPaymentRequest {
@@ -396,29 +632,87 @@ async fn bad_input(backend: Backend) {
         amount: eur("5.00"),
         method: pb::PaymentMethod::BankTransfer as i32,
         reference: String::new(),
-        allocations: vec![pb::PaymentAllocation { invoice_id: issued.invoice_id.clone(), amount: eur("5.00") }],
+        allocations: vec![pb::PaymentAllocation {
+            invoice_id: issued.invoice_id.clone(),
+            amount: eur("5.00"),
+        }],
     };
-    let allocation = |invoice_id: &str, value: &str| vec![pb::PaymentAllocation { invoice_id: invoice_id.into(), amount: eur(value) }];
+    let allocation = |invoice_id: &str, value: &str| {
+        vec![pb::PaymentAllocation {
+            invoice_id: invoice_id.into(),
+            amount: eur(value),
+        }]
+    };
     for (field, change) in [
-        ("amount.amount", pb::RecordPaymentRequest { amount: eur("0.00"), ..pay.clone() }),
-        ("method", pb::RecordPaymentRequest { method: 0, ..pay.clone() }),
-        ("allocations[0].invoice_id", pb::RecordPaymentRequest { allocations: allocation("bad", "5.00"), ..pay.clone() }),
-        ("allocations[0].amount.amount", pb::RecordPaymentRequest { allocations: allocation(&issued.invoice_id, "-1"), ..pay.clone() }),
-        ("allocations", pb::RecordPaymentRequest { allocations: allocation(&issued.invoice_id, "6.00"), ..pay.clone() }),
-        ("reference", pb::RecordPaymentRequest { reference: "card 4111 1111 1111 1111".into(), ..pay.clone() }),
+        (
+            "amount.amount",
+            pb::RecordPaymentRequest {
+                amount: eur("0.00"),
+                ..pay.clone()
+            },
+        ),
+        (
+            "method",
+            pb::RecordPaymentRequest {
+                method: 0,
+                ..pay.clone()
+            },
+        ),
+        (
+            "allocations[0].invoice_id",
+            pb::RecordPaymentRequest {
+                allocations: allocation("bad", "5.00"),
+                ..pay.clone()
+            },
+        ),
+        (
+            "allocations[0].amount.amount",
+            pb::RecordPaymentRequest {
+                allocations: allocation(&issued.invoice_id, "-1"),
+                ..pay.clone()
+            },
+        ),
+        (
+            "allocations",
+            pb::RecordPaymentRequest {
+                allocations: allocation(&issued.invoice_id, "6.00"),
+                ..pay.clone()
+            },
+        ),
+        (
+            "reference",
+            pb::RecordPaymentRequest {
+                reference: "card 4111 1111 1111 1111".into(),
+                ..pay.clone()
+            },
+        ),
     ] {
-        assert_invalid(&g.record_payment(as_tenant(change)).await.unwrap_err(), field);
+        assert_invalid(
+            &g.record_payment(as_tenant(change)).await.unwrap_err(),
+            field,
+        );
     }
     let status = g
-        .record_payment(as_tenant(pb::RecordPaymentRequest { allocations: allocation(&unknown, "5.00"), ..pay.clone() }))
+        .record_payment(as_tenant(pb::RecordPaymentRequest {
+            allocations: allocation(&unknown, "5.00"),
+            ..pay.clone()
+        }))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let status = g
-        .record_payment(as_tenant(pb::RecordPaymentRequest { allocations: allocation(&issued.invoice_id, "10.01"), amount: eur("20.00"), ..pay.clone() }))
+        .record_payment(as_tenant(pb::RecordPaymentRequest {
+            allocations: allocation(&issued.invoice_id, "10.01"),
+            amount: eur("20.00"),
+            ..pay.clone()
+        }))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition, "more than the open amount");
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "more than the open amount"
+    );
 
     // Nothing refused above left a trace.
     let e = exposure(g, &customer).await;
@@ -426,7 +720,9 @@ async fn bad_input(backend: Backend) {
     assert_eq!(amount(&e.reserved), "0.00");
     assert_eq!(amount(&e.receivables), "10.00");
     let read = g
-        .get_invoice(as_tenant(pb::GetInvoiceRequest { invoice_id: issued.invoice_id.clone() }))
+        .get_invoice(as_tenant(pb::GetInvoiceRequest {
+            invoice_id: issued.invoice_id.clone(),
+        }))
         .await
         .unwrap()
         .into_inner()
@@ -436,15 +732,29 @@ async fn bad_input(backend: Backend) {
 
     // Reads of unknown or malformed ids.
     assert_eq!(
-        g.get_customer(as_tenant(pb::GetCustomerRequest { customer_id: unknown.clone() })).await.unwrap_err().code(),
+        g.get_customer(as_tenant(pb::GetCustomerRequest {
+            customer_id: unknown.clone()
+        }))
+        .await
+        .unwrap_err()
+        .code(),
         Code::NotFound
     );
     assert_invalid(
-        &g.get_order(as_tenant(pb::GetOrderRequest { order_id: "1".into() })).await.unwrap_err(),
+        &g.get_order(as_tenant(pb::GetOrderRequest {
+            order_id: "1".into(),
+        }))
+        .await
+        .unwrap_err(),
         "order_id",
     );
     assert_eq!(
-        g.get_invoice(as_tenant(pb::GetInvoiceRequest { invoice_id: unknown })).await.unwrap_err().code(),
+        g.get_invoice(as_tenant(pb::GetInvoiceRequest {
+            invoice_id: unknown
+        }))
+        .await
+        .unwrap_err()
+        .code(),
         Code::NotFound
     );
     assert_ledger_consistent(&mut s.credit, &customer).await;

@@ -25,7 +25,11 @@ pub async fn connect_and_migrate<M: MigratorTrait>(url: &str) -> Result<Database
 /// Connects to `url`, creating a missing SQLite file and its directory.
 pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     let sqlite = url.starts_with("sqlite:");
-    let url = if sqlite { prepare_sqlite(url)? } else { url.to_owned() };
+    let url = if sqlite {
+        prepare_sqlite(url)?
+    } else {
+        url.to_owned()
+    };
     let mut options = ConnectOptions::new(url);
     options
         .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
@@ -74,6 +78,40 @@ pub fn is_unique_violation(error: &DbErr) -> bool {
     matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
+/// Creates the table of `entity` as the entity declares it (columns,
+/// primary key, uniques). Used by the first migration of each table; later
+/// changes get explicit `alter table` migrations.
+pub async fn create_table_for<E: sea_orm::EntityTrait>(
+    manager: &sea_orm_migration::SchemaManager<'_>,
+    entity: E,
+) -> Result<(), DbErr> {
+    let schema = sea_orm::Schema::new(manager.get_database_backend());
+    manager
+        .create_table(
+            schema
+                .create_table_from_entity(entity)
+                .if_not_exists()
+                .to_owned(),
+        )
+        .await?;
+    for mut index in schema.create_index_from_entity(entity) {
+        manager
+            .create_index(index.if_not_exists().to_owned())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Drops the table of `entity`.
+pub async fn drop_table_for<E: sea_orm::EntityTrait>(
+    manager: &sea_orm_migration::SchemaManager<'_>,
+    entity: E,
+) -> Result<(), DbErr> {
+    manager
+        .drop_table(sea_orm::sea_query::Table::drop().table(entity).to_owned())
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,33 +126,9 @@ mod tests {
             prepare_sqlite("sqlite://x.db?mode=ro").unwrap(),
             "sqlite://x.db?mode=ro"
         );
-        assert_eq!(prepare_sqlite("sqlite::memory:").unwrap(), "sqlite::memory:");
+        assert_eq!(
+            prepare_sqlite("sqlite::memory:").unwrap(),
+            "sqlite::memory:"
+        );
     }
-}
-
-/// Creates the table of `entity` as the entity declares it (columns,
-/// primary key, uniques). Used by the first migration of each table; later
-/// changes get explicit `alter table` migrations.
-pub async fn create_table_for<E: sea_orm::EntityTrait>(
-    manager: &sea_orm_migration::SchemaManager<'_>,
-    entity: E,
-) -> Result<(), DbErr> {
-    let schema = sea_orm::Schema::new(manager.get_database_backend());
-    manager
-        .create_table(schema.create_table_from_entity(entity).if_not_exists().to_owned())
-        .await?;
-    for mut index in schema.create_index_from_entity(entity) {
-        manager.create_index(index.if_not_exists().to_owned()).await?;
-    }
-    Ok(())
-}
-
-/// Drops the table of `entity`.
-pub async fn drop_table_for<E: sea_orm::EntityTrait>(
-    manager: &sea_orm_migration::SchemaManager<'_>,
-    entity: E,
-) -> Result<(), DbErr> {
-    manager
-        .drop_table(sea_orm::sea_query::Table::drop().table(entity).to_owned())
-        .await
 }

@@ -72,9 +72,7 @@ impl ApiError {
     /// A money field that failed to parse, reported on the right sub-field.
     pub fn money(field: &str, error: MoneyError) -> Self {
         let sub = match &error {
-            MoneyError::UnknownCurrency(_) | MoneyError::CurrencyMismatch { .. } => {
-                "currency_code"
-            }
+            MoneyError::UnknownCurrency(_) | MoneyError::CurrencyMismatch { .. } => "currency_code",
             MoneyError::Malformed(_)
             | MoneyError::TooManyDecimals { .. }
             | MoneyError::OutOfRange => "amount",

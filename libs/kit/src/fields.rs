@@ -42,10 +42,16 @@ pub fn text(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
         return Err(ApiError::invalid(field, "required"));
     }
     if trimmed.chars().count() > max {
-        return Err(ApiError::invalid(field, format!("at most {max} characters")));
+        return Err(ApiError::invalid(
+            field,
+            format!("at most {max} characters"),
+        ));
     }
     if trimmed.chars().any(char::is_control) {
-        return Err(ApiError::invalid(field, "must not contain control characters"));
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(trimmed.to_owned())
 }
@@ -92,7 +98,8 @@ impl Violations {
                 None
             }
             Err(other) => {
-                self.0.push(crate::FieldViolation::new("request", other.to_string()));
+                self.0
+                    .push(crate::FieldViolation::new("request", other.to_string()));
                 None
             }
         }

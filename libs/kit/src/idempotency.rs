@@ -61,10 +61,7 @@ pub fn validate_key(key: &str) -> Result<(), ApiError> {
 }
 
 fn reused() -> ApiError {
-    ApiError::invalid(
-        "idempotency_key",
-        "already used with a different request",
-    )
+    ApiError::invalid("idempotency_key", "already used with a different request")
 }
 
 fn decode<R: prost::Message + Default>(bytes: &[u8]) -> Result<R, ApiError> {
@@ -178,7 +175,12 @@ pub enum Claim<R> {
 }
 
 /// Pins `request` to (scope, key) before any remote effect.
-pub async fn claim<R, C>(conn: &C, scope: &str, key: &str, request: &[u8]) -> Result<Claim<R>, ApiError>
+pub async fn claim<R, C>(
+    conn: &C,
+    scope: &str,
+    key: &str,
+    request: &[u8],
+) -> Result<Claim<R>, ApiError>
 where
     R: prost::Message + Default,
     C: ConnectionTrait,

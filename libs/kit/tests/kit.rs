@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// No service of its own: the kit adds health and reflection to any
 /// `Routes`.
@@ -36,7 +36,9 @@ async fn health_turns_not_serving_before_the_server_stops() {
         .unwrap();
     let mut health = HealthClient::new(channel);
     let status = health
-        .check(HealthCheckRequest { service: "o2c.test.v1.TestService".into() })
+        .check(HealthCheckRequest {
+            service: "o2c.test.v1.TestService".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -44,7 +46,9 @@ async fn health_turns_not_serving_before_the_server_stops() {
     assert_eq!(status, ServingStatus::Serving);
 
     let mut watch = health
-        .watch(HealthCheckRequest { service: String::new() })
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -70,6 +74,7 @@ async fn health_turns_not_serving_before_the_server_stops() {
 }
 
 #[test]
+#[allow(clippy::result_large_err)] // figment's Jail API returns its own error type.
 fn settings_layer_defaults_file_and_environment() {
     let dir = tempfile_dir();
     let file = dir.join("settings.toml");
@@ -88,7 +93,13 @@ fn settings_layer_defaults_file_and_environment() {
 
         jail.set_env("O2C_SHUTDOWN_GRACE_MS", "soon");
         let error = o2c_kit::settings::load(defaults.clone(), Some(&file)).unwrap_err();
-        assert!(error.to_string().to_lowercase().contains("shutdown_grace_ms"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .to_lowercase()
+                .contains("shutdown_grace_ms"),
+            "{error}"
+        );
 
         let mut bad = defaults.clone();
         bad.database_url = "mysql://x".into();

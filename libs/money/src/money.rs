@@ -218,7 +218,10 @@ mod tests {
         assert_eq!(m.amount_string(), "10.00");
         assert_eq!(m.minor_units(), 1000);
         assert_eq!(Money::parse("7", "JPY").unwrap().amount_string(), "7");
-        assert_eq!(Money::parse("1.250", "EUR").unwrap().amount_string(), "1.25");
+        assert_eq!(
+            Money::parse("1.250", "EUR").unwrap().amount_string(),
+            "1.25"
+        );
     }
 
     #[test]

@@ -72,13 +72,12 @@ pub async fn database(backend: Backend, name: &str) -> Option<TestDatabase> {
 
 async fn postgres_database(name: &str) -> Option<TestDatabase> {
     let admin_url = postgres_admin_url();
-    let admin = match tokio::time::timeout(Duration::from_secs(5), Database::connect(&admin_url))
-        .await
-    {
-        Ok(Ok(db)) => db,
-        Ok(Err(error)) => return unavailable("PostgreSQL", &error),
-        Err(_) => return unavailable("PostgreSQL", &"connection timed out"),
-    };
+    let admin =
+        match tokio::time::timeout(Duration::from_secs(5), Database::connect(&admin_url)).await {
+            Ok(Ok(db)) => db,
+            Ok(Err(error)) => return unavailable("PostgreSQL", &error),
+            Err(_) => return unavailable("PostgreSQL", &"connection timed out"),
+        };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -86,7 +85,13 @@ async fn postgres_database(name: &str) -> Option<TestDatabase> {
     drop_stale(&admin, now).await;
     let safe: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .take(20)
         .collect();
     let database = format!(
@@ -140,7 +145,9 @@ pub async fn redis_url() -> Option<String> {
     let ping = async {
         let client = redis::Client::open(url.as_str())?;
         let mut connection = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut connection).await
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
     };
     match tokio::time::timeout(Duration::from_secs(5), ping).await {
         Ok(Ok(_)) => Some(url),

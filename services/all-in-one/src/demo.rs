@@ -32,9 +32,10 @@ fn eur(amount: &str) -> Option<Money> {
 
 fn with_tenant<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("x-tenant-id", tonic::metadata::MetadataValue::from_static(DEMO_TENANT));
+    request.metadata_mut().insert(
+        "x-tenant-id",
+        tonic::metadata::MetadataValue::from_static(DEMO_TENANT),
+    );
     request
 }
 

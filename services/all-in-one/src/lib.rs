@@ -104,7 +104,10 @@ pub struct Addresses {
 pub struct Suite {
     pub addresses: Addresses,
     stop: watch::Sender<bool>,
-    servers: Vec<(&'static str, JoinHandle<Result<(), o2c_kit::serve::ServeError>>)>,
+    servers: Vec<(
+        &'static str,
+        JoinHandle<Result<(), o2c_kit::serve::ServeError>>,
+    )>,
 }
 
 async fn bind(name: &str, settings: &ServiceSettings) -> anyhow::Result<TcpListener> {
@@ -190,13 +193,20 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
     ];
     let (stop, stopped) = watch::channel(false);
     let mut servers = Vec::new();
-    for ((name, service_name, routes, service), (_, listener)) in routes.into_iter().zip(listeners) {
+    for ((name, service_name, routes, service), (_, listener)) in routes.into_iter().zip(listeners)
+    {
         let mut stopped = stopped.clone();
         let shutdown = async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
         let grace = Duration::from_millis(service.shutdown_grace_ms);
-        let handle = tokio::spawn(o2c_kit::serve::serve(service_name, listener, routes, shutdown, grace));
+        let handle = tokio::spawn(o2c_kit::serve::serve(
+            service_name,
+            listener,
+            routes,
+            shutdown,
+            grace,
+        ));
         servers.push((name, handle));
     }
     Ok(Suite {
@@ -233,7 +243,10 @@ impl Suite {
     }
 
     /// Runs until `shutdown` resolves, then stops everything.
-    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         shutdown.await;
         self.stop().await
     }

@@ -8,8 +8,10 @@ use o2c_kit::{settings, shutdown, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut settings: Settings =
-        settings::load(Settings::default(), settings::config_path_from_args().as_deref())?;
+    let mut settings: Settings = settings::load(
+        Settings::default(),
+        settings::config_path_from_args().as_deref(),
+    )?;
     if std::env::args().any(|arg| arg == "--demo") {
         settings.seed_demo = true;
     }
@@ -28,7 +30,10 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("\nO2C Credit Cloud is running (all-in-one).");
     println!("  gateway    {}", a.gateway);
-    println!("  customer   {}   credit {}   invoicing {}", a.customer, a.credit, a.invoicing);
+    println!(
+        "  customer   {}   credit {}   invoicing {}",
+        a.customer, a.credit, a.invoicing
+    );
     println!("  payments   {}   crm-sync {}", a.payments, a.crm_sync);
     if settings.seed_demo {
         match demo::seed(a.gateway).await {

@@ -58,9 +58,10 @@ impl Default for Settings {
 /// migrations and returns the routes. An unreachable Redis only disables
 /// the cache: it is never needed for a decision.
 pub async fn build(service: &ServiceSettings, redis_url: Option<&str>) -> anyhow::Result<Routes> {
-    let db = o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
-        .await
-        .map_err(|e| anyhow::anyhow!("credit database {}: {e}", service.database_url))?;
+    let db =
+        o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
+            .await
+            .map_err(|e| anyhow::anyhow!("credit database {}: {e}", service.database_url))?;
     let redis = match redis_url {
         Some(url) => match o2c_kit::cache::connect(url).await {
             Ok(connection) => Some(connection),

@@ -107,7 +107,10 @@ async fn exposure(client: &mut CreditServiceClient<Channel>, customer: &str) -> 
         .unwrap()
 }
 
-async fn assert_consistent(client: &mut CreditServiceClient<Channel>, customer: &str) -> pb::Exposure {
+async fn assert_consistent(
+    client: &mut CreditServiceClient<Channel>,
+    customer: &str,
+) -> pb::Exposure {
     let check = client
         .recompute_exposure(pb::RecomputeExposureRequest {
             tenant_id: TENANT.into(),
@@ -116,7 +119,11 @@ async fn assert_consistent(client: &mut CreditServiceClient<Channel>, customer: 
         .await
         .unwrap()
         .into_inner();
-    assert!(check.consistent, "stored {:?} != ledger {:?}", check.stored, check.recomputed);
+    assert!(
+        check.consistent,
+        "stored {:?} != ledger {:?}",
+        check.stored, check.recomputed
+    );
     assert_eq!(check.stored, check.recomputed);
     check.stored.unwrap()
 }
@@ -126,7 +133,9 @@ fn amount(m: &Option<Money>) -> &str {
 }
 
 async fn ledger_lifecycle(backend: Backend) {
-    let Some(mut h) = start(backend, "ledger").await else { return };
+    let Some(mut h) = start(backend, "ledger").await else {
+        return;
+    };
     let customer = open_with_limit(&mut h.client, "1000.00").await;
 
     let approved = reserve(&mut h.client, &customer, "order-1", "400.00").await;
@@ -136,7 +145,10 @@ async fn ledger_lifecycle(backend: Backend) {
 
     let held = reserve(&mut h.client, &customer, "order-2", "700.00").await;
     assert_eq!(held.decision(), pb::Decision::Hold);
-    assert_eq!(held.reasons().collect::<Vec<_>>(), [pb::ReasonCode::OverLimit]);
+    assert_eq!(
+        held.reasons().collect::<Vec<_>>(),
+        [pb::ReasonCode::OverLimit]
+    );
     assert!(held.reservation_id.is_empty());
 
     let invoice = uuid::Uuid::now_v7().to_string();
@@ -152,7 +164,10 @@ async fn ledger_lifecycle(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(converted.reservation.unwrap().state(), pb::ReservationState::Converted);
+    assert_eq!(
+        converted.reservation.unwrap().state(),
+        pb::ReservationState::Converted
+    );
     let e = converted.exposure.unwrap();
     assert_eq!(amount(&e.reserved), "0.00");
     assert_eq!(amount(&e.receivables), "400.00");
@@ -217,7 +232,9 @@ async fn ledger_lifecycle_postgres() {
 }
 
 async fn idempotency(backend: Backend) {
-    let Some(mut h) = start(backend, "idem").await else { return };
+    let Some(mut h) = start(backend, "idem").await else {
+        return;
+    };
     let customer = open_with_limit(&mut h.client, "100.00").await;
     let request = pb::CheckAndReserveRequest {
         idempotency_key: "same-key".into(),
@@ -226,16 +243,32 @@ async fn idempotency(backend: Backend) {
         order_id: "order-1".into(),
         amount: eur("60.00"),
     };
-    let first = h.client.check_and_reserve(request.clone()).await.unwrap().into_inner();
-    let replay = h.client.check_and_reserve(request.clone()).await.unwrap().into_inner();
+    let first = h
+        .client
+        .check_and_reserve(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let replay = h
+        .client
+        .check_and_reserve(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(first, replay, "a replay returns the first response");
-    assert_eq!(amount(&exposure(&mut h.client, &customer).await.reserved), "60.00");
+    assert_eq!(
+        amount(&exposure(&mut h.client, &customer).await.reserved),
+        "60.00"
+    );
 
     let mut changed = request.clone();
     changed.amount = eur("10.00");
     let status = h.client.check_and_reserve(changed).await.unwrap_err();
     assert_invalid(&status, "idempotency_key");
-    assert_eq!(amount(&exposure(&mut h.client, &customer).await.reserved), "60.00");
+    assert_eq!(
+        amount(&exposure(&mut h.client, &customer).await.reserved),
+        "60.00"
+    );
 
     // The same order cannot be reserved twice under another key.
     let mut second = request.clone();
@@ -257,7 +290,9 @@ async fn idempotency_postgres() {
 }
 
 async fn bad_input(backend: Backend) {
-    let Some(mut h) = start(backend, "bad").await else { return };
+    let Some(mut h) = start(backend, "bad").await else {
+        return;
+    };
     let customer = open_with_limit(&mut h.client, "100.00").await;
     let good = pb::CheckAndReserveRequest {
         idempotency_key: key(),
@@ -266,10 +301,14 @@ async fn bad_input(backend: Backend) {
         order_id: "order-1".into(),
         amount: eur("10.00"),
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut pb::CheckAndReserveRequest)>)> = vec![
+    type Change = Box<dyn Fn(&mut pb::CheckAndReserveRequest)>;
+    let cases: Vec<(&str, Change)> = vec![
         ("idempotency_key", Box::new(|r| r.idempotency_key.clear())),
         ("tenant_id", Box::new(|r| r.tenant_id.clear())),
-        ("customer_id", Box::new(|r| r.customer_id = "not-an-id".into())),
+        (
+            "customer_id",
+            Box::new(|r| r.customer_id = "not-an-id".into()),
+        ),
         ("order_id", Box::new(|r| r.order_id.clear())),
         ("amount", Box::new(|r| r.amount = None)),
         ("amount.amount", Box::new(|r| r.amount = eur("-5.00"))),
@@ -293,7 +332,11 @@ async fn bad_input(backend: Backend) {
         assert_invalid(&status, field);
     }
     let e = exposure(&mut h.client, &customer).await;
-    assert_eq!(amount(&e.reserved), "0.00", "refused requests change nothing");
+    assert_eq!(
+        amount(&e.reserved),
+        "0.00",
+        "refused requests change nothing"
+    );
 
     let unknown = h
         .client
@@ -338,12 +381,24 @@ async fn bad_input(backend: Backend) {
         .await
         .unwrap_err();
     assert_invalid(&negative_limit, "credit_limit.amount");
-    assert_eq!(amount(&exposure(&mut h.client, &customer).await.credit_limit), "100.00");
+    assert_eq!(
+        amount(&exposure(&mut h.client, &customer).await.credit_limit),
+        "100.00"
+    );
 
     // Without an account the policy blocks.
-    let blocked = reserve(&mut h.client, &uuid::Uuid::now_v7().to_string(), "o", "1.00").await;
+    let blocked = reserve(
+        &mut h.client,
+        &uuid::Uuid::now_v7().to_string(),
+        "o",
+        "1.00",
+    )
+    .await;
     assert_eq!(blocked.decision(), pb::Decision::Block);
-    assert_eq!(blocked.reasons().collect::<Vec<_>>(), [pb::ReasonCode::NoCreditAccount]);
+    assert_eq!(
+        blocked.reasons().collect::<Vec<_>>(),
+        [pb::ReasonCode::NoCreditAccount]
+    );
     h.served.stop().await;
 }
 
@@ -360,7 +415,9 @@ async fn bad_input_postgres() {
 /// N concurrent reservations of `amount` against a limit of 100 × amount
 /// approve exactly 100, and the ledger agrees.
 async fn no_over_commit(backend: Backend, concurrent: usize) {
-    let Some(mut h) = start(backend, "race").await else { return };
+    let Some(mut h) = start(backend, "race").await else {
+        return;
+    };
     let customer = Arc::new(open_with_limit(&mut h.client, "1000.00").await);
     let mut tasks = Vec::new();
     for i in 0..concurrent {
@@ -395,8 +452,12 @@ async fn no_over_commit_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exposure_reads_use_redis_and_never_go_back_in_version() {
-    let Some(redis_url) = o2c_testkit::redis_url().await else { return };
-    let Some(mut h) = start(Backend::Postgres, "cache").await else { return };
+    let Some(redis_url) = o2c_testkit::redis_url().await else {
+        return;
+    };
+    let Some(mut h) = start(Backend::Postgres, "cache").await else {
+        return;
+    };
     let customer = open_with_limit(&mut h.client, "500.00").await;
     reserve(&mut h.client, &customer, "order-1", "100.00").await;
     let fresh = exposure(&mut h.client, &customer).await;
@@ -429,7 +490,11 @@ async fn exposure_reads_use_redis_and_never_go_back_in_version() {
     assert_eq!(exposure(&mut h.client, &customer).await, fresh);
 
     // With the entry gone the database answers and refills the cache.
-    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(exposure(&mut h.client, &customer).await, fresh);
     let refilled: Option<i64> = redis::cmd("HGET")
         .arg(&key)

@@ -84,12 +84,16 @@ impl Default for Settings {
 
 /// Connects to the database, applies migrations and returns the routes.
 pub async fn build(service: &ServiceSettings, upstreams: &Upstreams) -> anyhow::Result<Routes> {
-    let db = o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
-        .await
-        .map_err(|e| anyhow::anyhow!("crm-sync database {}: {e}", service.database_url))?;
+    let db =
+        o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
+            .await
+            .map_err(|e| anyhow::anyhow!("crm-sync database {}: {e}", service.database_url))?;
     let timeout = Duration::from_millis(upstreams.call_timeout_ms);
-    let customers = CustomerServiceClient::new(o2c_kit::client::channel(&upstreams.customer_url, timeout)?);
-    Ok(Routes::new(CrmSyncServiceServer::new(grpc::CrmSyncApi::new(db, customers))))
+    let customers =
+        CustomerServiceClient::new(o2c_kit::client::channel(&upstreams.customer_url, timeout)?);
+    Ok(Routes::new(CrmSyncServiceServer::new(
+        grpc::CrmSyncApi::new(db, customers),
+    )))
 }
 
 /// Serves on `listener` until `shutdown` resolves.

@@ -39,7 +39,12 @@ async fn start(backend: Backend) -> Option<Harness> {
     )
     .await;
     let client = CrmSyncServiceClient::new(crm.channel().await);
-    Some(Harness { client, crm, customer, _dbs: (customer_db, crm_db) })
+    Some(Harness {
+        client,
+        crm,
+        customer,
+        _dbs: (customer_db, crm_db),
+    })
 }
 
 fn key() -> String {
@@ -59,17 +64,35 @@ fn upsert(external_id: &str) -> pb::UpsertCustomerRequest {
 }
 
 async fn sync(backend: Backend) {
-    let Some(mut h) = start(backend).await else { return };
-    let first = h.client.upsert_customer(upsert("hs-1")).await.unwrap().into_inner();
+    let Some(mut h) = start(backend).await else {
+        return;
+    };
+    let first = h
+        .client
+        .upsert_customer(upsert("hs-1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(first.created);
-    let second = h.client.upsert_customer(upsert("hs-1")).await.unwrap().into_inner();
+    let second = h
+        .client
+        .upsert_customer(upsert("hs-1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!second.created);
-    assert_eq!(second.customer_id, first.customer_id, "one external id, one customer");
+    assert_eq!(
+        second.customer_id, first.customer_id,
+        "one external id, one customer"
+    );
 
     // Master-data validation happens in the customer service, field named.
     let mut bad = upsert("hs-2");
     bad.country_code = "Norway".into();
-    assert_invalid(&h.client.upsert_customer(bad).await.unwrap_err(), "country_code");
+    assert_invalid(
+        &h.client.upsert_customer(bad).await.unwrap_err(),
+        "country_code",
+    );
 
     let mut recorded = Vec::new();
     for i in 0..5 {

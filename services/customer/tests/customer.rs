@@ -53,15 +53,27 @@ fn new_customer() -> pb::CreateCustomerRequest {
 }
 
 async fn lifecycle(backend: Backend) {
-    let Some(mut h) = start(backend).await else { return };
+    let Some(mut h) = start(backend).await else {
+        return;
+    };
     let request = new_customer();
-    let created = h.client.create_customer(request.clone()).await.unwrap().into_inner();
+    let created = h
+        .client
+        .create_customer(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
     let customer = created.customer.clone().unwrap();
     assert_eq!(customer.contacts.len(), 1);
     assert_eq!(customer.external_ids, request.external_ids);
 
     // Replay returns the same customer; nothing new is created.
-    let replay = h.client.create_customer(request.clone()).await.unwrap().into_inner();
+    let replay = h
+        .client
+        .create_customer(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(replay, created);
 
     let found = h
@@ -104,30 +116,57 @@ async fn lifecycle(backend: Backend) {
         agency: "dnb".into(),
         agency_reference: REFERENCE.into(),
     };
-    let linked = h.client.link_credit_account(link.clone()).await.unwrap().into_inner();
+    let linked = h
+        .client
+        .link_credit_account(link.clone())
+        .await
+        .unwrap()
+        .into_inner();
     let credit = linked.customer.clone().unwrap().credit_account.unwrap();
     assert_eq!(credit.credit_account_id, account);
     assert_eq!(credit.reference_last4, "4433");
     assert!(!format!("{linked:?}").contains(REFERENCE));
-    assert_eq!(h.client.link_credit_account(link.clone()).await.unwrap().into_inner(), linked);
+    assert_eq!(
+        h.client
+            .link_credit_account(link.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+        linked
+    );
 
     let other_account = pb::LinkCreditAccountRequest {
         idempotency_key: key(),
         credit_account_id: uuid::Uuid::now_v7().to_string(),
         ..link.clone()
     };
-    let status = h.client.link_credit_account(other_account).await.unwrap_err();
+    let status = h
+        .client
+        .link_credit_account(other_account)
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
 
     let conn = Database::connect(&h.db.url).await.unwrap();
-    let rows = o2c_customer::storage::entities::customer::Entity::find().all(&conn).await.unwrap();
-    assert!(!format!("{rows:?}").contains(REFERENCE), "reference stored in clear");
-    let keys = o2c_kit::idempotency::entity::Entity::find().all(&conn).await.unwrap();
+    let rows = o2c_customer::storage::entities::customer::Entity::find()
+        .all(&conn)
+        .await
+        .unwrap();
+    assert!(
+        !format!("{rows:?}").contains(REFERENCE),
+        "reference stored in clear"
+    );
+    let keys = o2c_kit::idempotency::entity::Entity::find()
+        .all(&conn)
+        .await
+        .unwrap();
     assert!(!keys.is_empty());
     for row in keys {
         let stored = [row.request, row.response.unwrap_or_default()].concat();
         assert!(
-            !stored.windows(REFERENCE.len()).any(|w| w == REFERENCE.as_bytes()),
+            !stored
+                .windows(REFERENCE.len())
+                .any(|w| w == REFERENCE.as_bytes()),
             "reference kept in the idempotency record"
         );
     }
@@ -145,16 +184,27 @@ async fn lifecycle_postgres() {
 }
 
 async fn bad_input(backend: Backend) {
-    let Some(mut h) = start(backend).await else { return };
+    let Some(mut h) = start(backend).await else {
+        return;
+    };
     type Change = Box<dyn Fn(&mut pb::CreateCustomerRequest)>;
     let cases: Vec<(&str, Change)> = vec![
         ("tenant_id", Box::new(|r| r.tenant_id = "bad tenant".into())),
         ("idempotency_key", Box::new(|r| r.idempotency_key.clear())),
         ("legal_name", Box::new(|r| r.legal_name = "x".repeat(201))),
         ("country_code", Box::new(|r| r.country_code = "de".into())),
-        ("currency_code", Box::new(|r| r.currency_code = "XAU".into())),
-        ("external_ids[0].system", Box::new(|r| r.external_ids[0].system = "Sales Force".into())),
-        ("contacts[0].email", Box::new(|r| r.contacts[0].email = "not-an-email".into())),
+        (
+            "currency_code",
+            Box::new(|r| r.currency_code = "XAU".into()),
+        ),
+        (
+            "external_ids[0].system",
+            Box::new(|r| r.external_ids[0].system = "Sales Force".into()),
+        ),
+        (
+            "contacts[0].email",
+            Box::new(|r| r.contacts[0].email = "not-an-email".into()),
+        ),
         ("contacts[0].name", Box::new(|r| r.contacts[0].name.clear())),
     ];
     for (field, change) in cases {
@@ -163,7 +213,10 @@ async fn bad_input(backend: Backend) {
         assert_invalid(&h.client.create_customer(request).await.unwrap_err(), field);
     }
     let conn = Database::connect(&h.db.url).await.unwrap();
-    let rows = o2c_customer::storage::entities::customer::Entity::find().all(&conn).await.unwrap();
+    let rows = o2c_customer::storage::entities::customer::Entity::find()
+        .all(&conn)
+        .await
+        .unwrap();
     assert!(rows.is_empty(), "refused requests created {rows:?}");
 
     let status = h

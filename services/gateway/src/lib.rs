@@ -94,9 +94,10 @@ impl Default for Settings {
 
 /// Connects to the database, applies migrations and returns the routes.
 pub async fn build(service: &ServiceSettings, upstreams: &Upstreams) -> anyhow::Result<Routes> {
-    let db = o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
-        .await
-        .map_err(|e| anyhow::anyhow!("gateway database {}: {e}", service.database_url))?;
+    let db =
+        o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
+            .await
+            .map_err(|e| anyhow::anyhow!("gateway database {}: {e}", service.database_url))?;
     let timeout = Duration::from_millis(upstreams.call_timeout_ms);
     let up = grpc::Upstream {
         customer: CustomerServiceClient::new(channel(&upstreams.customer_url, timeout)?),
@@ -104,7 +105,9 @@ pub async fn build(service: &ServiceSettings, upstreams: &Upstreams) -> anyhow::
         invoicing: InvoicingServiceClient::new(channel(&upstreams.invoicing_url, timeout)?),
         payments: PaymentsServiceClient::new(channel(&upstreams.payments_url, timeout)?),
     };
-    Ok(Routes::new(GatewayServiceServer::new(grpc::GatewayApi::new(db, up))))
+    Ok(Routes::new(GatewayServiceServer::new(
+        grpc::GatewayApi::new(db, up),
+    )))
 }
 
 /// Serves on `listener` until `shutdown` resolves.

@@ -22,7 +22,9 @@ async fn closed_port() -> String {
 }
 
 async fn gateway_with_services_down(backend: Backend) {
-    let Some(db) = o2c_testkit::database(backend, "gateway").await else { return };
+    let Some(db) = o2c_testkit::database(backend, "gateway").await else {
+        return;
+    };
     let mut service = o2c_kit::settings::ServiceSettings::local("gateway", 0);
     service.database_url = db.url.clone();
     let down = closed_port().await;
@@ -41,28 +43,56 @@ async fn gateway_with_services_down(backend: Backend) {
         idempotency_key: "k-1".into(),
         customer_id: uuid::Uuid::now_v7().to_string(),
         client_reference: String::new(),
-        amount: Some(Money { amount: "10.00".into(), currency_code: "EUR".into() }),
+        amount: Some(Money {
+            amount: "10.00".into(),
+            currency_code: "EUR".into(),
+        }),
     };
-    let status = client.place_order(Request::new(request.clone())).await.unwrap_err();
+    let status = client
+        .place_order(Request::new(request.clone()))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
 
     let mut with_tenant = Request::new(request.clone());
-    with_tenant.metadata_mut().insert("x-tenant-id", "t1".parse().unwrap());
+    with_tenant
+        .metadata_mut()
+        .insert("x-tenant-id", "t1".parse().unwrap());
     let started = Instant::now();
     let status = client.place_order(with_tenant).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(started.elapsed() < Duration::from_secs(3), "answered in {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered in {:?}",
+        started.elapsed()
+    );
 
     // The gateway's own store answers without the others.
-    let mut get = Request::new(pb::GetOrderRequest { order_id: uuid::Uuid::now_v7().to_string() });
-    get.metadata_mut().insert("x-tenant-id", "t1".parse().unwrap());
-    assert_eq!(client.get_order(get).await.unwrap_err().code(), Code::NotFound);
-    let mut bad = Request::new(pb::GetOrderRequest { order_id: "o-1".into() });
-    bad.metadata_mut().insert("x-tenant-id", "t1".parse().unwrap());
+    let mut get = Request::new(pb::GetOrderRequest {
+        order_id: uuid::Uuid::now_v7().to_string(),
+    });
+    get.metadata_mut()
+        .insert("x-tenant-id", "t1".parse().unwrap());
+    assert_eq!(
+        client.get_order(get).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let mut bad = Request::new(pb::GetOrderRequest {
+        order_id: "o-1".into(),
+    });
+    bad.metadata_mut()
+        .insert("x-tenant-id", "t1".parse().unwrap());
     assert_invalid(&client.get_order(bad).await.unwrap_err(), "order_id");
-    let mut bad_tenant = Request::new(pb::GetOrderRequest { order_id: "o-1".into() });
-    bad_tenant.metadata_mut().insert("x-tenant-id", "not a tenant!".parse().unwrap());
-    assert_eq!(client.get_order(bad_tenant).await.unwrap_err().code(), Code::Unauthenticated);
+    let mut bad_tenant = Request::new(pb::GetOrderRequest {
+        order_id: "o-1".into(),
+    });
+    bad_tenant
+        .metadata_mut()
+        .insert("x-tenant-id", "not a tenant!".parse().unwrap());
+    assert_eq!(
+        client.get_order(bad_tenant).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
     served.stop().await;
 }
 

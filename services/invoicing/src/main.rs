@@ -2,8 +2,11 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    o2c_kit::standalone::main("o2c-invoicing", |settings: o2c_invoicing::Settings, listener, shutdown| {
-        o2c_invoicing::run(settings.service, listener, shutdown)
-    })
+    o2c_kit::standalone::main(
+        "o2c-invoicing",
+        |settings: o2c_invoicing::Settings, listener, shutdown| {
+            o2c_invoicing::run(settings.service, listener, shutdown)
+        },
+    )
     .await
 }

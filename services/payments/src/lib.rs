@@ -53,10 +53,13 @@ impl Default for Settings {
 
 /// Connects to the database, applies migrations and returns the routes.
 pub async fn build(service: &ServiceSettings) -> anyhow::Result<Routes> {
-    let db = o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
-        .await
-        .map_err(|e| anyhow::anyhow!("payments database {}: {e}", service.database_url))?;
-    Ok(Routes::new(PaymentsServiceServer::new(grpc::PaymentsApi::new(db))))
+    let db =
+        o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
+            .await
+            .map_err(|e| anyhow::anyhow!("payments database {}: {e}", service.database_url))?;
+    Ok(Routes::new(PaymentsServiceServer::new(
+        grpc::PaymentsApi::new(db),
+    )))
 }
 
 /// Serves on `listener` until `shutdown` resolves.

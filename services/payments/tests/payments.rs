@@ -33,11 +33,17 @@ fn key() -> String {
 }
 
 fn eur(amount: &str) -> Option<Money> {
-    Some(Money { amount: amount.into(), currency_code: "EUR".into() })
+    Some(Money {
+        amount: amount.into(),
+        currency_code: "EUR".into(),
+    })
 }
 
 fn allocation(value: &str) -> pb::Allocation {
-    pb::Allocation { invoice_id: uuid::Uuid::now_v7().to_string(), amount: eur(value) }
+    pb::Allocation {
+        invoice_id: uuid::Uuid::now_v7().to_string(),
+        amount: eur(value),
+    }
 }
 
 fn payment() -> pb::RecordPaymentRequest {
@@ -53,17 +59,38 @@ fn payment() -> pb::RecordPaymentRequest {
 }
 
 async fn lifecycle(backend: Backend) {
-    let Some(mut h) = start(backend).await else { return };
+    let Some(mut h) = start(backend).await else {
+        return;
+    };
     let request = payment();
-    let recorded = h.client.record_payment(request.clone()).await.unwrap().into_inner();
+    let recorded = h
+        .client
+        .record_payment(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
     let p = recorded.payment.clone().unwrap();
-    assert_eq!(p.unapplied.as_ref().unwrap().amount, "10.00", "the rest is kept, not lost");
+    assert_eq!(
+        p.unapplied.as_ref().unwrap().amount,
+        "10.00",
+        "the rest is kept, not lost"
+    );
     assert_eq!(p.allocations.len(), 2);
-    assert_eq!(h.client.record_payment(request.clone()).await.unwrap().into_inner(), recorded);
+    assert_eq!(
+        h.client
+            .record_payment(request.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+        recorded
+    );
 
     let read = h
         .client
-        .get_payment(pb::GetPaymentRequest { tenant_id: TENANT.into(), payment_id: p.payment_id.clone() })
+        .get_payment(pb::GetPaymentRequest {
+            tenant_id: TENANT.into(),
+            payment_id: p.payment_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -72,7 +99,10 @@ async fn lifecycle(backend: Backend) {
     assert_eq!(read, p);
     let other = h
         .client
-        .get_payment(pb::GetPaymentRequest { tenant_id: "tenant-b".into(), payment_id: p.payment_id.clone() })
+        .get_payment(pb::GetPaymentRequest {
+            tenant_id: "tenant-b".into(),
+            payment_id: p.payment_id.clone(),
+        })
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::NotFound);
@@ -90,18 +120,38 @@ async fn lifecycle_postgres() {
 }
 
 async fn bad_input(backend: Backend) {
-    let Some(mut h) = start(backend).await else { return };
+    let Some(mut h) = start(backend).await else {
+        return;
+    };
     type Change = Box<dyn Fn(&mut pb::RecordPaymentRequest)>;
     let cases: Vec<(&str, Change)> = vec![
         ("customer_id", Box::new(|r| r.customer_id.clear())),
         ("amount.amount", Box::new(|r| r.amount = eur("0"))),
         ("method", Box::new(|r| r.method = 0)),
         ("method", Box::new(|r| r.method = 99)),
-        ("allocations", Box::new(|r| r.allocations.push(allocation("10.01")))),
-        ("allocations", Box::new(|r| { let again = r.allocations[0].clone(); r.allocations.push(again) })),
-        ("allocations", Box::new(|r| r.allocations[0].amount.as_mut().unwrap().currency_code = "USD".into())),
-        ("allocations[1].invoice_id", Box::new(|r| r.allocations[1].invoice_id = "inv-1".into())),
-        ("reference", Box::new(|r| r.reference = "4111-1111-1111-1111".into())),
+        (
+            "allocations",
+            Box::new(|r| r.allocations.push(allocation("10.01"))),
+        ),
+        (
+            "allocations",
+            Box::new(|r| {
+                let again = r.allocations[0].clone();
+                r.allocations.push(again)
+            }),
+        ),
+        (
+            "allocations",
+            Box::new(|r| r.allocations[0].amount.as_mut().unwrap().currency_code = "USD".into()),
+        ),
+        (
+            "allocations[1].invoice_id",
+            Box::new(|r| r.allocations[1].invoice_id = "inv-1".into()),
+        ),
+        (
+            "reference",
+            Box::new(|r| r.reference = "4111-1111-1111-1111".into()),
+        ),
     ];
     for (field, change) in cases {
         let mut request = payment();
@@ -113,7 +163,10 @@ async fn bad_input(backend: Backend) {
         .all(&conn)
         .await
         .unwrap();
-    assert!(stored.is_empty(), "refused payments were stored: {stored:?}");
+    assert!(
+        stored.is_empty(),
+        "refused payments were stored: {stored:?}"
+    );
     h.served.stop().await;
 }
 

@@ -179,12 +179,18 @@ mod tests {
     fn an_order_that_exactly_fills_the_limit_is_approved() {
         let e = exposure(10_000, 3_000, 2_000);
         assert_eq!(decide(Some(&e), 5_000), (Outcome::Approve, vec![]));
-        assert_eq!(decide(Some(&e), 5_001), (Outcome::Hold, vec![Reason::OverLimit]));
+        assert_eq!(
+            decide(Some(&e), 5_001),
+            (Outcome::Hold, vec![Reason::OverLimit])
+        );
     }
 
     #[test]
     fn no_account_blocks() {
-        assert_eq!(decide(None, 1), (Outcome::Block, vec![Reason::NoCreditAccount]));
+        assert_eq!(
+            decide(None, 1),
+            (Outcome::Block, vec![Reason::NoCreditAccount])
+        );
     }
 
     #[test]
@@ -192,7 +198,10 @@ mod tests {
         let e = exposure(10_000, 3_000, 2_000);
         assert_eq!(Exposure::from_cache_value(&e.to_cache_value()), Some(e));
         assert_eq!(Exposure::from_cache_value("v1|x"), None);
-        assert_eq!(Exposure::from_cache_value(&format!("{}|extra", e.to_cache_value())), None);
+        assert_eq!(
+            Exposure::from_cache_value(&format!("{}|extra", e.to_cache_value())),
+            None
+        );
     }
 
     #[test]

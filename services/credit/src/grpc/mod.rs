@@ -6,8 +6,8 @@
 use o2c_kit::fields::{self, Violations};
 use o2c_kit::idempotency::{self, Begun};
 use o2c_kit::{ApiError, proto_money};
-use o2c_money::ids::{CustomerId, InvoiceId, ReservationId};
 use o2c_money::Money;
+use o2c_money::ids::{CustomerId, InvoiceId, ReservationId};
 use o2c_proto::credit::v1 as pb;
 use o2c_proto::credit::v1::credit_service_server::CreditService;
 use prost::Message;
@@ -46,9 +46,7 @@ impl From<CreditError> for ApiError {
             }
             CreditError::OrderAlreadyReserved(_) => ApiError::AlreadyExists(message),
             CreditError::ReservationNotOpen(_) => ApiError::FailedPrecondition(message),
-            CreditError::InvoiceExceedsReservation { .. } => {
-                ApiError::FailedPrecondition(message)
-            }
+            CreditError::InvoiceExceedsReservation { .. } => ApiError::FailedPrecondition(message),
             CreditError::ReceivableExists(_) => ApiError::AlreadyExists(message),
             CreditError::SettlementExceedsOpen { .. } => ApiError::FailedPrecondition(message),
             CreditError::Money(_) => ApiError::Internal(message),
@@ -156,8 +154,14 @@ impl CreditService for CreditApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let customer = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
-        let currency = v.check(proto_money::parse_currency("currency_code", &request.currency_code));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let currency = v.check(proto_money::parse_currency(
+            "currency_code",
+            &request.currency_code,
+        ));
         v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
         let (Some(tenant), Some(customer), Some(currency)) = (tenant, customer, currency) else {
@@ -185,8 +189,14 @@ impl CreditService for CreditApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let customer = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
-        let limit = v.check(proto_money::parse("credit_limit", request.credit_limit.as_ref()));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let limit = v.check(proto_money::parse(
+            "credit_limit",
+            request.credit_limit.as_ref(),
+        ));
         if let Some(limit) = &limit
             && limit.is_negative()
         {
@@ -195,7 +205,11 @@ impl CreditService for CreditApi {
                 "must not be negative",
             )));
         }
-        let reason = v.check(fields::optional_text("reason", &request.reason, MAX_REASON_LENGTH));
+        let reason = v.check(fields::optional_text(
+            "reason",
+            &request.reason,
+            MAX_REASON_LENGTH,
+        ));
         v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
         let (Some(tenant), Some(customer), Some(limit), Some(reason)) =
@@ -227,9 +241,19 @@ impl CreditService for CreditApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let customer = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
-        let order = v.check(fields::text("order_id", &request.order_id, MAX_ORDER_ID_LENGTH));
-        let amount = v.check(proto_money::parse_positive("amount", request.amount.as_ref()));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let order = v.check(fields::text(
+            "order_id",
+            &request.order_id,
+            MAX_ORDER_ID_LENGTH,
+        ));
+        let amount = v.check(proto_money::parse_positive(
+            "amount",
+            request.amount.as_ref(),
+        ));
         v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
         let (Some(tenant), Some(customer), Some(order), Some(amount)) =
@@ -319,9 +343,7 @@ impl CreditService for CreditApi {
                     decision_id: id.to_string(),
                     decision: outcome_to_proto(outcome) as i32,
                     reasons: reasons.iter().map(|r| reason_to_proto(*r) as i32).collect(),
-                    reservation_id: reservation
-                        .map(|r| r.id.to_string())
-                        .unwrap_or_default(),
+                    reservation_id: reservation.map(|r| r.id.to_string()).unwrap_or_default(),
                     exposure: Some(exposure_to_proto(&after.exposure)?),
                     policy_version: domain::POLICY_VERSION.to_owned(),
                 };
@@ -350,8 +372,10 @@ impl CreditService for CreditApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let reservation_id =
-            v.check(fields::id::<ReservationId>("reservation_id", &request.reservation_id));
+        let reservation_id = v.check(fields::id::<ReservationId>(
+            "reservation_id",
+            &request.reservation_id,
+        ));
         let invoice = v.check(fields::id::<InvoiceId>("invoice_id", &request.invoice_id));
         let amount = v.check(proto_money::parse_positive(
             "invoice_amount",
@@ -407,9 +431,15 @@ impl CreditService for CreditApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let reservation_id =
-            v.check(fields::id::<ReservationId>("reservation_id", &request.reservation_id));
-        v.check(fields::optional_text("reason", &request.reason, MAX_REASON_LENGTH));
+        let reservation_id = v.check(fields::id::<ReservationId>(
+            "reservation_id",
+            &request.reservation_id,
+        ));
+        v.check(fields::optional_text(
+            "reason",
+            &request.reason,
+            MAX_REASON_LENGTH,
+        ));
         v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
         let (Some(tenant), Some(reservation_id)) = (tenant, reservation_id) else {
@@ -440,7 +470,10 @@ impl CreditService for CreditApi {
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
         let invoice = v.check(fields::id::<InvoiceId>("invoice_id", &request.invoice_id));
-        let amount = v.check(proto_money::parse_positive("amount", request.amount.as_ref()));
+        let amount = v.check(proto_money::parse_positive(
+            "amount",
+            request.amount.as_ref(),
+        ));
         v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
         let (Some(tenant), Some(invoice), Some(amount)) = (tenant, invoice, amount) else {
@@ -468,7 +501,10 @@ impl CreditService for CreditApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let customer = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
         v.finish()?;
         let (Some(tenant), Some(customer)) = (tenant, customer) else {
             return Err(missing().into());
@@ -493,7 +529,10 @@ impl CreditService for CreditApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let customer = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
         v.finish()?;
         let (Some(tenant), Some(customer)) = (tenant, customer) else {
             return Err(missing().into());

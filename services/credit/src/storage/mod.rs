@@ -150,7 +150,10 @@ pub async fn set_limit(
         .ok_or_else(|| ApiError::not_found("credit account", account.id))?;
     account::Entity::update_many()
         .col_expr(account::Column::LimitMinor, Expr::value(limit_minor))
-        .col_expr(account::Column::Version, Expr::col(account::Column::Version).add(1))
+        .col_expr(
+            account::Column::Version,
+            Expr::col(account::Column::Version).add(1),
+        )
         .col_expr(account::Column::UpdatedAt, Expr::value(now))
         .filter(account::Column::Id.eq(account.id.to_string()))
         .exec(conn)
@@ -181,7 +184,10 @@ pub async fn try_reserve(
             account::Column::ReservedMinor,
             Expr::col(account::Column::ReservedMinor).add(amount_minor),
         )
-        .col_expr(account::Column::Version, Expr::col(account::Column::Version).add(1))
+        .col_expr(
+            account::Column::Version,
+            Expr::col(account::Column::Version).add(1),
+        )
         .col_expr(account::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
         .filter(account::Column::Id.eq(account_id.to_string()))
         .filter(
@@ -211,7 +217,10 @@ async fn adjust(
             account::Column::ReceivableMinor,
             Expr::col(account::Column::ReceivableMinor).add(receivable_delta),
         )
-        .col_expr(account::Column::Version, Expr::col(account::Column::Version).add(1))
+        .col_expr(
+            account::Column::Version,
+            Expr::col(account::Column::Version).add(1),
+        )
         .col_expr(account::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
         .filter(account::Column::Id.eq(account_id))
         .exec(conn)
@@ -233,7 +242,10 @@ pub struct Reservation {
 
 fn to_reservation(row: reservation::Model) -> Result<Reservation, ApiError> {
     Ok(Reservation {
-        id: row.id.parse().map_err(|_| corrupt("reservation id", &row.id))?,
+        id: row
+            .id
+            .parse()
+            .map_err(|_| corrupt("reservation id", &row.id))?,
         customer_id: row
             .customer_id
             .parse()
@@ -322,8 +334,14 @@ async fn resolve(
 ) -> Result<(), ApiError> {
     let result = reservation::Entity::update_many()
         .col_expr(reservation::Column::State, Expr::value(state))
-        .col_expr(reservation::Column::InvoiceId, Expr::value(invoice_id.map(str::to_owned)))
-        .col_expr(reservation::Column::ResolvedAt, Expr::value(Some(chrono::Utc::now())))
+        .col_expr(
+            reservation::Column::InvoiceId,
+            Expr::value(invoice_id.map(str::to_owned)),
+        )
+        .col_expr(
+            reservation::Column::ResolvedAt,
+            Expr::value(Some(chrono::Utc::now())),
+        )
         .filter(reservation::Column::Id.eq(reservation.id.to_string()))
         .filter(reservation::Column::State.eq(STATE_OPEN))
         .exec(conn)
@@ -426,7 +444,10 @@ pub async fn settle(
     if result.rows_affected != 1 {
         return Err(CreditError::SettlementExceedsOpen {
             amount,
-            open: owner.exposure.money(row.open_minor).map_err(CreditError::from)?,
+            open: owner
+                .exposure
+                .money(row.open_minor)
+                .map_err(CreditError::from)?,
         }
         .into());
     }
@@ -479,7 +500,10 @@ pub async fn insert_decision(
 }
 
 /// The account's exposure recomputed from the ledger rows.
-pub async fn recompute(conn: &impl ConnectionTrait, account: &Account) -> Result<Exposure, ApiError> {
+pub async fn recompute(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+) -> Result<Exposure, ApiError> {
     let reservations = reservation::Entity::find()
         .filter(reservation::Column::AccountId.eq(account.id.to_string()))
         .filter(reservation::Column::State.eq(STATE_OPEN))

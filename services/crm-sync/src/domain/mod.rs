@@ -59,7 +59,12 @@ mod tests {
 
     #[test]
     fn kinds_round_trip() {
-        for k in [InteractionKind::Call, InteractionKind::Email, InteractionKind::Dispute, InteractionKind::PromiseToPay] {
+        for k in [
+            InteractionKind::Call,
+            InteractionKind::Email,
+            InteractionKind::Dispute,
+            InteractionKind::PromiseToPay,
+        ] {
             assert_eq!(InteractionKind::from_code(k.code()), Some(k));
         }
     }

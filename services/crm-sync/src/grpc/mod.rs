@@ -2,11 +2,11 @@
 //! types. Customer master data is owned by the customer service; the
 //! connector calls it and keeps only its own links and interactions.
 
+use o2c_kit::ApiError;
 use o2c_kit::client::TracedChannel;
 use o2c_kit::error::from_upstream;
 use o2c_kit::fields::{self, Violations};
 use o2c_kit::idempotency::{self, Begun};
-use o2c_kit::ApiError;
 use o2c_money::ids::{CustomerId, InteractionId};
 use o2c_proto::crm_sync::v1 as pb;
 use o2c_proto::crm_sync::v1::crm_sync_service_server::CrmSyncService;
@@ -42,7 +42,10 @@ fn kind_from_proto(kind: i32) -> Result<InteractionKind, ApiError> {
         Ok(pb::InteractionKind::Email) => Ok(InteractionKind::Email),
         Ok(pb::InteractionKind::Dispute) => Ok(InteractionKind::Dispute),
         Ok(pb::InteractionKind::PromiseToPay) => Ok(InteractionKind::PromiseToPay),
-        _ => Err(ApiError::invalid("kind", "CALL, EMAIL, DISPUTE or PROMISE_TO_PAY")),
+        _ => Err(ApiError::invalid(
+            "kind",
+            "CALL, EMAIL, DISPUTE or PROMISE_TO_PAY",
+        )),
     }
 }
 
@@ -88,10 +91,9 @@ impl CrmSyncApi {
             .await;
         match found {
             Ok(response) => {
-                let customer = response
-                    .into_inner()
-                    .customer
-                    .ok_or_else(|| ApiError::Internal("customer service sent no customer".into()))?;
+                let customer = response.into_inner().customer.ok_or_else(|| {
+                    ApiError::Internal("customer service sent no customer".into())
+                })?;
                 fields::id("customer_id", &customer.customer_id)
                     .map(Some)
                     .map_err(|_| ApiError::Internal("customer service sent an invalid id".into()))
@@ -124,7 +126,10 @@ impl CrmSyncService for CrmSyncApi {
                 created: false,
             }));
         }
-        if let Some(customer) = self.find_by_external_id(&tenant, &system, &external).await? {
+        if let Some(customer) = self
+            .find_by_external_id(&tenant, &system, &external)
+            .await?
+        {
             storage::save_link(&self.db, &tenant, &system, &external, customer).await?;
             return Ok(Response::new(pb::UpsertCustomerResponse {
                 customer_id: customer.to_string(),
@@ -151,17 +156,21 @@ impl CrmSyncService for CrmSyncApi {
             .await;
         let (customer, was_created) = match created {
             Ok(response) => {
-                let customer = response
-                    .into_inner()
-                    .customer
-                    .ok_or_else(|| ApiError::Internal("customer service sent no customer".into()))?;
-                let id: CustomerId = fields::id("customer_id", &customer.customer_id)
-                    .map_err(|_| ApiError::Internal("customer service sent an invalid id".into()))?;
+                let customer = response.into_inner().customer.ok_or_else(|| {
+                    ApiError::Internal("customer service sent no customer".into())
+                })?;
+                let id: CustomerId =
+                    fields::id("customer_id", &customer.customer_id).map_err(|_| {
+                        ApiError::Internal("customer service sent an invalid id".into())
+                    })?;
                 (id, true)
             }
             // A concurrent push created it first.
             Err(status) if status.code() == Code::AlreadyExists => {
-                match self.find_by_external_id(&tenant, &system, &external).await? {
+                match self
+                    .find_by_external_id(&tenant, &system, &external)
+                    .await?
+                {
                     Some(id) => (id, false),
                     None => return Err(from_upstream("customer", status).into()),
                 }
@@ -182,10 +191,17 @@ impl CrmSyncService for CrmSyncApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let customer = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
         let system = v.check(fields::slug("crm_system", &request.crm_system));
         let kind = v.check(kind_from_proto(request.kind));
-        let summary = v.check(fields::text("summary", &request.summary, domain::MAX_SUMMARY_LENGTH));
+        let summary = v.check(fields::text(
+            "summary",
+            &request.summary,
+            domain::MAX_SUMMARY_LENGTH,
+        ));
         let occurred_at = if request.occurred_at.is_empty() {
             Some(chrono::Utc::now())
         } else {
@@ -197,8 +213,14 @@ impl CrmSyncService for CrmSyncApi {
         };
         v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
-        let (Some(tenant), Some(customer), Some(system), Some(kind), Some(summary), Some(occurred_at)) =
-            (tenant, customer, system, kind, summary, occurred_at)
+        let (
+            Some(tenant),
+            Some(customer),
+            Some(system),
+            Some(kind),
+            Some(summary),
+            Some(occurred_at),
+        ) = (tenant, customer, system, kind, summary, occurred_at)
         else {
             return Err(missing().into());
         };
@@ -240,12 +262,13 @@ impl CrmSyncService for CrmSyncApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let customer = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
-        let page_size = v.check(
-            domain::page_size(request.page_size).ok_or_else(|| {
-                ApiError::invalid("page_size", format!("0 to {}", domain::MAX_PAGE_SIZE))
-            }),
-        );
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let page_size = v.check(domain::page_size(request.page_size).ok_or_else(|| {
+            ApiError::invalid("page_size", format!("0 to {}", domain::MAX_PAGE_SIZE))
+        }));
         let before = if request.page_token.is_empty() {
             Some(None)
         } else {
@@ -257,7 +280,8 @@ impl CrmSyncService for CrmSyncApi {
         else {
             return Err(missing().into());
         };
-        let page = storage::list_interactions(&self.db, &tenant, customer, before, page_size).await?;
+        let page =
+            storage::list_interactions(&self.db, &tenant, customer, before, page_size).await?;
         let next_page_token = if page.len() as u64 == page_size {
             page.last().map(|i| i.id.to_string()).unwrap_or_default()
         } else {

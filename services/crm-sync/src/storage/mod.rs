@@ -33,11 +33,19 @@ pub async fn find_link(
     crm_system: &str,
     external_id: &str,
 ) -> Result<Option<CustomerId>, ApiError> {
-    link::Entity::find_by_id((tenant_id.to_owned(), crm_system.to_owned(), external_id.to_owned()))
-        .one(conn)
-        .await?
-        .map(|row| row.customer_id.parse().map_err(|_| corrupt("customer id", &row.customer_id)))
-        .transpose()
+    link::Entity::find_by_id((
+        tenant_id.to_owned(),
+        crm_system.to_owned(),
+        external_id.to_owned(),
+    ))
+    .one(conn)
+    .await?
+    .map(|row| {
+        row.customer_id
+            .parse()
+            .map_err(|_| corrupt("customer id", &row.customer_id))
+    })
+    .transpose()
 }
 
 /// Records the link; a concurrent identical link is fine.
@@ -105,10 +113,17 @@ pub async fn list_interactions(
     rows.into_iter()
         .map(|row| {
             Ok(Interaction {
-                id: row.id.parse().map_err(|_| corrupt("interaction id", &row.id))?,
-                customer_id: row.customer_id.parse().map_err(|_| corrupt("customer id", &row.customer_id))?,
+                id: row
+                    .id
+                    .parse()
+                    .map_err(|_| corrupt("interaction id", &row.id))?,
+                customer_id: row
+                    .customer_id
+                    .parse()
+                    .map_err(|_| corrupt("customer id", &row.customer_id))?,
                 crm_system: row.crm_system,
-                kind: InteractionKind::from_code(&row.kind).ok_or_else(|| corrupt("kind", &row.kind))?,
+                kind: InteractionKind::from_code(&row.kind)
+                    .ok_or_else(|| corrupt("kind", &row.kind))?,
                 summary: row.summary,
                 occurred_at: row.occurred_at,
             })

@@ -162,14 +162,23 @@ mod tests {
         let r = AgencyReference::parse("ab-12 3456").unwrap();
         assert_eq!(r.last4(), "3456");
         assert!(!format!("{r:?}").contains("AB12"));
-        assert_eq!(r.fingerprint("t1"), AgencyReference::parse("AB123456").unwrap().fingerprint("t1"));
+        assert_eq!(
+            r.fingerprint("t1"),
+            AgencyReference::parse("AB123456")
+                .unwrap()
+                .fingerprint("t1")
+        );
         assert_ne!(r.fingerprint("t1"), r.fingerprint("t2"));
     }
 
     #[test]
     fn bad_agency_references_are_refused() {
         for raw in ["", "12345", "AB12!456", &"9".repeat(35)] {
-            assert_eq!(AgencyReference::parse(raw), Err(CustomerError::AgencyReference), "{raw}");
+            assert_eq!(
+                AgencyReference::parse(raw),
+                Err(CustomerError::AgencyReference),
+                "{raw}"
+            );
         }
     }
 

@@ -2,9 +2,9 @@
 //! types. Validates requests into domain values, runs them idempotently
 //! against storage, and maps every error to a status.
 
+use o2c_kit::ApiError;
 use o2c_kit::fields::{self, Violations};
 use o2c_kit::idempotency::{self, Begun};
-use o2c_kit::ApiError;
 use o2c_money::Currency;
 use o2c_money::ids::{CreditAccountId, CustomerId};
 use o2c_proto::customer::v1 as pb;
@@ -73,7 +73,10 @@ impl CustomerService for CustomerApi {
         let request = request.into_inner();
         let mut violations = Violations::default();
         let tenant = violations.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let id = violations.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
+        let id = violations.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
         violations.finish()?;
         let (Some(tenant), Some(id)) = (tenant, id) else {
             return Err(ApiError::Internal("validated fields missing".into()).into());
@@ -108,16 +111,17 @@ impl CustomerService for CustomerApi {
         let request = request.into_inner();
         let mut violations = Violations::default();
         let tenant = violations.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let customer_id =
-            violations.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
+        let customer_id = violations.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
         let account = violations.check(fields::id::<CreditAccountId>(
             "credit_account_id",
             &request.credit_account_id,
         ));
         let agency = violations.check(fields::slug("agency", &request.agency));
-        let reference = violations.check(
-            AgencyReference::parse(&request.agency_reference).map_err(ApiError::from),
-        );
+        let reference = violations
+            .check(AgencyReference::parse(&request.agency_reference).map_err(ApiError::from));
         violations.finish()?;
         let (Some(tenant), Some(customer_id), Some(account), Some(agency), Some(reference)) =
             (tenant, customer_id, account, agency, reference)
@@ -185,8 +189,14 @@ fn validate_create(request: &pb::CreateCustomerRequest) -> Result<NewCustomer, A
     }
     let mut external_ids = Vec::new();
     for (index, external) in request.external_ids.iter().enumerate() {
-        if let Some(e) = v.check(validate_external_id(&format!("external_ids[{index}]"), external)) {
-            if external_ids.iter().any(|x: &ExternalId| x.system == e.system) {
+        if let Some(e) = v.check(validate_external_id(
+            &format!("external_ids[{index}]"),
+            external,
+        )) {
+            if external_ids
+                .iter()
+                .any(|x: &ExternalId| x.system == e.system)
+            {
                 v.check::<()>(Err(ApiError::invalid(
                     format!("external_ids[{index}].system"),
                     "one id per system",
@@ -203,7 +213,11 @@ fn validate_create(request: &pb::CreateCustomerRequest) -> Result<NewCustomer, A
     }
     let mut contacts = Vec::new();
     for (index, contact) in request.contacts.iter().enumerate() {
-        let name = v.check(fields::text(&format!("contacts[{index}].name"), &contact.name, 200));
+        let name = v.check(fields::text(
+            &format!("contacts[{index}].name"),
+            &contact.name,
+            200,
+        ));
         let email = v.check(fields::optional_text(
             &format!("contacts[{index}].email"),
             &contact.email,
@@ -268,12 +282,17 @@ fn to_proto(customer: &Customer) -> pb::Customer {
                 phone: c.phone.clone(),
             })
             .collect(),
-        credit_account: customer.credit_link.as_ref().map(|link| pb::CreditAccountLink {
-            credit_account_id: link.credit_account_id.to_string(),
-            agency: link.agency.clone(),
-            reference_last4: link.reference_last4.clone(),
-            linked_at: link.linked_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        }),
+        credit_account: customer
+            .credit_link
+            .as_ref()
+            .map(|link| pb::CreditAccountLink {
+                credit_account_id: link.credit_account_id.to_string(),
+                agency: link.agency.clone(),
+                reference_last4: link.reference_last4.clone(),
+                linked_at: link
+                    .linked_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            }),
         created_at: customer
             .created_at
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),

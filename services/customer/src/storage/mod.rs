@@ -59,7 +59,11 @@ pub async fn insert(conn: &impl ConnectionTrait, new: &NewCustomer) -> Result<Cu
 }
 
 /// One customer of the tenant.
-pub async fn get(conn: &impl ConnectionTrait, tenant_id: &str, id: CustomerId) -> Result<Customer, ApiError> {
+pub async fn get(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: CustomerId,
+) -> Result<Customer, ApiError> {
     let row = customer::Entity::find_by_id(id.to_string())
         .filter(customer::Column::TenantId.eq(tenant_id))
         .one(conn)
@@ -88,12 +92,14 @@ pub async fn find_by_external_id(
     .one(conn)
     .await?
     .ok_or_else(|| {
-        ApiError::not_found("customer with external id", format!("{}:{}", external.system, external.value))
+        ApiError::not_found(
+            "customer with external id",
+            format!("{}:{}", external.system, external.value),
+        )
     })?;
-    let id = row
-        .customer_id
-        .parse()
-        .map_err(|_| ApiError::Internal(format!("stored customer id {:?} invalid", row.customer_id)))?;
+    let id = row.customer_id.parse().map_err(|_| {
+        ApiError::Internal(format!("stored customer id {:?} invalid", row.customer_id))
+    })?;
     get(conn, tenant_id, id).await
 }
 
@@ -105,11 +111,26 @@ pub async fn set_credit_link(
     link: &CreditLink,
 ) -> Result<(), ApiError> {
     let result = customer::Entity::update_many()
-        .col_expr(customer::Column::CreditAccountId, Expr::value(Some(link.credit_account_id.to_string())))
-        .col_expr(customer::Column::Agency, Expr::value(Some(link.agency.clone())))
-        .col_expr(customer::Column::ReferenceLast4, Expr::value(Some(link.reference_last4.clone())))
-        .col_expr(customer::Column::ReferenceSha256, Expr::value(Some(link.reference_sha256.clone())))
-        .col_expr(customer::Column::LinkedAt, Expr::value(Some(link.linked_at)))
+        .col_expr(
+            customer::Column::CreditAccountId,
+            Expr::value(Some(link.credit_account_id.to_string())),
+        )
+        .col_expr(
+            customer::Column::Agency,
+            Expr::value(Some(link.agency.clone())),
+        )
+        .col_expr(
+            customer::Column::ReferenceLast4,
+            Expr::value(Some(link.reference_last4.clone())),
+        )
+        .col_expr(
+            customer::Column::ReferenceSha256,
+            Expr::value(Some(link.reference_sha256.clone())),
+        )
+        .col_expr(
+            customer::Column::LinkedAt,
+            Expr::value(Some(link.linked_at)),
+        )
         .filter(customer::Column::Id.eq(id.to_string()))
         .filter(customer::Column::TenantId.eq(tenant_id))
         .exec(conn)
@@ -120,10 +141,16 @@ pub async fn set_credit_link(
     Ok(())
 }
 
-fn to_domain(row: customer::Model, externals: Vec<external_id::Model>) -> Result<Customer, ApiError> {
-    let corrupt = |what: &str| ApiError::Internal(format!("customer {} has an invalid stored {what}", row.id));
+fn to_domain(
+    row: customer::Model,
+    externals: Vec<external_id::Model>,
+) -> Result<Customer, ApiError> {
+    let corrupt = |what: &str| {
+        ApiError::Internal(format!("customer {} has an invalid stored {what}", row.id))
+    };
     let id: CustomerId = row.id.parse().map_err(|_| corrupt("id"))?;
-    let contacts: Vec<Contact> = serde_json::from_str(&row.contacts_json).map_err(|_| corrupt("contacts"))?;
+    let contacts: Vec<Contact> =
+        serde_json::from_str(&row.contacts_json).map_err(|_| corrupt("contacts"))?;
     let credit_link = match (&row.credit_account_id, &row.linked_at) {
         (Some(account), Some(linked_at)) => Some(CreditLink {
             credit_account_id: account

@@ -57,7 +57,11 @@ mod tests {
     fn only_reserved_orders_can_be_invoiced() {
         assert!(OrderStatus::Approved.can_invoice());
         assert!(OrderStatus::Invoiced.can_invoice());
-        for s in [OrderStatus::Pending, OrderStatus::Held, OrderStatus::Blocked] {
+        for s in [
+            OrderStatus::Pending,
+            OrderStatus::Held,
+            OrderStatus::Blocked,
+        ] {
             assert!(!s.can_invoice());
         }
     }

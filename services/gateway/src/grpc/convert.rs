@@ -6,8 +6,8 @@ use o2c_proto::customer::v1 as customer_pb;
 use o2c_proto::gateway::v1 as pb;
 use o2c_proto::invoicing::v1 as invoicing_pb;
 
-use crate::storage::Order;
 use crate::domain::OrderStatus;
+use crate::storage::Order;
 
 pub fn customer(c: customer_pb::Customer) -> pb::Customer {
     let (credit_account_id, last4) = c
@@ -72,7 +72,9 @@ pub fn order(o: &Order) -> pb::Order {
         status: status as i32,
         reasons: o.reasons.clone(),
         invoice_id: o.invoice_id.clone().unwrap_or_default(),
-        created_at: o.created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        created_at: o
+            .created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     }
 }
 

@@ -107,7 +107,11 @@ fn present<T>(value: Option<T>, what: &str) -> Result<T, ApiError> {
 }
 
 impl GatewayApi {
-    async fn customer(&self, tenant: &str, id: CustomerId) -> Result<customer_pb::Customer, ApiError> {
+    async fn customer(
+        &self,
+        tenant: &str,
+        id: CustomerId,
+    ) -> Result<customer_pb::Customer, ApiError> {
         let response = self
             .up
             .customer
@@ -124,7 +128,11 @@ impl GatewayApi {
         present(response.into_inner().customer, "customer")
     }
 
-    async fn invoice(&self, tenant: &str, id: InvoiceId) -> Result<invoicing_pb::Invoice, ApiError> {
+    async fn invoice(
+        &self,
+        tenant: &str,
+        id: InvoiceId,
+    ) -> Result<invoicing_pb::Invoice, ApiError> {
         let response = self
             .up
             .invoicing
@@ -241,9 +249,16 @@ impl GatewayService for GatewayApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         v.check(client_key(&request.idempotency_key));
-        let customer_id = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
+        let customer_id = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
         v.check(fields::slug("agency", &request.agency));
-        v.check(fields::text("agency_reference", &request.agency_reference, 64));
+        v.check(fields::text(
+            "agency_reference",
+            &request.agency_reference,
+            64,
+        ));
         v.finish()?;
         let Some(customer_id) = customer_id else {
             return Err(missing().into());
@@ -312,7 +327,10 @@ impl GatewayService for GatewayApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         v.check(client_key(&request.idempotency_key));
-        let customer_id = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
+        let customer_id = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
         v.finish()?;
         let Some(customer_id) = customer_id else {
             return Err(missing().into());
@@ -344,8 +362,14 @@ impl GatewayService for GatewayApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         v.check(client_key(&request.idempotency_key));
-        let customer_id = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
-        let amount = v.check(proto_money::parse_positive("amount", request.amount.as_ref()));
+        let customer_id = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let amount = v.check(proto_money::parse_positive(
+            "amount",
+            request.amount.as_ref(),
+        ));
         let reference = v.check(fields::optional_text(
             "client_reference",
             &request.client_reference,
@@ -392,10 +416,17 @@ impl GatewayService for GatewayApi {
                 .map_err(upstream("credit"))?;
             let decision = present(checked.into_inner().decision, "decision")?;
             let (status, reasons) = convert::decision(&decision)?;
-            let reservation = (!decision.reservation_id.is_empty()).then_some(decision.reservation_id.as_str());
-            let order =
-                storage::record_decision(&self.db, &tenant, order.id, status, &reasons, reservation)
-                    .await?;
+            let reservation =
+                (!decision.reservation_id.is_empty()).then_some(decision.reservation_id.as_str());
+            let order = storage::record_decision(
+                &self.db,
+                &tenant,
+                order.id,
+                status,
+                &reasons,
+                reservation,
+            )
+            .await?;
             tracing::info!(order = %order.id, status = status.code(), ?reasons, "order placed");
             Ok(pb::PlaceOrderResponse {
                 order: Some(convert::order(&order)),
@@ -443,7 +474,9 @@ impl GatewayService for GatewayApi {
             return Ok(Response::new(response));
         }
         let result = async {
-            let order = storage::get(&self.db, &tenant, order_id).await.map_err(refused)?;
+            let order = storage::get(&self.db, &tenant, order_id)
+                .await
+                .map_err(refused)?;
             if !order.status.can_invoice() {
                 return Err(refused(ApiError::FailedPrecondition(format!(
                     "order {} is {}; only approved orders can be invoiced",
@@ -451,10 +484,9 @@ impl GatewayService for GatewayApi {
                     order.status.code()
                 ))));
             }
-            let reservation_id = order
-                .reservation_id
-                .clone()
-                .ok_or_else(|| ApiError::Internal(format!("approved order {} has no reservation", order.id)))?;
+            let reservation_id = order.reservation_id.clone().ok_or_else(|| {
+                ApiError::Internal(format!("approved order {} has no reservation", order.id))
+            })?;
             let terms = if request.net_days == 0 {
                 invoicing_pb::PaymentTerms {
                     kind: invoicing_pb::PaymentTermsKind::DueOnReceipt as i32,
@@ -506,7 +538,8 @@ impl GatewayService for GatewayApi {
                 })
                 .await
                 .map_err(upstream("credit"))?;
-            let order = storage::record_invoice(&self.db, &tenant, order.id, &invoice.invoice_id).await?;
+            let order =
+                storage::record_invoice(&self.db, &tenant, order.id, &invoice.invoice_id).await?;
             Ok(pb::InvoiceOrderResponse {
                 order: Some(convert::order(&order)),
                 invoice: Some(convert::invoice(invoice)),
@@ -536,16 +569,30 @@ impl GatewayService for GatewayApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         v.check(client_key(&request.idempotency_key));
-        let customer_id = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
-        let amount = v.check(proto_money::parse_positive("amount", request.amount.as_ref()));
+        let customer_id = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let amount = v.check(proto_money::parse_positive(
+            "amount",
+            request.amount.as_ref(),
+        ));
         if !matches!(
             pb::PaymentMethod::try_from(request.method),
-            Ok(pb::PaymentMethod::BankTransfer | pb::PaymentMethod::Card | pb::PaymentMethod::DirectDebit)
+            Ok(pb::PaymentMethod::BankTransfer
+                | pb::PaymentMethod::Card
+                | pb::PaymentMethod::DirectDebit)
         ) {
-            v.check::<()>(Err(ApiError::invalid("method", "BANK_TRANSFER, CARD or DIRECT_DEBIT")));
+            v.check::<()>(Err(ApiError::invalid(
+                "method",
+                "BANK_TRANSFER, CARD or DIRECT_DEBIT",
+            )));
         }
         if request.allocations.len() > MAX_ALLOCATIONS {
-            v.check::<()>(Err(ApiError::invalid("allocations", format!("at most {MAX_ALLOCATIONS}"))));
+            v.check::<()>(Err(ApiError::invalid(
+                "allocations",
+                format!("at most {MAX_ALLOCATIONS}"),
+            )));
         }
         let mut allocations: Vec<(InvoiceId, Money)> = Vec::new();
         for (index, allocation) in request.allocations.iter().enumerate() {

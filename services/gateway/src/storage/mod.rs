@@ -32,14 +32,19 @@ fn corrupt(what: &str, value: &str) -> ApiError {
 }
 
 fn to_domain(row: order::Model) -> Result<Order, ApiError> {
-    let currency = Currency::from_code(&row.currency_code).map_err(|_| corrupt("currency", &row.currency_code))?;
+    let currency = Currency::from_code(&row.currency_code)
+        .map_err(|_| corrupt("currency", &row.currency_code))?;
     Ok(Order {
         id: row.id.parse().map_err(|_| corrupt("order id", &row.id))?,
-        customer_id: row.customer_id.parse().map_err(|_| corrupt("customer id", &row.customer_id))?,
+        customer_id: row
+            .customer_id
+            .parse()
+            .map_err(|_| corrupt("customer id", &row.customer_id))?,
         client_reference: row.client_reference,
         amount: Money::from_minor_units(row.amount_minor, currency)
             .map_err(|_| corrupt("amount", &row.amount_minor.to_string()))?,
-        status: OrderStatus::from_code(&row.status).ok_or_else(|| corrupt("status", &row.status))?,
+        status: OrderStatus::from_code(&row.status)
+            .ok_or_else(|| corrupt("status", &row.status))?,
         reasons: row
             .reasons
             .split(',')
@@ -92,7 +97,11 @@ pub async fn order_for_key(
     get(conn, tenant_id, id).await
 }
 
-pub async fn get(conn: &impl ConnectionTrait, tenant_id: &str, id: OrderId) -> Result<Order, ApiError> {
+pub async fn get(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: OrderId,
+) -> Result<Order, ApiError> {
     order::Entity::find_by_id(id.to_string())
         .filter(order::Column::TenantId.eq(tenant_id))
         .one(conn)
@@ -113,7 +122,10 @@ pub async fn record_decision(
     order::Entity::update_many()
         .col_expr(order::Column::Status, Expr::value(status.code()))
         .col_expr(order::Column::Reasons, Expr::value(reasons.join(",")))
-        .col_expr(order::Column::ReservationId, Expr::value(reservation_id.map(str::to_owned)))
+        .col_expr(
+            order::Column::ReservationId,
+            Expr::value(reservation_id.map(str::to_owned)),
+        )
         .col_expr(order::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
         .filter(order::Column::Id.eq(id.to_string()))
         .filter(order::Column::TenantId.eq(tenant_id))
@@ -130,8 +142,14 @@ pub async fn record_invoice(
     invoice_id: &str,
 ) -> Result<Order, ApiError> {
     order::Entity::update_many()
-        .col_expr(order::Column::Status, Expr::value(OrderStatus::Invoiced.code()))
-        .col_expr(order::Column::InvoiceId, Expr::value(Some(invoice_id.to_owned())))
+        .col_expr(
+            order::Column::Status,
+            Expr::value(OrderStatus::Invoiced.code()),
+        )
+        .col_expr(
+            order::Column::InvoiceId,
+            Expr::value(Some(invoice_id.to_owned())),
+        )
         .col_expr(order::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
         .filter(order::Column::Id.eq(id.to_string()))
         .filter(order::Column::TenantId.eq(tenant_id))

@@ -53,9 +53,19 @@ fn field_error(field: &str, error: InvoiceError) -> ApiError {
 fn validate_issue(request: &pb::IssueInvoiceRequest) -> Result<NewInvoice, ApiError> {
     let mut v = Violations::default();
     let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-    let customer = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
-    let order = v.check(fields::optional_text("order_id", &request.order_id, MAX_ORDER_ID_LENGTH));
-    let currency = v.check(proto_money::parse_currency("currency_code", &request.currency_code));
+    let customer = v.check(fields::id::<CustomerId>(
+        "customer_id",
+        &request.customer_id,
+    ));
+    let order = v.check(fields::optional_text(
+        "order_id",
+        &request.order_id,
+        MAX_ORDER_ID_LENGTH,
+    ));
+    let currency = v.check(proto_money::parse_currency(
+        "currency_code",
+        &request.currency_code,
+    ));
     v.check(idempotency::validate_key(&request.idempotency_key));
     if request.lines.is_empty() || request.lines.len() > domain::MAX_LINES {
         v.check::<()>(Err(ApiError::invalid(
@@ -66,12 +76,24 @@ fn validate_issue(request: &pb::IssueInvoiceRequest) -> Result<NewInvoice, ApiEr
     let mut lines = Vec::new();
     for (index, line) in request.lines.iter().enumerate() {
         let at = |name: &str| format!("lines[{index}].{name}");
-        let description = v.check(fields::text(&at("description"), &line.description, MAX_DESCRIPTION_LENGTH));
-        let quantity = v.check(domain::parse_quantity(&line.quantity).map_err(|e| field_error(&at("quantity"), e)));
-        let price = v.check(proto_money::parse(&at("unit_price"), line.unit_price.as_ref()));
+        let description = v.check(fields::text(
+            &at("description"),
+            &line.description,
+            MAX_DESCRIPTION_LENGTH,
+        ));
+        let quantity = v.check(
+            domain::parse_quantity(&line.quantity).map_err(|e| field_error(&at("quantity"), e)),
+        );
+        let price = v.check(proto_money::parse(
+            &at("unit_price"),
+            line.unit_price.as_ref(),
+        ));
         if let Some(price) = &price {
             if price.is_negative() {
-                v.check::<()>(Err(ApiError::invalid(at("unit_price.amount"), "must not be negative")));
+                v.check::<()>(Err(ApiError::invalid(
+                    at("unit_price.amount"),
+                    "must not be negative",
+                )));
             }
             if let Some(currency) = currency
                 && price.currency() != currency
@@ -82,9 +104,16 @@ fn validate_issue(request: &pb::IssueInvoiceRequest) -> Result<NewInvoice, ApiEr
                 )));
             }
         }
-        let rate = v.check(domain::parse_tax_rate(&line.tax_rate_percent).map_err(|e| field_error(&at("tax_rate_percent"), e)));
-        if let (Some(description), Some(quantity), Some(price), Some(rate)) = (description, quantity, price, rate)
-            && let Some(priced) = v.check(Line::price(description, quantity, price, rate).map_err(|e| field_error(&at("unit_price"), e)))
+        let rate = v.check(
+            domain::parse_tax_rate(&line.tax_rate_percent)
+                .map_err(|e| field_error(&at("tax_rate_percent"), e)),
+        );
+        if let (Some(description), Some(quantity), Some(price), Some(rate)) =
+            (description, quantity, price, rate)
+            && let Some(priced) = v.check(
+                Line::price(description, quantity, price, rate)
+                    .map_err(|e| field_error(&at("unit_price"), e)),
+            )
         {
             lines.push(priced);
         }
@@ -94,28 +123,42 @@ fn validate_issue(request: &pb::IssueInvoiceRequest) -> Result<NewInvoice, ApiEr
         Some(terms) => match pb::PaymentTermsKind::try_from(terms.kind) {
             Ok(pb::PaymentTermsKind::DueOnReceipt) => Some(PaymentTerms::DueOnReceipt),
             Ok(pb::PaymentTermsKind::Net) => v.check(
-                PaymentTerms::net(terms.net_days).map_err(|e| field_error("payment_terms.net_days", e)),
+                PaymentTerms::net(terms.net_days)
+                    .map_err(|e| field_error("payment_terms.net_days", e)),
             ),
-            _ => v.check(Err(ApiError::invalid("payment_terms.kind", "DUE_ON_RECEIPT or NET"))),
+            _ => v.check(Err(ApiError::invalid(
+                "payment_terms.kind",
+                "DUE_ON_RECEIPT or NET",
+            ))),
         },
     };
     let issue_date = if request.issue_date.is_empty() {
         Some(chrono::Utc::now().date_naive())
     } else {
         v.check(
-            NaiveDate::parse_from_str(&request.issue_date, "%Y-%m-%d")
-                .map_err(|_| ApiError::invalid("issue_date", "an ISO 8601 date such as 2026-12-04")),
+            NaiveDate::parse_from_str(&request.issue_date, "%Y-%m-%d").map_err(|_| {
+                ApiError::invalid("issue_date", "an ISO 8601 date such as 2026-12-04")
+            }),
         )
     };
     v.finish()?;
-    let (Some(tenant_id), Some(customer_id), Some(order), Some(currency), Some(terms), Some(issue_date)) =
-        (tenant, customer, order, currency, terms, issue_date)
+    let (
+        Some(tenant_id),
+        Some(customer_id),
+        Some(order),
+        Some(currency),
+        Some(terms),
+        Some(issue_date),
+    ) = (tenant, customer, order, currency, terms, issue_date)
     else {
         return Err(missing());
     };
     let total = domain::total(currency, &lines).map_err(|e| field_error("lines", e))?;
     if !total.is_positive() {
-        return Err(ApiError::invalid("lines", "the invoice total must be greater than zero"));
+        return Err(ApiError::invalid(
+            "lines",
+            "the invoice total must be greater than zero",
+        ));
     }
     Ok(NewInvoice {
         id: InvoiceId::new(),
@@ -222,10 +265,14 @@ impl InvoicingService for InvoicingApi {
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
         let id = v.check(fields::id::<InvoiceId>("invoice_id", &request.invoice_id));
         let payment = v.check(fields::id::<PaymentId>("payment_id", &request.payment_id));
-        let amount = v.check(proto_money::parse_positive("amount", request.amount.as_ref()));
+        let amount = v.check(proto_money::parse_positive(
+            "amount",
+            request.amount.as_ref(),
+        ));
         v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
-        let (Some(tenant), Some(id), Some(payment), Some(amount)) = (tenant, id, payment, amount) else {
+        let (Some(tenant), Some(id), Some(payment), Some(amount)) = (tenant, id, payment, amount)
+        else {
             return Err(missing().into());
         };
         let scope = format!("{tenant}/invoicing.ApplyPayment");
@@ -234,7 +281,8 @@ impl InvoicingService for InvoicingApi {
             Begun::Replay(response) => return Ok(Response::new(response)),
             Begun::Fresh(txn) => txn,
         };
-        let invoice = storage::apply_payment(&txn, &tenant, id, &payment.to_string(), amount).await?;
+        let invoice =
+            storage::apply_payment(&txn, &tenant, id, &payment.to_string(), amount).await?;
         let response = pb::ApplyPaymentResponse {
             invoice: Some(to_proto(&invoice)?),
         };

@@ -108,7 +108,11 @@ pub async fn insert(conn: &impl ConnectionTrait, new: &NewInvoice) -> Result<Inv
     get(conn, &new.tenant_id, new.id).await
 }
 
-pub async fn get(conn: &impl ConnectionTrait, tenant_id: &str, id: InvoiceId) -> Result<Invoice, ApiError> {
+pub async fn get(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: InvoiceId,
+) -> Result<Invoice, ApiError> {
     let row = invoice::Entity::find_by_id(id.to_string())
         .filter(invoice::Column::TenantId.eq(tenant_id))
         .one(conn)
@@ -123,11 +127,15 @@ pub async fn get(conn: &impl ConnectionTrait, tenant_id: &str, id: InvoiceId) ->
 }
 
 fn to_domain(row: invoice::Model, lines: Vec<line::Model>) -> Result<Invoice, ApiError> {
-    let currency = Currency::from_code(&row.currency_code).map_err(|_| corrupt("currency", &row.currency_code))?;
-    let money = |minor: i64| Money::from_minor_units(minor, currency).map_err(|_| corrupt("amount", &minor.to_string()));
+    let currency = Currency::from_code(&row.currency_code)
+        .map_err(|_| corrupt("currency", &row.currency_code))?;
+    let money = |minor: i64| {
+        Money::from_minor_units(minor, currency).map_err(|_| corrupt("amount", &minor.to_string()))
+    };
     let terms = match row.terms_kind.as_str() {
         "DUE_ON_RECEIPT" => PaymentTerms::DueOnReceipt,
-        "NET" => PaymentTerms::net(row.net_days).map_err(|_| corrupt("net days", &row.net_days.to_string()))?,
+        "NET" => PaymentTerms::net(row.net_days)
+            .map_err(|_| corrupt("net days", &row.net_days.to_string()))?,
         other => return Err(corrupt("terms", other)),
     };
     let lines = lines
@@ -135,7 +143,10 @@ fn to_domain(row: invoice::Model, lines: Vec<line::Model>) -> Result<Invoice, Ap
         .map(|l| {
             Ok(Line {
                 description: l.description,
-                quantity: l.quantity.parse().map_err(|_| corrupt("quantity", &l.quantity))?,
+                quantity: l
+                    .quantity
+                    .parse()
+                    .map_err(|_| corrupt("quantity", &l.quantity))?,
                 unit_price: money(l.unit_price_minor)?,
                 tax_rate_percent: l
                     .tax_rate_percent
@@ -147,7 +158,10 @@ fn to_domain(row: invoice::Model, lines: Vec<line::Model>) -> Result<Invoice, Ap
         .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Invoice {
         id: row.id.parse().map_err(|_| corrupt("invoice id", &row.id))?,
-        customer_id: row.customer_id.parse().map_err(|_| corrupt("customer id", &row.customer_id))?,
+        customer_id: row
+            .customer_id
+            .parse()
+            .map_err(|_| corrupt("customer id", &row.customer_id))?,
         tenant_id: row.tenant_id,
         order_id: row.order_id,
         currency,
@@ -197,7 +211,10 @@ pub async fn apply_payment(
     }
     let amount_minor = amount.minor_units();
     let result = invoice::Entity::update_many()
-        .col_expr(invoice::Column::PaidMinor, Expr::col(invoice::Column::PaidMinor).add(amount_minor))
+        .col_expr(
+            invoice::Column::PaidMinor,
+            Expr::col(invoice::Column::PaidMinor).add(amount_minor),
+        )
         .filter(invoice::Column::Id.eq(id.to_string()))
         .filter(
             Expr::col(invoice::Column::TotalMinor)

@@ -88,7 +88,7 @@ fn luhn(digits: &[u32]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 #[cfg(test)]
@@ -101,8 +101,14 @@ mod tests {
 
     #[test]
     fn the_rest_of_a_payment_is_kept_as_unapplied_cash() {
-        let a = Allocation { invoice_id: InvoiceId::new(), amount: eur("60") };
-        let b = Allocation { invoice_id: InvoiceId::new(), amount: eur("30") };
+        let a = Allocation {
+            invoice_id: InvoiceId::new(),
+            amount: eur("60"),
+        };
+        let b = Allocation {
+            invoice_id: InvoiceId::new(),
+            amount: eur("30"),
+        };
         assert_eq!(unapplied(eur("100"), &[a, b]).unwrap(), eur("10"));
         assert_eq!(unapplied(eur("100"), &[]).unwrap(), eur("100"));
     }
@@ -110,13 +116,31 @@ mod tests {
     #[test]
     fn over_allocation_and_duplicates_are_refused() {
         let id = InvoiceId::new();
-        let a = Allocation { invoice_id: id, amount: eur("60") };
+        let a = Allocation {
+            invoice_id: id,
+            amount: eur("60"),
+        };
         assert!(matches!(
-            unapplied(eur("100"), &[a.clone(), Allocation { invoice_id: InvoiceId::new(), amount: eur("41") }]),
+            unapplied(
+                eur("100"),
+                &[
+                    a.clone(),
+                    Allocation {
+                        invoice_id: InvoiceId::new(),
+                        amount: eur("41")
+                    }
+                ]
+            ),
             Err(PaymentError::OverAllocated { .. })
         ));
-        assert_eq!(unapplied(eur("200"), &[a.clone(), a]), Err(PaymentError::DuplicateInvoice(id)));
-        let usd = Allocation { invoice_id: InvoiceId::new(), amount: Money::parse("1", "USD").unwrap() };
+        assert_eq!(
+            unapplied(eur("200"), &[a.clone(), a]),
+            Err(PaymentError::DuplicateInvoice(id))
+        );
+        let usd = Allocation {
+            invoice_id: InvoiceId::new(),
+            amount: Money::parse("1", "USD").unwrap(),
+        };
         assert_eq!(unapplied(eur("100"), &[usd]), Err(PaymentError::Currency));
     }
 

@@ -45,8 +45,14 @@ fn payment_error(error: PaymentError) -> ApiError {
 fn validate(request: &pb::RecordPaymentRequest) -> Result<NewPayment, ApiError> {
     let mut v = Violations::default();
     let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-    let customer = v.check(fields::id::<CustomerId>("customer_id", &request.customer_id));
-    let amount = v.check(proto_money::parse_positive("amount", request.amount.as_ref()));
+    let customer = v.check(fields::id::<CustomerId>(
+        "customer_id",
+        &request.customer_id,
+    ));
+    let amount = v.check(proto_money::parse_positive(
+        "amount",
+        request.amount.as_ref(),
+    ));
     v.check(idempotency::validate_key(&request.idempotency_key));
     let method = match pb::PaymentMethod::try_from(request.method) {
         Ok(pb::PaymentMethod::BankTransfer) => Some(Method::BankTransfer),

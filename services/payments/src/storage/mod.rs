@@ -97,7 +97,11 @@ pub async fn insert(conn: &impl ConnectionTrait, new: &NewPayment) -> Result<Pay
     get(conn, &new.tenant_id, new.id).await
 }
 
-pub async fn get(conn: &impl ConnectionTrait, tenant_id: &str, id: PaymentId) -> Result<Payment, ApiError> {
+pub async fn get(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: PaymentId,
+) -> Result<Payment, ApiError> {
     let row = payment::Entity::find_by_id(id.to_string())
         .filter(payment::Column::TenantId.eq(tenant_id))
         .one(conn)
@@ -108,11 +112,17 @@ pub async fn get(conn: &impl ConnectionTrait, tenant_id: &str, id: PaymentId) ->
         .order_by_asc(allocation::Column::InvoiceId)
         .all(conn)
         .await?;
-    let currency = Currency::from_code(&row.currency_code).map_err(|_| corrupt("currency", &row.currency_code))?;
-    let money = |minor: i64| Money::from_minor_units(minor, currency).map_err(|_| corrupt("amount", &minor.to_string()));
+    let currency = Currency::from_code(&row.currency_code)
+        .map_err(|_| corrupt("currency", &row.currency_code))?;
+    let money = |minor: i64| {
+        Money::from_minor_units(minor, currency).map_err(|_| corrupt("amount", &minor.to_string()))
+    };
     Ok(Payment {
         id,
-        customer_id: row.customer_id.parse().map_err(|_| corrupt("customer id", &row.customer_id))?,
+        customer_id: row
+            .customer_id
+            .parse()
+            .map_err(|_| corrupt("customer id", &row.customer_id))?,
         amount: money(row.amount_minor)?,
         unapplied: money(row.unapplied_minor)?,
         method: Method::from_code(&row.method).ok_or_else(|| corrupt("method", &row.method))?,
@@ -121,7 +131,10 @@ pub async fn get(conn: &impl ConnectionTrait, tenant_id: &str, id: PaymentId) ->
             .into_iter()
             .map(|a| {
                 Ok(Allocation {
-                    invoice_id: a.invoice_id.parse().map_err(|_| corrupt("invoice id", &a.invoice_id))?,
+                    invoice_id: a
+                        .invoice_id
+                        .parse()
+                        .map_err(|_| corrupt("invoice id", &a.invoice_id))?,
                     amount: money(a.amount_minor)?,
                 })
             })
