@@ -97,6 +97,18 @@ pub async fn serve(
     }
 }
 
+/// Serves a service's routes with the grace period from its settings.
+pub async fn run(
+    service_name: &'static str,
+    settings: &crate::settings::ServiceSettings,
+    listener: TcpListener,
+    routes: Routes,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let grace = Duration::from_millis(settings.shutdown_grace_ms);
+    serve(service_name, listener, routes, shutdown, grace).await
+}
+
 /// The server span of one call, continuing the caller's trace.
 fn request_span(request: &http::Request<()>) -> tracing::Span {
     let path = request.uri().path();

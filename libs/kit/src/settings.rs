@@ -95,6 +95,20 @@ impl CommonSettings {
     }
 }
 
+/// Longest deadline accepted for one internal call.
+pub const MAX_CALL_TIMEOUT_MS: u64 = 60_000;
+
+/// Checks a per-call deadline setting.
+pub fn validate_call_timeout(key: &str, value_ms: u64) -> Result<(), SettingsError> {
+    if value_ms == 0 || value_ms > MAX_CALL_TIMEOUT_MS {
+        return Err(SettingsError::Invalid {
+            key: key.to_owned(),
+            reason: format!("1 to {MAX_CALL_TIMEOUT_MS}"),
+        });
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {

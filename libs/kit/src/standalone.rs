@@ -5,8 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 use anyhow::Context;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::settings::{self, CommonSettings, ServiceSettings, SettingsError};
@@ -14,33 +14,65 @@ use crate::settings::{self, CommonSettings, ServiceSettings, SettingsError};
 /// Resolves when the process is asked to stop.
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
-/// Settings of a single-service binary.
-pub trait BinarySettings: Serialize + DeserializeOwned + Default {
-    fn service(&self) -> &ServiceSettings;
-    fn common(&self) -> &CommonSettings;
-    /// Checks beyond the shared ones.
-    fn validate_more(&self) -> Result<(), SettingsError> {
+/// Settings a service adds to the shared ones.
+pub trait Extra: Serialize + DeserializeOwned {
+    /// Checks beyond what deserialising does.
+    fn validate(&self) -> Result<(), SettingsError> {
         Ok(())
     }
 }
 
-/// Runs one service binary named `binary` with `run`.
-pub async fn main<T, F, Fut>(binary: &'static str, run: F) -> anyhow::Result<()>
+/// For services that need nothing beyond the shared settings.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NoExtra {}
+
+impl Extra for NoExtra {}
+
+/// Settings of a single-service binary: where it listens and stores, the
+/// shared observability and cache settings, and its own `extra` ones. All
+/// are flat keys (`O2C_DATABASE_URL`, `O2C_REDIS_URL`, `O2C_CUSTOMER_URL`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BinarySettings<X> {
+    #[serde(flatten)]
+    pub service: ServiceSettings,
+    #[serde(flatten)]
+    pub common: CommonSettings,
+    #[serde(flatten)]
+    pub extra: X,
+}
+
+impl<X> BinarySettings<X> {
+    /// Defaults of service `name`: 127.0.0.1:`port`, `data/<name>.db`.
+    pub fn local(name: &str, port: u16, extra: X) -> Self {
+        Self {
+            service: ServiceSettings::local(name, port),
+            common: CommonSettings::default(),
+            extra,
+        }
+    }
+}
+
+/// Runs one service binary named `binary` from `defaults` with `run`.
+pub async fn main<X, F, Fut>(
+    binary: &'static str,
+    defaults: BinarySettings<X>,
+    run: F,
+) -> anyhow::Result<()>
 where
-    T: BinarySettings,
-    F: FnOnce(T, TcpListener, Shutdown) -> Fut,
+    X: Extra,
+    F: FnOnce(BinarySettings<X>, TcpListener, Shutdown) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let settings: T = settings::load(T::default(), settings::config_path_from_args().as_deref())?;
-    settings.service().validate("")?;
-    settings.common().validate()?;
-    settings.validate_more()?;
+    let settings = settings::load(defaults, settings::config_path_from_args().as_deref())?;
+    settings.service.validate("")?;
+    settings.common.validate()?;
+    settings.extra.validate()?;
     let _telemetry = crate::telemetry::init(
         binary,
-        settings.common().otlp_endpoint.as_deref(),
-        settings.common().log_format,
+        settings.common.otlp_endpoint.as_deref(),
+        settings.common.log_format,
     )?;
-    let addr = settings.service().listen_addr;
+    let addr = settings.service.listen_addr;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;

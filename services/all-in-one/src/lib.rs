@@ -79,13 +79,7 @@ impl Settings {
         self.payments.validate("payments.")?;
         self.crm_sync.validate("crm_sync.")?;
         self.common.validate()?;
-        if self.call_timeout_ms == 0 || self.call_timeout_ms > 60_000 {
-            return Err(SettingsError::Invalid {
-                key: "call_timeout_ms".into(),
-                reason: "1 to 60000".into(),
-            });
-        }
-        Ok(())
+        o2c_kit::settings::validate_call_timeout("call_timeout_ms", self.call_timeout_ms)
     }
 }
 

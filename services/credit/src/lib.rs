@@ -12,11 +12,10 @@ pub mod grpc;
 pub mod storage;
 
 use std::future::Future;
-use std::time::Duration;
 
-use o2c_kit::settings::{CommonSettings, ServiceSettings};
+use o2c_kit::settings::ServiceSettings;
+use o2c_kit::standalone::{BinarySettings, NoExtra};
 use o2c_proto::credit::v1::credit_service_server::CreditServiceServer;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
@@ -27,31 +26,12 @@ pub const SERVICE_NAME: &str = "o2c.credit.v1.CreditService";
 /// Port the service listens on by default.
 pub const DEFAULT_PORT: u16 = 50052;
 
-/// Settings of the standalone binary.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Settings {
-    #[serde(flatten)]
-    pub service: ServiceSettings,
-    #[serde(flatten)]
-    pub common: CommonSettings,
-}
+/// Settings of the standalone binary (`O2C_REDIS_URL` enables the cache).
+pub type Settings = BinarySettings<NoExtra>;
 
-impl o2c_kit::standalone::BinarySettings for Settings {
-    fn service(&self) -> &ServiceSettings {
-        &self.service
-    }
-    fn common(&self) -> &CommonSettings {
-        &self.common
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            service: ServiceSettings::local("credit", DEFAULT_PORT),
-            common: CommonSettings::default(),
-        }
-    }
+/// Defaults of the standalone binary.
+pub fn default_settings() -> Settings {
+    Settings::local("credit", DEFAULT_PORT, NoExtra {})
 }
 
 /// Connects to the database (and Redis when `redis_url` is set), applies
@@ -84,13 +64,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let routes = build(&service, redis_url.as_deref()).await?;
-    o2c_kit::serve::serve(
-        SERVICE_NAME,
-        listener,
-        routes,
-        shutdown,
-        Duration::from_millis(service.shutdown_grace_ms),
-    )
-    .await?;
+    o2c_kit::serve::run(SERVICE_NAME, &service, listener, routes, shutdown).await?;
     Ok(())
 }

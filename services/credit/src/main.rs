@@ -4,7 +4,8 @@
 async fn main() -> anyhow::Result<()> {
     o2c_kit::standalone::main(
         "o2c-credit",
-        |settings: o2c_credit::Settings, listener, shutdown| {
+        o2c_credit::default_settings(),
+        |settings, listener, shutdown| {
             o2c_credit::run(
                 settings.service,
                 settings.common.redis_url,

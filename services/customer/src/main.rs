@@ -4,9 +4,8 @@
 async fn main() -> anyhow::Result<()> {
     o2c_kit::standalone::main(
         "o2c-customer",
-        |settings: o2c_customer::Settings, listener, shutdown| {
-            o2c_customer::run(settings.service, listener, shutdown)
-        },
+        o2c_customer::default_settings(),
+        |settings, listener, shutdown| o2c_customer::run(settings.service, listener, shutdown),
     )
     .await
 }

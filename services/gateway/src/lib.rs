@@ -15,7 +15,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use o2c_kit::client::channel;
-use o2c_kit::settings::{CommonSettings, ServiceSettings, SettingsError};
+use o2c_kit::settings::{ServiceSettings, SettingsError, validate_call_timeout};
+use o2c_kit::standalone::{BinarySettings, Extra};
 use o2c_proto::credit::v1::credit_service_client::CreditServiceClient;
 use o2c_proto::customer::v1::customer_service_client::CustomerServiceClient;
 use o2c_proto::gateway::v1::gateway_service_server::GatewayServiceServer;
@@ -53,43 +54,18 @@ impl Default for Upstreams {
     }
 }
 
+impl Extra for Upstreams {
+    fn validate(&self) -> Result<(), SettingsError> {
+        validate_call_timeout("call_timeout_ms", self.call_timeout_ms)
+    }
+}
+
 /// Settings of the standalone binary.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Settings {
-    #[serde(flatten)]
-    pub service: ServiceSettings,
-    #[serde(flatten)]
-    pub common: CommonSettings,
-    #[serde(flatten)]
-    pub upstreams: Upstreams,
-}
+pub type Settings = BinarySettings<Upstreams>;
 
-impl o2c_kit::standalone::BinarySettings for Settings {
-    fn service(&self) -> &ServiceSettings {
-        &self.service
-    }
-    fn common(&self) -> &CommonSettings {
-        &self.common
-    }
-    fn validate_more(&self) -> Result<(), SettingsError> {
-        if self.upstreams.call_timeout_ms == 0 || self.upstreams.call_timeout_ms > 60_000 {
-            return Err(SettingsError::Invalid {
-                key: "call_timeout_ms".into(),
-                reason: "1 to 60000".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            service: ServiceSettings::local("gateway", DEFAULT_PORT),
-            common: CommonSettings::default(),
-            upstreams: Upstreams::default(),
-        }
-    }
+/// Defaults of the standalone binary.
+pub fn default_settings() -> Settings {
+    Settings::local("gateway", DEFAULT_PORT, Upstreams::default())
 }
 
 /// Connects to the database, applies migrations and returns the routes.
@@ -118,13 +94,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let routes = build(&service, &upstreams).await?;
-    o2c_kit::serve::serve(
-        SERVICE_NAME,
-        listener,
-        routes,
-        shutdown,
-        Duration::from_millis(service.shutdown_grace_ms),
-    )
-    .await?;
+    o2c_kit::serve::run(SERVICE_NAME, &service, listener, routes, shutdown).await?;
     Ok(())
 }

@@ -4,9 +4,8 @@
 async fn main() -> anyhow::Result<()> {
     o2c_kit::standalone::main(
         "o2c-invoicing",
-        |settings: o2c_invoicing::Settings, listener, shutdown| {
-            o2c_invoicing::run(settings.service, listener, shutdown)
-        },
+        o2c_invoicing::default_settings(),
+        |settings, listener, shutdown| o2c_invoicing::run(settings.service, listener, shutdown),
     )
     .await
 }

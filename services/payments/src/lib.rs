@@ -11,11 +11,10 @@ pub mod grpc;
 pub mod storage;
 
 use std::future::Future;
-use std::time::Duration;
 
-use o2c_kit::settings::{CommonSettings, ServiceSettings};
+use o2c_kit::settings::ServiceSettings;
+use o2c_kit::standalone::{BinarySettings, NoExtra};
 use o2c_proto::payments::v1::payments_service_server::PaymentsServiceServer;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
@@ -25,30 +24,11 @@ pub const SERVICE_NAME: &str = "o2c.payments.v1.PaymentsService";
 pub const DEFAULT_PORT: u16 = 50054;
 
 /// Settings of the standalone binary.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Settings {
-    #[serde(flatten)]
-    pub service: ServiceSettings,
-    #[serde(flatten)]
-    pub common: CommonSettings,
-}
+pub type Settings = BinarySettings<NoExtra>;
 
-impl o2c_kit::standalone::BinarySettings for Settings {
-    fn service(&self) -> &ServiceSettings {
-        &self.service
-    }
-    fn common(&self) -> &CommonSettings {
-        &self.common
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            service: ServiceSettings::local("payments", DEFAULT_PORT),
-            common: CommonSettings::default(),
-        }
-    }
+/// Defaults of the standalone binary.
+pub fn default_settings() -> Settings {
+    Settings::local("payments", DEFAULT_PORT, NoExtra {})
 }
 
 /// Connects to the database, applies migrations and returns the routes.
@@ -69,13 +49,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let routes = build(&service).await?;
-    o2c_kit::serve::serve(
-        SERVICE_NAME,
-        listener,
-        routes,
-        shutdown,
-        Duration::from_millis(service.shutdown_grace_ms),
-    )
-    .await?;
+    o2c_kit::serve::run(SERVICE_NAME, &service, listener, routes, shutdown).await?;
     Ok(())
 }
