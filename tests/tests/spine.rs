@@ -81,6 +81,9 @@ fn as_tenant<T>(message: T) -> Request<T> {
         .metadata_mut()
         .insert("x-tenant-id", TENANT.parse().unwrap());
     request
+        .metadata_mut()
+        .insert("x-user-id", "analyst-1".parse().unwrap());
+    request
 }
 
 fn key() -> String {
@@ -111,6 +114,7 @@ async fn onboard(gateway: &mut GatewayServiceClient<Channel>, limit: &str) -> St
             customer_id: customer.customer_id.clone(),
             agency: "creditreform".into(),
             agency_reference: "DE-4471-1190-22".into(),
+            ..Default::default()
         }))
         .await
         .unwrap()
@@ -125,6 +129,7 @@ async fn onboard(gateway: &mut GatewayServiceClient<Channel>, limit: &str) -> St
             customer_id: customer.customer_id.clone(),
             credit_limit: eur(limit),
             reason: "onboarding".into(),
+            ..Default::default()
         }))
         .await
         .unwrap();
@@ -256,9 +261,23 @@ async fn spine(backend: Backend) {
         .into_inner();
     assert_eq!(amount(&paid.unapplied), "50.00");
     assert_eq!(paid.invoices[0].status(), pb::InvoiceStatus::Paid);
+    // The payment freed credit: the held 700.00 order now passes and is
+    // released automatically, so its reservation is all that is owed.
     let e = paid.exposure.unwrap();
-    assert_eq!(amount(&e.total), "0.00");
-    assert_eq!(amount(&e.available), "1000.00");
+    assert_eq!(amount(&e.receivables), "0.00");
+    assert_eq!(amount(&e.reserved), "700.00");
+    assert_eq!(amount(&e.available), "300.00");
+    let released = s
+        .gateway
+        .get_order(as_tenant(pb::GetOrderRequest {
+            order_id: held.order_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(released.status(), pb::OrderStatus::Approved);
 
     let read = s
         .gateway
@@ -274,7 +293,7 @@ async fn spine(backend: Backend) {
     assert_eq!(amount(&read.amount_open), "0.00");
     assert_eq!(
         amount(&exposure(&mut s.gateway, &customer).await.total),
-        "0.00"
+        "700.00"
     );
     assert_ledger_consistent(&mut s.credit, &customer).await;
     s.suite.stop().await.unwrap();
@@ -361,6 +380,7 @@ async fn bad_input(backend: Backend) {
         customer_id: customer.clone(),
         agency: "dnb".into(),
         agency_reference: "12345678".into(),
+        ..Default::default()
     };
     for (field, change) in [
         (
@@ -404,7 +424,8 @@ async fn bad_input(backend: Backend) {
         idempotency_key: key(),
         customer_id: customer.clone(),
         credit_limit: eur("5.00"),
-        reason: String::new(),
+        reason: "test".into(),
+        ..Default::default()
     };
     for (field, change) in [
         (

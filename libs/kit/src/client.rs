@@ -42,6 +42,22 @@ pub fn channel(url: &str, call_timeout: Duration) -> Result<TracedChannel, Inval
     Ok(InterceptedService::new(channel, TracePropagation))
 }
 
+/// A channel for long-lived server streams: connect timeout, no per-call
+/// deadline.
+pub fn streaming_channel(url: &str) -> Result<TracedChannel, InvalidAddress> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| InvalidAddress {
+        url: url.to_owned(),
+        source,
+    })?;
+    let channel = endpoint
+        .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(InterceptedService::new(channel, TracePropagation))
+}
+
 /// Injects the current span's context as `traceparent`/`tracestate`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TracePropagation;

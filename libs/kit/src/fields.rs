@@ -114,3 +114,29 @@ impl Violations {
         }
     }
 }
+
+/// Default and largest page of any list call.
+pub const DEFAULT_PAGE_SIZE: u64 = 50;
+pub const MAX_PAGE_SIZE: u64 = 100;
+
+/// The page size for a requested one (0: the default).
+pub fn page_size(field: &str, requested: i32) -> Result<u64, ApiError> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n > 0 && (n as u64) <= MAX_PAGE_SIZE => Ok(n as u64),
+        _ => Err(ApiError::invalid(
+            field,
+            format!("0 to {MAX_PAGE_SIZE} (0: {DEFAULT_PAGE_SIZE})"),
+        )),
+    }
+}
+
+/// An optional ISO 8601 date field (empty: None).
+pub fn optional_date(field: &str, value: &str) -> Result<Option<chrono::NaiveDate>, ApiError> {
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    chrono::NaiveDate::parse_from_str(value.trim(), "%Y-%m-%d")
+        .map(Some)
+        .map_err(|_| ApiError::invalid(field, "an ISO 8601 date such as 2026-12-04"))
+}

@@ -15,6 +15,9 @@ use tonic::transport::Channel;
 /// The tenant the demo data belongs to.
 pub const DEMO_TENANT: &str = "demo";
 
+/// The analyst the demo's limit changes are made by.
+pub const DEMO_ANALYST: &str = "demo-analyst";
+
 /// What was seeded, for the start-up banner.
 #[derive(Debug, Clone)]
 pub struct Seeded {
@@ -35,6 +38,10 @@ fn with_tenant<T>(message: T) -> Request<T> {
     request.metadata_mut().insert(
         "x-tenant-id",
         tonic::metadata::MetadataValue::from_static(DEMO_TENANT),
+    );
+    request.metadata_mut().insert(
+        "x-user-id",
+        tonic::metadata::MetadataValue::from_static(DEMO_ANALYST),
     );
     request
 }
@@ -64,6 +71,7 @@ pub async fn seed(gateway: SocketAddr) -> anyhow::Result<Seeded> {
             customer_id: customer_id.clone(),
             agency: "dnb".into(),
             agency_reference: "DE31554017".into(),
+            parent_customer_id: String::new(),
         }))
         .await?;
     client
@@ -72,6 +80,8 @@ pub async fn seed(gateway: SocketAddr) -> anyhow::Result<Seeded> {
             customer_id: customer_id.clone(),
             credit_limit: eur("50000.00"),
             reason: "demo: initial limit".into(),
+            valid_until: String::new(),
+            next_review_date: String::new(),
         }))
         .await?;
     let order = client

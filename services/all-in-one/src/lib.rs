@@ -27,6 +27,8 @@ pub struct Settings {
     pub crm_sync: ServiceSettings,
     #[serde(flatten)]
     pub common: CommonSettings,
+    /// The credit policy (thresholds, authority, reservation time-to-live).
+    pub credit_policy: o2c_credit::CreditSettings,
     /// Deadline of each internal call.
     pub call_timeout_ms: u64,
     /// Seed a demo tenant with a customer, an order, an invoice and a
@@ -44,6 +46,7 @@ impl Default for Settings {
             payments: ServiceSettings::local("payments", o2c_payments::DEFAULT_PORT),
             crm_sync: ServiceSettings::local("crm-sync", o2c_crm_sync::DEFAULT_PORT),
             common: CommonSettings::default(),
+            credit_policy: o2c_credit::CreditSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             seed_demo: false,
         }
@@ -66,6 +69,7 @@ impl Settings {
             payments: on("payments"),
             crm_sync: on("crm_sync"),
             common: CommonSettings::default(),
+            credit_policy: o2c_credit::CreditSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             seed_demo: false,
         }
@@ -79,6 +83,7 @@ impl Settings {
         self.payments.validate("payments.")?;
         self.crm_sync.validate("crm_sync.")?;
         self.common.validate()?;
+        o2c_kit::standalone::Extra::validate(&self.credit_policy)?;
         o2c_kit::settings::validate_call_timeout("call_timeout_ms", self.call_timeout_ms)
     }
 }
@@ -163,7 +168,12 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         (
             "credit",
             o2c_credit::SERVICE_NAME,
-            o2c_credit::build(&settings.credit, settings.common.redis_url.as_deref()).await?,
+            o2c_credit::build(
+                &settings.credit,
+                settings.common.redis_url.as_deref(),
+                &settings.credit_policy,
+            )
+            .await?,
             &settings.credit,
         ),
         (

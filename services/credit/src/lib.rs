@@ -1,24 +1,33 @@
-//! The credit service: credit accounts and limits, the credit check at
-//! order entry with its atomic reservation, the reservation → receivable
-//! ledger, and real-time exposure (cached in Redis when configured).
+//! The credit service: credit accounts, limits (audited, with approval
+//! above authority), group limits, risk scoring, the credit check at order
+//! entry with its atomic reservation, the hold queue, alerts, and
+//! real-time exposure (cached in Redis when configured).
 //!
 //! # Layout
-//! - `domain/`: exposure arithmetic and the policy (no I/O).
-//! - `storage/`: the ledger tables, the atomic reservation, the cache.
-//! - `grpc/`: `o2c.credit.v1.CreditService`, the only prost-aware code.
+//! - `domain/`: exposure arithmetic, the policy, thresholds, authority and
+//!   the risk scorecard (no I/O).
+//! - `storage/`: the ledger tables, the atomic reservation, the check as a
+//!   unit of work, risk data, the cache.
+//! - `grpc/`: `o2c.credit.v1.CreditService`, the only prost-aware code, and
+//!   the periodic maintenance (reservation expiry, date alerts).
 
 pub mod domain;
 pub mod grpc;
 pub mod storage;
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::time::Duration;
 
-use o2c_kit::settings::ServiceSettings;
-use o2c_kit::standalone::{BinarySettings, NoExtra};
+use o2c_kit::settings::{ServiceSettings, SettingsError};
+use o2c_kit::standalone::{BinarySettings, Extra};
+use o2c_money::{Currency, Money};
 use o2c_proto::credit::v1::credit_service_server::CreditServiceServer;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
+pub use grpc::{Clock, Maintenance, system_clock};
 use storage::cache::ExposureCache;
 
 /// The fully qualified gRPC service name (for health checks).
@@ -26,18 +35,130 @@ pub const SERVICE_NAME: &str = "o2c.credit.v1.CreditService";
 /// Port the service listens on by default.
 pub const DEFAULT_PORT: u16 = 50052;
 
+/// The credit policy and operating limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreditSettings {
+    /// Open receivables more than this many days past due hold new orders.
+    pub overdue_days_max: i64,
+    /// Exposure shares of the limit (percent) that raise an alert when
+    /// crossed upwards.
+    pub alert_thresholds_percent: Vec<u32>,
+    /// Days ahead of a limit's next review date that raise an alert.
+    pub review_notice_days: i64,
+    /// How long an unresolved reservation lives before it is released.
+    pub reservation_ttl_ms: u64,
+    /// How often reservations are expired and date alerts raised.
+    pub maintenance_interval_ms: u64,
+    /// The largest limit one user may set alone, per currency (major
+    /// units); raising a limit above it needs a second user's approval.
+    /// Currencies not listed always need one.
+    pub limit_authority: BTreeMap<String, String>,
+}
+
+impl Default for CreditSettings {
+    fn default() -> Self {
+        let authority = [
+            ("EUR", "100000"),
+            ("USD", "100000"),
+            ("GBP", "100000"),
+            ("CHF", "100000"),
+        ]
+        .into_iter()
+        .map(|(c, a)| (c.to_owned(), a.to_owned()))
+        .collect();
+        Self {
+            overdue_days_max: 30,
+            alert_thresholds_percent: vec![80, 100],
+            review_notice_days: 14,
+            reservation_ttl_ms: 7 * 24 * 3600 * 1000,
+            maintenance_interval_ms: 60_000,
+            limit_authority: authority,
+        }
+    }
+}
+
+impl CreditSettings {
+    /// The validated configuration the service runs with.
+    pub fn config(&self, clock: Clock) -> Result<grpc::Config, SettingsError> {
+        let invalid = |key: &str, reason: String| SettingsError::Invalid {
+            key: key.to_owned(),
+            reason,
+        };
+        if !(0..=3650).contains(&self.overdue_days_max) {
+            return Err(invalid("overdue_days_max", "0 to 3650".into()));
+        }
+        if !(0..=365).contains(&self.review_notice_days) {
+            return Err(invalid("review_notice_days", "0 to 365".into()));
+        }
+        let mut thresholds = self.alert_thresholds_percent.clone();
+        thresholds.sort_unstable();
+        thresholds.dedup();
+        if thresholds.iter().any(|t| *t == 0 || *t > 1_000) {
+            return Err(invalid("alert_thresholds_percent", "each 1 to 1000".into()));
+        }
+        if self.reservation_ttl_ms < 60_000 {
+            return Err(invalid("reservation_ttl_ms", "at least 60000".into()));
+        }
+        if self.maintenance_interval_ms < 100 {
+            return Err(invalid("maintenance_interval_ms", "at least 100".into()));
+        }
+        let mut authority = HashMap::new();
+        for (code, amount) in &self.limit_authority {
+            let key = format!("limit_authority.{code}");
+            let currency = Currency::from_code(&code.to_uppercase())
+                .map_err(|e| invalid(&key, e.to_string()))?;
+            let amount =
+                Money::parse_in(amount, currency).map_err(|e| invalid(&key, e.to_string()))?;
+            if amount.is_negative() {
+                return Err(invalid(&key, "must not be negative".into()));
+            }
+            authority.insert(currency.code(), amount.minor_units());
+        }
+        let ttl_ms = i64::try_from(self.reservation_ttl_ms)
+            .map_err(|_| invalid("reservation_ttl_ms", "too large".into()))?;
+        Ok(grpc::Config {
+            policy: domain::Policy {
+                overdue_days_max: self.overdue_days_max,
+                alert_thresholds_percent: thresholds,
+                review_notice_days: self.review_notice_days,
+            },
+            reservation_ttl: chrono::Duration::milliseconds(ttl_ms),
+            authority,
+            clock,
+        })
+    }
+}
+
+impl Extra for CreditSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        self.config(system_clock()).map(|_| ())
+    }
+}
+
 /// Settings of the standalone binary (`O2C_REDIS_URL` enables the cache).
-pub type Settings = BinarySettings<NoExtra>;
+pub type Settings = BinarySettings<CreditSettings>;
 
 /// Defaults of the standalone binary.
 pub fn default_settings() -> Settings {
-    Settings::local("credit", DEFAULT_PORT, NoExtra {})
+    Settings::local("credit", DEFAULT_PORT, CreditSettings::default())
+}
+
+/// A built service: its routes and its maintenance.
+pub struct Built {
+    pub routes: Routes,
+    pub maintenance: Maintenance,
 }
 
 /// Connects to the database (and Redis when `redis_url` is set), applies
-/// migrations and returns the routes. An unreachable Redis only disables
-/// the cache: it is never needed for a decision.
-pub async fn build(service: &ServiceSettings, redis_url: Option<&str>) -> anyhow::Result<Routes> {
+/// migrations, and builds the service on `clock`. An unreachable Redis only
+/// disables the cache: it is never needed for a decision.
+pub async fn build_with(
+    service: &ServiceSettings,
+    redis_url: Option<&str>,
+    credit: &CreditSettings,
+    clock: Clock,
+) -> anyhow::Result<Built> {
+    let config = credit.config(clock)?;
     let db =
         o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
             .await
@@ -52,18 +173,53 @@ pub async fn build(service: &ServiceSettings, redis_url: Option<&str>) -> anyhow
         },
         None => None,
     };
-    let api = grpc::CreditApi::new(db, ExposureCache::new(redis));
-    Ok(Routes::new(CreditServiceServer::new(api)))
+    let api = grpc::CreditApi::new(
+        db,
+        ExposureCache::new(redis),
+        config,
+        grpc::AlertHub::default(),
+    );
+    Ok(Built {
+        maintenance: Maintenance::new(api.clone()),
+        routes: Routes::new(CreditServiceServer::new(api)),
+    })
+}
+
+/// Builds the service on the system clock and starts its maintenance loop.
+pub async fn build(
+    service: &ServiceSettings,
+    redis_url: Option<&str>,
+    credit: &CreditSettings,
+) -> anyhow::Result<Routes> {
+    let built = build_with(service, redis_url, credit, system_clock()).await?;
+    let interval = Duration::from_millis(credit.maintenance_interval_ms);
+    let maintenance = built.maintenance;
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            match maintenance.run_once().await {
+                Ok((0, 0)) => {}
+                Ok((expired, alerts)) => tracing::info!(expired, alerts, "credit maintenance"),
+                Err(error) => {
+                    tracing::warn!(%error, "credit maintenance failed; retrying next interval")
+                }
+            }
+        }
+    });
+    Ok(built.routes)
 }
 
 /// Serves on `listener` until `shutdown` resolves.
 pub async fn run(
     service: ServiceSettings,
     redis_url: Option<String>,
+    credit: CreditSettings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let routes = build(&service, redis_url.as_deref()).await?;
+    let routes = build(&service, redis_url.as_deref(), &credit).await?;
     o2c_kit::serve::run(SERVICE_NAME, &service, listener, routes, shutdown).await?;
     Ok(())
 }

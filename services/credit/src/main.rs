@@ -9,6 +9,7 @@ async fn main() -> anyhow::Result<()> {
             o2c_credit::run(
                 settings.service,
                 settings.common.redis_url,
+                settings.extra,
                 listener,
                 shutdown,
             )

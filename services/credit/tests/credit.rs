@@ -28,7 +28,13 @@ async fn start(backend: Backend, name: &str) -> Option<Harness> {
     };
     let mut service = o2c_kit::settings::ServiceSettings::local("credit", 0);
     service.database_url = db.url.clone();
-    let routes = o2c_credit::build(&service, redis.as_deref()).await.unwrap();
+    let routes = o2c_credit::build(
+        &service,
+        redis.as_deref(),
+        &o2c_credit::CreditSettings::default(),
+    )
+    .await
+    .unwrap();
     let served = o2c_testkit::serve(o2c_credit::SERVICE_NAME, routes).await;
     let client = CreditServiceClient::new(served.channel().await);
     Some(Harness {
@@ -57,6 +63,7 @@ async fn open_with_limit(client: &mut CreditServiceClient<Channel>, limit: &str)
             tenant_id: TENANT.into(),
             customer_id: customer.clone(),
             currency_code: "EUR".into(),
+            parent_customer_id: String::new(),
         })
         .await
         .unwrap();
@@ -67,6 +74,8 @@ async fn open_with_limit(client: &mut CreditServiceClient<Channel>, limit: &str)
             customer_id: customer.clone(),
             credit_limit: eur(limit),
             reason: "test".into(),
+            actor: "analyst-1".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -160,6 +169,7 @@ async fn ledger_lifecycle(backend: Backend) {
             reservation_id: approved.reservation_id.clone(),
             invoice_id: invoice.clone(),
             invoice_amount: eur("400.00"),
+            due_date: String::new(),
         })
         .await
         .unwrap()
@@ -376,7 +386,9 @@ async fn bad_input(backend: Backend) {
             tenant_id: TENANT.into(),
             customer_id: customer.clone(),
             credit_limit: eur("-1.00"),
-            reason: String::new(),
+            reason: "test".into(),
+            actor: "analyst-1".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -78,6 +78,9 @@ pub async fn build(service: &ServiceSettings, upstreams: &Upstreams) -> anyhow::
     let up = grpc::Upstream {
         customer: CustomerServiceClient::new(channel(&upstreams.customer_url, timeout)?),
         credit: CreditServiceClient::new(channel(&upstreams.credit_url, timeout)?),
+        alerts: CreditServiceClient::new(o2c_kit::client::streaming_channel(
+            &upstreams.credit_url,
+        )?),
         invoicing: InvoicingServiceClient::new(channel(&upstreams.invoicing_url, timeout)?),
         payments: PaymentsServiceClient::new(channel(&upstreams.payments_url, timeout)?),
     };

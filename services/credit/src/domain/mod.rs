@@ -1,4 +1,5 @@
-//! Credit rules: exposure arithmetic and the order-entry policy. No I/O.
+//! Credit rules: exposure arithmetic, the order-entry policy, alert
+//! thresholds, limit authority and the risk scorecard. No I/O.
 //!
 //! Amounts are integer minor units of the account currency (`i64`), the
 //! same representation the database holds, so the atomic SQL check and
@@ -6,6 +7,8 @@
 
 use o2c_money::ids::CustomerId;
 use o2c_money::{Currency, Money, MoneyError};
+
+pub mod risk;
 
 /// Version of the credit policy; stored with every decision so a decision
 /// can be explained and replayed.
@@ -32,6 +35,25 @@ pub enum CreditError {
     SettlementExceedsOpen { amount: Money, open: Money },
     #[error("amount out of range: {0}")]
     Money(#[from] MoneyError),
+    #[error("parent account: {0}")]
+    Parent(&'static str),
+    #[error("the approver must differ from the requester {0}")]
+    SameApprover(String),
+    #[error("limit change is {0}, not pending")]
+    LimitChangeNotPending(&'static str),
+    #[error("hold is {0}, not open")]
+    HoldNotOpen(&'static str),
+    #[error("order {0} is already on hold")]
+    OrderHeld(String),
+    #[error("raising the limit to {0} is above your authority; request a limit change")]
+    AboveAuthority(Money),
+}
+
+/// Whether a limit change from `current` to `new` (minor units) needs a
+/// second user: raises above `authority` do (no authority configured for
+/// the currency: every raise does); lowering never does.
+pub fn needs_approval(current_minor: i64, new_minor: i64, authority_minor: Option<i64>) -> bool {
+    new_minor > current_minor && authority_minor.is_none_or(|authority| new_minor > authority)
 }
 
 /// The outcome of a credit check.
@@ -43,26 +65,62 @@ pub enum Outcome {
 }
 
 /// Why an order was not approved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reason {
     OverLimit,
     NoCreditAccount,
+    OverdueItems,
+    LimitExpired,
+    AccountBlocked,
+    MaxOrderValue,
+    GroupLimitExceeded,
 }
 
 impl Reason {
+    pub const ALL: [Reason; 7] = [
+        Reason::OverLimit,
+        Reason::NoCreditAccount,
+        Reason::OverdueItems,
+        Reason::LimitExpired,
+        Reason::AccountBlocked,
+        Reason::MaxOrderValue,
+        Reason::GroupLimitExceeded,
+    ];
+
     pub fn code(self) -> &'static str {
         match self {
             Reason::OverLimit => "OVER_LIMIT",
             Reason::NoCreditAccount => "NO_CREDIT_ACCOUNT",
+            Reason::OverdueItems => "OVERDUE_ITEMS",
+            Reason::LimitExpired => "LIMIT_EXPIRED",
+            Reason::AccountBlocked => "ACCOUNT_BLOCKED",
+            Reason::MaxOrderValue => "MAX_ORDER_VALUE",
+            Reason::GroupLimitExceeded => "GROUP_LIMIT_EXCEEDED",
         }
     }
 
     pub fn from_code(code: &str) -> Option<Self> {
-        match code {
-            "OVER_LIMIT" => Some(Reason::OverLimit),
-            "NO_CREDIT_ACCOUNT" => Some(Reason::NoCreditAccount),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|r| r.code() == code)
+    }
+
+    /// Whether the reason refuses the order outright (BLOCK) rather than
+    /// putting it in the analysts' queue (HOLD).
+    pub fn blocks(self) -> bool {
+        matches!(self, Reason::NoCreditAccount | Reason::AccountBlocked)
+    }
+
+    /// Comma-separated codes, the stored form.
+    pub fn join(reasons: &[Reason]) -> String {
+        reasons
+            .iter()
+            .map(|r| r.code())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Parses [`Reason::join`]; unknown codes are skipped.
+    pub fn split(text: &str) -> Vec<Reason> {
+        text.split(',').filter_map(Reason::from_code).collect()
     }
 }
 
@@ -149,15 +207,117 @@ impl Exposure {
     }
 }
 
-/// The policy's verdict for an order of `amount_minor` against `exposure`
-/// (None: no credit account). Approval is only provisional here: storage
-/// confirms it atomically against the latest exposure.
-pub fn decide(exposure: Option<&Exposure>, amount_minor: i64) -> (Outcome, Vec<Reason>) {
-    match exposure {
-        None => (Outcome::Block, vec![Reason::NoCreditAccount]),
-        Some(e) if !e.fits(amount_minor) => (Outcome::Hold, vec![Reason::OverLimit]),
-        Some(_) => (Outcome::Approve, Vec::new()),
+/// The credit policy's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// An open receivable more than this many days past due holds new
+    /// orders (OVERDUE_ITEMS).
+    pub overdue_days_max: i64,
+    /// Shares of the limit (percent, ascending) whose upward crossing
+    /// raises an alert.
+    pub alert_thresholds_percent: Vec<u32>,
+    /// Days before the next review date that raise a REVIEW_DUE alert.
+    pub review_notice_days: i64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            overdue_days_max: 30,
+            alert_thresholds_percent: vec![80, 100],
+            review_notice_days: 14,
+        }
     }
+}
+
+/// The group (parent) account an account belongs to, as the check sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Group {
+    pub limit_minor: i64,
+    /// The parent's own and all its children's exposure.
+    pub exposure_minor: i64,
+}
+
+/// Everything the policy looks at for one account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountState {
+    pub exposure: Exposure,
+    pub blocked: bool,
+    pub max_order_minor: Option<i64>,
+    pub limit_valid_until: Option<chrono::NaiveDate>,
+    /// Due date of the oldest open receivable.
+    pub oldest_open_due: Option<chrono::NaiveDate>,
+    pub group: Option<Group>,
+}
+
+/// The policy's verdict for an order of `amount_minor` on `today`, with
+/// every reason that applies (None: no credit account). Approval is only
+/// provisional here: storage confirms it atomically against the latest
+/// exposure.
+pub fn evaluate(
+    policy: &Policy,
+    state: Option<&AccountState>,
+    amount_minor: i64,
+    today: chrono::NaiveDate,
+) -> (Outcome, Vec<Reason>) {
+    let Some(state) = state else {
+        return (Outcome::Block, vec![Reason::NoCreditAccount]);
+    };
+    let mut reasons = Vec::new();
+    if state.blocked {
+        reasons.push(Reason::AccountBlocked);
+    }
+    if state.limit_valid_until.is_some_and(|until| until < today) {
+        reasons.push(Reason::LimitExpired);
+    }
+    if state
+        .oldest_open_due
+        .is_some_and(|due| (today - due).num_days() > policy.overdue_days_max)
+    {
+        reasons.push(Reason::OverdueItems);
+    }
+    if state.max_order_minor.is_some_and(|max| amount_minor > max) {
+        reasons.push(Reason::MaxOrderValue);
+    }
+    if !state.exposure.fits(amount_minor) {
+        reasons.push(Reason::OverLimit);
+    }
+    if let Some(group) = state.group
+        && group.limit_minor.saturating_sub(group.exposure_minor) < amount_minor
+    {
+        reasons.push(Reason::GroupLimitExceeded);
+    }
+    let outcome = if reasons.iter().any(|r| r.blocks()) {
+        Outcome::Block
+    } else if reasons.is_empty() {
+        Outcome::Approve
+    } else {
+        Outcome::Hold
+    };
+    (outcome, reasons)
+}
+
+/// The alert thresholds (percent of the limit) crossed upwards going from
+/// `before` to `after` exposure. A zero limit counts as 100 % used as soon as
+/// anything is owed.
+pub fn thresholds_crossed(policy: &Policy, limit_minor: i64, before: i64, after: i64) -> Vec<u32> {
+    let used = |exposure: i64| -> i128 {
+        if limit_minor <= 0 {
+            if exposure > 0 { i128::MAX } else { 0 }
+        } else {
+            i128::from(exposure) * 10_000 / i128::from(limit_minor)
+        }
+    };
+    let (from, to) = (used(before), used(after));
+    policy
+        .alert_thresholds_percent
+        .iter()
+        .copied()
+        .filter(|t| {
+            let at = i128::from(*t) * 100;
+            from < at && to >= at
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -175,12 +335,31 @@ mod tests {
         }
     }
 
+    fn state(limit: i64, reserved: i64, receivable: i64) -> AccountState {
+        AccountState {
+            exposure: exposure(limit, reserved, receivable),
+            blocked: false,
+            max_order_minor: None,
+            limit_valid_until: None,
+            oldest_open_due: None,
+            group: None,
+        }
+    }
+
+    fn day(d: u32) -> chrono::NaiveDate {
+        chrono::NaiveDate::from_ymd_opt(2026, 12, d).unwrap()
+    }
+
     #[test]
     fn an_order_that_exactly_fills_the_limit_is_approved() {
-        let e = exposure(10_000, 3_000, 2_000);
-        assert_eq!(decide(Some(&e), 5_000), (Outcome::Approve, vec![]));
+        let p = Policy::default();
+        let s = state(10_000, 3_000, 2_000);
         assert_eq!(
-            decide(Some(&e), 5_001),
+            evaluate(&p, Some(&s), 5_000, day(4)),
+            (Outcome::Approve, vec![])
+        );
+        assert_eq!(
+            evaluate(&p, Some(&s), 5_001, day(4)),
             (Outcome::Hold, vec![Reason::OverLimit])
         );
     }
@@ -188,9 +367,65 @@ mod tests {
     #[test]
     fn no_account_blocks() {
         assert_eq!(
-            decide(None, 1),
+            evaluate(&Policy::default(), None, 1, day(4)),
             (Outcome::Block, vec![Reason::NoCreditAccount])
         );
+    }
+
+    #[test]
+    fn every_reason_that_applies_is_reported() {
+        let p = Policy {
+            overdue_days_max: 10,
+            ..Policy::default()
+        };
+        let mut s = state(1_000, 900, 0);
+        s.blocked = true;
+        s.limit_valid_until = Some(day(3));
+        s.oldest_open_due = Some(chrono::NaiveDate::from_ymd_opt(2026, 11, 20).unwrap());
+        s.max_order_minor = Some(100);
+        s.group = Some(Group {
+            limit_minor: 5_000,
+            exposure_minor: 4_950,
+        });
+        let (outcome, reasons) = evaluate(&p, Some(&s), 200, day(4));
+        assert_eq!(outcome, Outcome::Block, "a blocked account blocks");
+        assert_eq!(
+            reasons,
+            vec![
+                Reason::AccountBlocked,
+                Reason::LimitExpired,
+                Reason::OverdueItems,
+                Reason::MaxOrderValue,
+                Reason::OverLimit,
+                Reason::GroupLimitExceeded
+            ]
+        );
+        // Exactly N days overdue and a limit valid through today still pass.
+        let mut s = state(1_000, 0, 0);
+        s.oldest_open_due = Some(chrono::NaiveDate::from_ymd_opt(2026, 11, 24).unwrap());
+        s.limit_valid_until = Some(day(4));
+        assert_eq!(evaluate(&p, Some(&s), 10, day(4)).0, Outcome::Approve);
+    }
+
+    #[test]
+    fn raises_above_authority_need_a_second_user() {
+        assert!(
+            !needs_approval(100, 90, Some(50)),
+            "lowering never needs approval"
+        );
+        assert!(!needs_approval(100, 150, Some(200)));
+        assert!(needs_approval(100, 250, Some(200)));
+        assert!(needs_approval(0, 1, None));
+    }
+
+    #[test]
+    fn thresholds_fire_once_on_the_way_up() {
+        let p = Policy::default();
+        assert_eq!(thresholds_crossed(&p, 1_000, 700, 850), vec![80]);
+        assert_eq!(thresholds_crossed(&p, 1_000, 700, 1_000), vec![80, 100]);
+        assert!(thresholds_crossed(&p, 1_000, 850, 900).is_empty());
+        assert!(thresholds_crossed(&p, 1_000, 900, 500).is_empty());
+        assert_eq!(thresholds_crossed(&p, 0, 0, 1), vec![80, 100]);
     }
 
     #[test]
@@ -209,8 +444,12 @@ mod tests {
         for o in [Outcome::Approve, Outcome::Hold, Outcome::Block] {
             assert_eq!(Outcome::from_code(o.code()), Some(o));
         }
-        for r in [Reason::OverLimit, Reason::NoCreditAccount] {
+        for r in Reason::ALL {
             assert_eq!(Reason::from_code(r.code()), Some(r));
         }
+        assert_eq!(
+            Reason::split(&Reason::join(&Reason::ALL)),
+            Reason::ALL.to_vec()
+        );
     }
 }

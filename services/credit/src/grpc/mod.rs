@@ -1,37 +1,185 @@
 //! The gRPC face of the credit service: the only module that knows prost
-//! types. Validates requests, runs each mutation idempotently in one
-//! database transaction, refreshes the exposure cache after commit, and
-//! maps every error to a status.
+//! types. Each mutation is validated, runs idempotently in one database
+//! transaction, and only after commit refreshes the exposure cache and
+//! publishes its alerts.
 
+mod convert;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 use o2c_kit::fields::{self, Violations};
 use o2c_kit::idempotency::{self, Begun};
 use o2c_kit::{ApiError, proto_money};
-use o2c_money::Money;
 use o2c_money::ids::{CustomerId, InvoiceId, ReservationId};
+use o2c_money::{Currency, Money};
 use o2c_proto::credit::v1 as pb;
 use o2c_proto::credit::v1::credit_service_server::CreditService;
 use prost::Message;
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use tokio::sync::broadcast;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::domain::{self, CreditError, Exposure, Outcome, Reason};
-use crate::storage::{self, Account, DecisionRecord, Reservation, cache::ExposureCache};
+use crate::domain::{self, CreditError, Exposure, Outcome, Policy};
+use crate::storage::check::{self, Checked, Context};
+use crate::storage::risk::MaintainedFacts;
+use crate::storage::{self, Account, Alert, AlertKind, LimitUpdate, cache::ExposureCache};
 
 /// Longest order id accepted from callers.
 pub const MAX_ORDER_ID_LENGTH: usize = 100;
-/// Longest reason text on limit changes and releases.
+/// Longest reason text on limit changes, holds and releases.
 pub const MAX_REASON_LENGTH: usize = 500;
+/// Longest actor (user id).
+pub const MAX_ACTOR_LENGTH: usize = 100;
+/// Alerts buffered for live streams; a consumer further behind skips
+/// ahead and is told how many it missed.
+pub const ALERT_STREAM_BUFFER: usize = 1_024;
+
+/// Where the service reads the time. Tests move it.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
+/// The credit policy and operating limits, validated at start.
+#[derive(Clone)]
+pub struct Config {
+    pub policy: Policy,
+    pub reservation_ttl: chrono::Duration,
+    /// Largest limit (minor units) an actor may set without a second
+    /// user, per currency code; raises in other currencies always need one.
+    pub authority: HashMap<&'static str, i64>,
+    pub clock: Clock,
+}
+
+/// Fans alerts out to live streams without ever waiting for them.
+#[derive(Clone)]
+pub struct AlertHub {
+    sender: broadcast::Sender<Alert>,
+}
+
+impl Default for AlertHub {
+    fn default() -> Self {
+        Self {
+            sender: broadcast::channel(ALERT_STREAM_BUFFER).0,
+        }
+    }
+}
+
+impl AlertHub {
+    /// Publishes committed alerts; with no listener they are simply not
+    /// streamed (they stay listable).
+    pub fn publish(&self, alerts: impl IntoIterator<Item = Alert>) {
+        for alert in alerts {
+            let _ = self.sender.send(alert);
+        }
+    }
+}
 
 /// Serves `o2c.credit.v1.CreditService`.
 #[derive(Clone)]
 pub struct CreditApi {
     db: DatabaseConnection,
     cache: ExposureCache,
+    config: Arc<Config>,
+    alerts: AlertHub,
 }
 
 impl CreditApi {
-    pub fn new(db: DatabaseConnection, cache: ExposureCache) -> Self {
-        Self { db, cache }
+    pub fn new(
+        db: DatabaseConnection,
+        cache: ExposureCache,
+        config: Config,
+        alerts: AlertHub,
+    ) -> Self {
+        Self {
+            db,
+            cache,
+            config: Arc::new(config),
+            alerts,
+        }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        (self.config.clock)()
+    }
+
+    fn context(&self, now: DateTime<Utc>) -> Context<'_> {
+        Context {
+            policy: &self.config.policy,
+            now,
+            reservation_ttl: self.config.reservation_ttl,
+        }
+    }
+
+    fn authority(&self, currency: Currency) -> Option<i64> {
+        self.config.authority.get(currency.code()).copied()
+    }
+
+    async fn begin<R: Message + Default>(
+        &self,
+        scope: &str,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<Begun<R>, ApiError> {
+        idempotency::begin(&self.db, scope, key, bytes).await
+    }
+
+    /// Commits `txn` with the response, then refreshes the cache with
+    /// `exposures` and publishes `alerts`.
+    async fn finish<R: Message + Default>(
+        &self,
+        txn: DatabaseTransaction,
+        scope: &str,
+        key: &str,
+        bytes: &[u8],
+        response: R,
+        tenant: &str,
+        exposures: &[Exposure],
+        alerts: Vec<Alert>,
+    ) -> Result<Response<R>, Status> {
+        let response = idempotency::commit(&self.db, txn, scope, key, bytes, response).await?;
+        for exposure in exposures {
+            self.cache.put(tenant, exposure).await;
+        }
+        self.alerts.publish(alerts);
+        Ok(Response::new(response))
+    }
+
+    async fn account_proto(
+        &self,
+        conn: &impl sea_orm::ConnectionTrait,
+        account: &Account,
+    ) -> Result<pb::CreditAccount, ApiError> {
+        let parent = match &account.parent_account_id {
+            Some(parent) => Some(
+                storage::account_by_id(conn, parent)
+                    .await?
+                    .exposure
+                    .customer_id
+                    .to_string(),
+            ),
+            None => None,
+        };
+        convert::account(account, parent)
+    }
+
+    /// Exposures to refresh after a change of `account` (and its parent).
+    async fn touched(
+        &self,
+        conn: &impl sea_orm::ConnectionTrait,
+        account: &Account,
+    ) -> Result<Vec<Exposure>, ApiError> {
+        let mut exposures = vec![account.exposure];
+        if let Some(parent) = &account.parent_account_id {
+            exposures.push(storage::account_by_id(conn, parent).await?.exposure);
+        }
+        Ok(exposures)
     }
 }
 
@@ -50,6 +198,12 @@ impl From<CreditError> for ApiError {
             CreditError::ReceivableExists(_) => ApiError::AlreadyExists(message),
             CreditError::SettlementExceedsOpen { .. } => ApiError::FailedPrecondition(message),
             CreditError::Money(_) => ApiError::Internal(message),
+            CreditError::Parent(_) => ApiError::invalid("parent_customer_id", message),
+            CreditError::SameApprover(_) => ApiError::FailedPrecondition(message),
+            CreditError::LimitChangeNotPending(_) => ApiError::FailedPrecondition(message),
+            CreditError::HoldNotOpen(_) => ApiError::FailedPrecondition(message),
+            CreditError::OrderHeld(_) => ApiError::AlreadyExists(message),
+            CreditError::AboveAuthority(_) => ApiError::FailedPrecondition(message),
         }
     }
 }
@@ -72,81 +226,39 @@ fn same_currency(field: &str, amount: &Money, account: &Account) -> Result<(), A
     }
 }
 
-fn money(exposure: &Exposure, minor: i64) -> Result<o2c_proto::common::v1::Money, ApiError> {
-    let value = exposure.money(minor).map_err(CreditError::from)?;
-    Ok(proto_money::to_proto(&value))
+fn actor(v: &mut Violations, value: &str) -> Option<String> {
+    v.check(fields::text("actor", value, MAX_ACTOR_LENGTH))
 }
 
-fn exposure_to_proto(exposure: &Exposure) -> Result<pb::Exposure, ApiError> {
-    Ok(pb::Exposure {
-        customer_id: exposure.customer_id.to_string(),
-        credit_limit: Some(money(exposure, exposure.limit_minor)?),
-        reserved: Some(money(exposure, exposure.reserved_minor)?),
-        receivables: Some(money(exposure, exposure.receivable_minor)?),
-        total: Some(money(exposure, exposure.total_minor())?),
-        available: Some(money(exposure, exposure.available_minor())?),
-        version: exposure.version,
-    })
-}
-
-fn account_to_proto(account: &Account) -> Result<pb::CreditAccount, ApiError> {
-    Ok(pb::CreditAccount {
-        credit_account_id: account.id.to_string(),
-        tenant_id: account.tenant_id.clone(),
-        customer_id: account.exposure.customer_id.to_string(),
-        currency_code: account.exposure.currency.code().to_owned(),
-        exposure: Some(exposure_to_proto(&account.exposure)?),
-    })
-}
-
-fn reservation_to_proto(
-    reservation: &Reservation,
-    exposure: &Exposure,
-) -> Result<pb::Reservation, ApiError> {
-    let state = match reservation.state.as_str() {
-        storage::STATE_OPEN => pb::ReservationState::Open,
-        storage::STATE_CONVERTED => pb::ReservationState::Converted,
-        storage::STATE_RELEASED => pb::ReservationState::Released,
-        _ => pb::ReservationState::Unspecified,
-    };
-    Ok(pb::Reservation {
-        reservation_id: reservation.id.to_string(),
-        customer_id: reservation.customer_id.to_string(),
-        order_id: reservation.order_id.clone(),
-        amount: Some(money(exposure, reservation.amount_minor)?),
-        state: state as i32,
-        invoice_id: reservation.invoice_id.clone().unwrap_or_default(),
-    })
-}
-
-fn outcome_to_proto(outcome: Outcome) -> pb::Decision {
-    match outcome {
-        Outcome::Approve => pb::Decision::Approve,
-        Outcome::Hold => pb::Decision::Hold,
-        Outcome::Block => pb::Decision::Block,
+fn page_token(v: &mut Violations, token: &str) -> Option<Option<String>> {
+    if token.is_empty() {
+        Some(None)
+    } else {
+        v.check(fields::id::<uuid::Uuid>("page_token", token).map(|id| Some(id.to_string())))
     }
 }
 
-fn reason_to_proto(reason: Reason) -> pb::ReasonCode {
-    match reason {
-        Reason::OverLimit => pb::ReasonCode::OverLimit,
-        Reason::NoCreditAccount => pb::ReasonCode::NoCreditAccount,
+fn next_token<T>(page: &[T], size: u64, id: impl Fn(&T) -> String) -> String {
+    if page.len() as u64 == size {
+        page.last().map(id).unwrap_or_default()
+    } else {
+        String::new()
     }
 }
 
-impl CreditApi {
-    async fn begin<R: Message + Default>(
-        &self,
-        scope: &str,
-        key: &str,
-        bytes: &[u8],
-    ) -> Result<Begun<R>, ApiError> {
-        idempotency::begin(&self.db, scope, key, bytes).await
-    }
+fn checked_decision(checked: &Checked) -> Result<pb::CreditDecision, ApiError> {
+    convert::decision(
+        &checked.decision,
+        checked.account.as_ref().map(|a| &a.exposure),
+    )
 }
+
+type AlertStream = Pin<Box<dyn Stream<Item = Result<pb::StreamAlertsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl CreditService for CreditApi {
+    type StreamAlertsStream = AlertStream;
+
     async fn open_credit_account(
         &self,
         request: Request<pb::OpenCreditAccountRequest>,
@@ -162,9 +274,19 @@ impl CreditService for CreditApi {
             "currency_code",
             &request.currency_code,
         ));
+        let parent = if request.parent_customer_id.is_empty() {
+            Some(None)
+        } else {
+            v.check(
+                fields::id::<CustomerId>("parent_customer_id", &request.parent_customer_id)
+                    .map(Some),
+            )
+        };
         v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
-        let (Some(tenant), Some(customer), Some(currency)) = (tenant, customer, currency) else {
+        let (Some(tenant), Some(customer), Some(currency), Some(parent)) =
+            (tenant, customer, currency, parent)
+        else {
             return Err(missing().into());
         };
         let scope = format!("{tenant}/credit.OpenCreditAccount");
@@ -173,13 +295,22 @@ impl CreditService for CreditApi {
             Begun::Replay(response) => return Ok(Response::new(response)),
             Begun::Fresh(txn) => txn,
         };
-        let account = storage::open_account(&txn, &tenant, customer, currency).await?;
+        let account =
+            storage::open_account(&txn, &tenant, customer, currency, parent, self.now()).await?;
         let response = pb::OpenCreditAccountResponse {
-            credit_account: Some(account_to_proto(&account)?),
+            credit_account: Some(self.account_proto(&txn, &account).await?),
         };
-        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
-        self.cache.put(&tenant, &account.exposure).await;
-        Ok(Response::new(response))
+        self.finish(
+            txn,
+            &scope,
+            key,
+            &bytes,
+            response,
+            &tenant,
+            &[account.exposure],
+            Vec::new(),
+        )
+        .await
     }
 
     async fn set_credit_limit(
@@ -197,23 +328,30 @@ impl CreditService for CreditApi {
             "credit_limit",
             request.credit_limit.as_ref(),
         ));
-        if let Some(limit) = &limit
-            && limit.is_negative()
-        {
+        if limit.as_ref().is_some_and(Money::is_negative) {
             v.check::<()>(Err(ApiError::invalid(
                 "credit_limit.amount",
                 "must not be negative",
             )));
         }
-        let reason = v.check(fields::optional_text(
-            "reason",
-            &request.reason,
-            MAX_REASON_LENGTH,
+        let reason = v.check(fields::text("reason", &request.reason, MAX_REASON_LENGTH));
+        let actor = actor(&mut v, &request.actor);
+        let valid_until = v.check(fields::optional_date("valid_until", &request.valid_until));
+        let review = v.check(fields::optional_date(
+            "next_review_date",
+            &request.next_review_date,
         ));
         v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
-        let (Some(tenant), Some(customer), Some(limit), Some(reason)) =
-            (tenant, customer, limit, reason)
+        let (
+            Some(tenant),
+            Some(customer),
+            Some(limit),
+            Some(reason),
+            Some(actor),
+            Some(valid_until),
+            Some(review),
+        ) = (tenant, customer, limit, reason, actor, valid_until, review)
         else {
             return Err(missing().into());
         };
@@ -223,15 +361,23 @@ impl CreditService for CreditApi {
             Begun::Replay(response) => return Ok(Response::new(response)),
             Begun::Fresh(txn) => txn,
         };
+        let now = self.now();
         let account = storage::require_account(&txn, &tenant, customer).await?;
         same_currency("credit_limit", &limit, &account)?;
-        let account = storage::set_limit(&txn, &account, limit.minor_units(), &reason).await?;
-        let response = pb::SetCreditLimitResponse {
-            credit_account: Some(account_to_proto(&account)?),
+        let update = LimitUpdate {
+            limit_minor: limit.minor_units(),
+            source: storage::SOURCE_MANUAL,
+            valid_until,
+            next_review_date: review,
+            reason,
+            actor,
         };
-        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
-        self.cache.put(&tenant, &account.exposure).await;
-        Ok(Response::new(response))
+        let (response, account, alerts) = self.change_limit(&txn, &account, &update, now).await?;
+        let exposures = self.touched(&txn, &account).await?;
+        self.finish(
+            txn, &scope, key, &bytes, response, &tenant, &exposures, alerts,
+        )
+        .await
     }
 
     async fn check_and_reserve(
@@ -267,102 +413,55 @@ impl CreditService for CreditApi {
             Begun::Replay(response) => return Ok(Response::new(response)),
             Begun::Fresh(txn) => txn,
         };
-        let amount_minor = amount.minor_units();
-        // An order is checked once; changing its amount is an amendment.
+        // An order is checked once; changing its amount is an amendment
+        // and a held order is worked from the hold queue.
         if storage::order_has_reservation(&txn, &tenant, &order).await? {
             return Err(ApiError::from(CreditError::OrderAlreadyReserved(order)).into());
         }
+        if storage::order_has_hold(&txn, &tenant, &order).await? {
+            return Err(ApiError::from(CreditError::OrderHeld(order)).into());
+        }
         let account = storage::find_account(&txn, &tenant, customer).await?;
-        let (decision, after) = match account {
-            None => {
-                let (outcome, reasons) = domain::decide(None, amount_minor);
-                let id = storage::insert_decision(
-                    &txn,
-                    &DecisionRecord {
-                        tenant_id: &tenant,
-                        customer_id: customer,
-                        order_id: &order,
-                        amount_minor,
-                        currency: amount.currency(),
-                        outcome,
-                        reasons: &reasons,
-                        reservation_id: None,
-                        inputs: None,
-                    },
-                )
-                .await?;
-                let decision = pb::CreditDecision {
-                    decision_id: id.to_string(),
-                    decision: outcome_to_proto(outcome) as i32,
-                    reasons: reasons.iter().map(|r| reason_to_proto(*r) as i32).collect(),
-                    reservation_id: String::new(),
-                    exposure: None,
-                    policy_version: domain::POLICY_VERSION.to_owned(),
-                };
-                (decision, None)
-            }
-            Some(account) => {
-                same_currency("amount", &amount, &account)?;
-                let reserved = storage::try_reserve(&txn, account.id, amount_minor).await?;
-                let reservation = if reserved {
-                    Some(storage::insert_reservation(&txn, &account, &order, amount_minor).await?)
-                } else {
-                    None
-                };
-                let after = storage::account_by_id(&txn, &account.id.to_string()).await?;
-                // The exposure the decision was taken against: what it was
-                // just before our own reservation.
-                let mut inputs = after.exposure;
-                if reserved {
-                    inputs.reserved_minor -= amount_minor;
-                }
-                let (outcome, reasons) = domain::decide(Some(&inputs), amount_minor);
-                if (outcome == Outcome::Approve) != reserved {
-                    return Err(ApiError::Internal(format!(
-                        "policy and atomic reservation disagree for account {}",
-                        account.id
-                    ))
-                    .into());
-                }
-                let id = storage::insert_decision(
-                    &txn,
-                    &DecisionRecord {
-                        tenant_id: &tenant,
-                        customer_id: customer,
-                        order_id: &order,
-                        amount_minor,
-                        currency: amount.currency(),
-                        outcome,
-                        reasons: &reasons,
-                        reservation_id: reservation.as_ref().map(|r| r.id),
-                        inputs: Some(&inputs),
-                    },
-                )
-                .await?;
-                let decision = pb::CreditDecision {
-                    decision_id: id.to_string(),
-                    decision: outcome_to_proto(outcome) as i32,
-                    reasons: reasons.iter().map(|r| reason_to_proto(*r) as i32).collect(),
-                    reservation_id: reservation.map(|r| r.id.to_string()).unwrap_or_default(),
-                    exposure: Some(exposure_to_proto(&after.exposure)?),
-                    policy_version: domain::POLICY_VERSION.to_owned(),
-                };
-                (decision, Some(after.exposure))
-            }
-        };
+        if let Some(account) = &account {
+            same_currency("amount", &amount, account)?;
+        }
+        let now = self.now();
+        let ctx = self.context(now);
+        let checked = check::check_order(
+            &txn,
+            &ctx,
+            &tenant,
+            customer,
+            account.as_ref(),
+            &order,
+            amount,
+            true,
+        )
+        .await?;
         tracing::info!(
-            decision = ?pb::Decision::try_from(decision.decision).unwrap_or_default(),
-            reasons = ?decision.reasons,
+            outcome = checked.outcome.code(),
+            reasons = %domain::Reason::join(&checked.reasons),
+            policy = domain::POLICY_VERSION,
             "credit decision"
         );
         let response = pb::CheckAndReserveResponse {
-            decision: Some(decision),
+            decision: Some(checked_decision(&checked)?),
         };
-        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
-        if let Some(after) = after {
-            self.cache.put(&tenant, &after).await;
-        }
-        Ok(Response::new(response))
+        let exposures = match &checked.account {
+            Some(account) => self.touched(&txn, account).await?,
+            None => Vec::new(),
+        };
+        self.finish(
+            txn,
+            &scope,
+            key,
+            &bytes,
+            response,
+            &tenant,
+            &exposures,
+            checked.alerts,
+        )
+        .await
     }
 
     async fn convert_reservation(
@@ -381,10 +480,11 @@ impl CreditService for CreditApi {
             "invoice_amount",
             request.invoice_amount.as_ref(),
         ));
+        let due = v.check(fields::optional_date("due_date", &request.due_date));
         v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
-        let (Some(tenant), Some(reservation_id), Some(invoice), Some(amount)) =
-            (tenant, reservation_id, invoice, amount)
+        let (Some(tenant), Some(reservation_id), Some(invoice), Some(amount), Some(due)) =
+            (tenant, reservation_id, invoice, amount, due)
         else {
             return Err(missing().into());
         };
@@ -398,30 +498,43 @@ impl CreditService for CreditApi {
         let account = storage::account_by_id(&txn, &reservation.account_id).await?;
         same_currency("invoice_amount", &amount, &account)?;
         if amount.minor_units() > reservation.amount_minor {
+            let reserved = account
+                .exposure
+                .money(reservation.amount_minor)
+                .map_err(|e| ApiError::from(CreditError::from(e)))?;
             return Err(ApiError::from(CreditError::InvoiceExceedsReservation {
                 invoice: amount,
-                reserved: account
-                    .exposure
-                    .money(reservation.amount_minor)
-                    .map_err(|e| ApiError::from(CreditError::from(e)))?,
+                reserved,
             })
             .into());
         }
+        let now = self.now();
         let (reservation, account) = storage::convert(
             &txn,
             &tenant,
             &reservation,
             &invoice.to_string(),
             amount.minor_units(),
+            due,
+            now,
         )
         .await?;
         let response = pb::ConvertReservationResponse {
-            reservation: Some(reservation_to_proto(&reservation, &account.exposure)?),
-            exposure: Some(exposure_to_proto(&account.exposure)?),
+            reservation: Some(convert::reservation(&reservation, &account.exposure)?),
+            exposure: Some(convert::exposure(&account.exposure)?),
         };
-        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
-        self.cache.put(&tenant, &account.exposure).await;
-        Ok(Response::new(response))
+        let exposures = self.touched(&txn, &account).await?;
+        self.finish(
+            txn,
+            &scope,
+            key,
+            &bytes,
+            response,
+            &tenant,
+            &exposures,
+            Vec::new(),
+        )
+        .await
     }
 
     async fn release_reservation(
@@ -452,14 +565,30 @@ impl CreditService for CreditApi {
             Begun::Fresh(txn) => txn,
         };
         let reservation = storage::get_reservation(&txn, &tenant, reservation_id).await?;
-        let (reservation, account) = storage::release(&txn, &tenant, &reservation).await?;
+        let (reservation, account) = storage::release(
+            &txn,
+            &tenant,
+            &reservation,
+            storage::STATE_RELEASED,
+            self.now(),
+        )
+        .await?;
         let response = pb::ReleaseReservationResponse {
-            reservation: Some(reservation_to_proto(&reservation, &account.exposure)?),
-            exposure: Some(exposure_to_proto(&account.exposure)?),
+            reservation: Some(convert::reservation(&reservation, &account.exposure)?),
+            exposure: Some(convert::exposure(&account.exposure)?),
         };
-        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
-        self.cache.put(&tenant, &account.exposure).await;
-        Ok(Response::new(response))
+        let exposures = self.touched(&txn, &account).await?;
+        self.finish(
+            txn,
+            &scope,
+            key,
+            &bytes,
+            response,
+            &tenant,
+            &exposures,
+            Vec::new(),
+        )
+        .await
     }
 
     async fn settle_receivable(
@@ -485,13 +614,23 @@ impl CreditService for CreditApi {
             Begun::Replay(response) => return Ok(Response::new(response)),
             Begun::Fresh(txn) => txn,
         };
-        let account = storage::settle(&txn, &tenant, &invoice.to_string(), amount).await?;
+        let account =
+            storage::settle(&txn, &tenant, &invoice.to_string(), amount, self.now()).await?;
         let response = pb::SettleReceivableResponse {
-            exposure: Some(exposure_to_proto(&account.exposure)?),
+            exposure: Some(convert::exposure(&account.exposure)?),
         };
-        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
-        self.cache.put(&tenant, &account.exposure).await;
-        Ok(Response::new(response))
+        let exposures = self.touched(&txn, &account).await?;
+        self.finish(
+            txn,
+            &scope,
+            key,
+            &bytes,
+            response,
+            &tenant,
+            &exposures,
+            Vec::new(),
+        )
+        .await
     }
 
     async fn get_exposure(
@@ -499,16 +638,7 @@ impl CreditService for CreditApi {
         request: Request<pb::GetExposureRequest>,
     ) -> Result<Response<pb::GetExposureResponse>, Status> {
         let request = request.into_inner();
-        let mut v = Violations::default();
-        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let customer = v.check(fields::id::<CustomerId>(
-            "customer_id",
-            &request.customer_id,
-        ));
-        v.finish()?;
-        let (Some(tenant), Some(customer)) = (tenant, customer) else {
-            return Err(missing().into());
-        };
+        let (tenant, customer) = tenant_and_customer(&request.tenant_id, &request.customer_id)?;
         let exposure = match self.cache.get(&tenant, &customer.to_string()).await {
             Some(cached) => cached,
             None => {
@@ -518,7 +648,7 @@ impl CreditService for CreditApi {
             }
         };
         Ok(Response::new(pb::GetExposureResponse {
-            exposure: Some(exposure_to_proto(&exposure)?),
+            exposure: Some(convert::exposure(&exposure)?),
         }))
     }
 
@@ -527,36 +657,1032 @@ impl CreditService for CreditApi {
         request: Request<pb::RecomputeExposureRequest>,
     ) -> Result<Response<pb::RecomputeExposureResponse>, Status> {
         let request = request.into_inner();
+        let (tenant, customer) = tenant_and_customer(&request.tenant_id, &request.customer_id)?;
+        // One transaction so counters and ledger are read at one instant.
+        let txn = self.db.begin().await.map_err(ApiError::from)?;
+        let account = storage::require_account(&txn, &tenant, customer).await?;
+        let recomputed = storage::recompute(&txn, &account).await?;
+        txn.commit().await.map_err(ApiError::from)?;
+        let consistent = recomputed == account.exposure;
+        if !consistent {
+            tracing::error!(customer = %customer, stored = ?account.exposure, ledger = ?recomputed, "stored exposure differs from the ledger");
+        }
+        Ok(Response::new(pb::RecomputeExposureResponse {
+            stored: Some(convert::exposure(&account.exposure)?),
+            recomputed: Some(convert::exposure(&recomputed)?),
+            consistent,
+        }))
+    }
+
+    async fn get_credit_account(
+        &self,
+        request: Request<pb::GetCreditAccountRequest>,
+    ) -> Result<Response<pb::GetCreditAccountResponse>, Status> {
+        let request = request.into_inner();
+        let (tenant, customer) = tenant_and_customer(&request.tenant_id, &request.customer_id)?;
+        let account = storage::require_account(&self.db, &tenant, customer).await?;
+        Ok(Response::new(pb::GetCreditAccountResponse {
+            credit_account: Some(self.account_proto(&self.db, &account).await?),
+        }))
+    }
+
+    async fn get_group_exposure(
+        &self,
+        request: Request<pb::GetGroupExposureRequest>,
+    ) -> Result<Response<pb::GetGroupExposureResponse>, Status> {
+        let request = request.into_inner();
+        let (tenant, customer) = tenant_and_customer(&request.tenant_id, &request.customer_id)?;
+        let txn = self.db.begin().await.map_err(ApiError::from)?;
+        let parent = storage::require_account(&txn, &tenant, customer).await?;
+        if parent.parent_account_id.is_some() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "customer {customer} is a group member; ask for its parent's group"
+            ))
+            .into());
+        }
+        let mut members = vec![parent.clone()];
+        members.extend(storage::children(&txn, &parent).await?);
+        let mut recomputed_total = 0i64;
+        let mut exposures = Vec::new();
+        for member in &members {
+            let ledger = storage::recompute(&txn, member).await?;
+            recomputed_total += ledger.total_minor();
+            exposures.push(convert::exposure(&member.exposure)?);
+        }
+        txn.commit().await.map_err(ApiError::from)?;
+        let e = &parent.exposure;
+        Ok(Response::new(pb::GetGroupExposureResponse {
+            credit_limit: Some(convert::money(e, e.limit_minor)?),
+            total: Some(convert::money(e, parent.group_exposure_minor)?),
+            available: Some(convert::money(
+                e,
+                e.limit_minor - parent.group_exposure_minor,
+            )?),
+            members: exposures,
+            consistent: recomputed_total == parent.group_exposure_minor,
+        }))
+    }
+
+    async fn set_account_controls(
+        &self,
+        request: Request<pb::SetAccountControlsRequest>,
+    ) -> Result<Response<pb::SetAccountControlsResponse>, Status> {
+        let request = request.into_inner();
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
         let customer = v.check(fields::id::<CustomerId>(
             "customer_id",
             &request.customer_id,
         ));
+        let max = match &request.max_order_value {
+            None => Some(None),
+            Some(m) => v.check(proto_money::parse_positive("max_order_value", Some(m)).map(Some)),
+        };
+        v.check(fields::text("reason", &request.reason, MAX_REASON_LENGTH));
+        actor(&mut v, &request.actor);
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(max)) = (tenant, customer, max) else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/credit.SetAccountControls");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match self.begin(&scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let account = storage::require_account(&txn, &tenant, customer).await?;
+        if let Some(max) = &max {
+            same_currency("max_order_value", max, &account)?;
+        }
+        let account = storage::set_controls(
+            &txn,
+            &account,
+            request.blocked,
+            max.map(|m| m.minor_units()),
+            self.now(),
+        )
+        .await?;
+        tracing::info!(customer = %customer, blocked = request.blocked, "account controls changed");
+        let response = pb::SetAccountControlsResponse {
+            credit_account: Some(self.account_proto(&txn, &account).await?),
+        };
+        self.finish(
+            txn,
+            &scope,
+            key,
+            &bytes,
+            response,
+            &tenant,
+            &[account.exposure],
+            Vec::new(),
+        )
+        .await
+    }
+
+    async fn decide_limit_change(
+        &self,
+        request: Request<pb::DecideLimitChangeRequest>,
+    ) -> Result<Response<pb::DecideLimitChangeResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let change_id = v.check(fields::id::<uuid::Uuid>(
+            "limit_change_id",
+            &request.limit_change_id,
+        ));
+        let reason = v.check(fields::text("reason", &request.reason, MAX_REASON_LENGTH));
+        let actor = actor(&mut v, &request.actor);
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(change_id), Some(reason), Some(actor)) =
+            (tenant, change_id, reason, actor)
+        else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/credit.DecideLimitChange");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match self.begin(&scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let now = self.now();
+        let change = storage::get_limit_change(&txn, &tenant, &change_id.to_string()).await?;
+        let before = storage::account_by_id(&txn, &change.account_id)
+            .await?
+            .exposure;
+        let (change, account) =
+            storage::decide_limit_change(&txn, &change, request.approve, &actor, &reason, now)
+                .await?;
+        let alerts =
+            check::alerts_after_change(&txn, &self.context(now), &account, &before).await?;
+        tracing::info!(change = %change.id, status = %change.status, "limit change decided");
+        let response = pb::DecideLimitChangeResponse {
+            change: Some(convert::limit_change(&change, &account.exposure)?),
+            credit_account: Some(self.account_proto(&txn, &account).await?),
+        };
+        let exposures = self.touched(&txn, &account).await?;
+        self.finish(
+            txn, &scope, key, &bytes, response, &tenant, &exposures, alerts,
+        )
+        .await
+    }
+
+    async fn list_limit_changes(
+        &self,
+        request: Request<pb::ListLimitChangesRequest>,
+    ) -> Result<Response<pb::ListLimitChangesResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let size = v.check(fields::page_size("page_size", request.page_size));
+        let token = page_token(&mut v, &request.page_token);
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(size), Some(token)) =
+            (tenant, customer, size, token)
+        else {
+            return Err(missing().into());
+        };
+        let account = storage::require_account(&self.db, &tenant, customer).await?;
+        let page = storage::list_limit_changes(&self.db, &account, token, size).await?;
+        Ok(Response::new(pb::ListLimitChangesResponse {
+            changes: page
+                .iter()
+                .map(|c| convert::limit_change(c, &account.exposure))
+                .collect::<Result<_, _>>()?,
+            next_page_token: next_token(&page, size, |c| c.id.clone()),
+        }))
+    }
+
+    async fn amend_reservation(
+        &self,
+        request: Request<pb::AmendReservationRequest>,
+    ) -> Result<Response<pb::AmendReservationResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let reservation_id = v.check(fields::id::<ReservationId>(
+            "reservation_id",
+            &request.reservation_id,
+        ));
+        let amount = v.check(proto_money::parse_positive(
+            "new_amount",
+            request.new_amount.as_ref(),
+        ));
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(reservation_id), Some(amount)) = (tenant, reservation_id, amount)
+        else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/credit.AmendReservation");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match self.begin(&scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let reservation = storage::get_reservation(&txn, &tenant, reservation_id).await?;
+        if reservation.state != storage::STATE_OPEN {
+            return Err(ApiError::from(CreditError::ReservationNotOpen("not open")).into());
+        }
+        let account = storage::account_by_id(&txn, &reservation.account_id).await?;
+        same_currency("new_amount", &amount, &account)?;
+        let now = self.now();
+        let checked = check::amend(&txn, &self.context(now), &tenant, &reservation, amount).await?;
+        let after = checked.account.clone().ok_or_else(missing)?;
+        let response = pb::AmendReservationResponse {
+            decision: Some(checked_decision(&checked)?),
+            reservation: checked
+                .reservation
+                .as_ref()
+                .map(|r| convert::reservation(r, &after.exposure))
+                .transpose()?,
+        };
+        let exposures = self.touched(&txn, &after).await?;
+        self.finish(
+            txn,
+            &scope,
+            key,
+            &bytes,
+            response,
+            &tenant,
+            &exposures,
+            checked.alerts,
+        )
+        .await
+    }
+
+    async fn list_decisions(
+        &self,
+        request: Request<pb::ListDecisionsRequest>,
+    ) -> Result<Response<pb::ListDecisionsResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = if request.customer_id.is_empty() {
+            Some(None)
+        } else {
+            v.check(fields::id::<CustomerId>("customer_id", &request.customer_id).map(Some))
+        };
+        let order = v.check(fields::optional_text(
+            "order_id",
+            &request.order_id,
+            MAX_ORDER_ID_LENGTH,
+        ));
+        if request.customer_id.is_empty() && request.order_id.is_empty() {
+            v.check::<()>(Err(ApiError::invalid(
+                "customer_id",
+                "customer_id or order_id is required",
+            )));
+        }
+        let size = v.check(fields::page_size("page_size", request.page_size));
+        let token = page_token(&mut v, &request.page_token);
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(order), Some(size), Some(token)) =
+            (tenant, customer, order, size, token)
+        else {
+            return Err(missing().into());
+        };
+        let order = (!order.is_empty()).then_some(order);
+        let page =
+            storage::list_decisions(&self.db, &tenant, customer, order.as_deref(), token, size)
+                .await?;
+        Ok(Response::new(pb::ListDecisionsResponse {
+            decisions: page
+                .iter()
+                .map(|d| convert::decision(d, None))
+                .collect::<Result<_, _>>()?,
+            next_page_token: next_token(&page, size, |d| d.id.clone()),
+        }))
+    }
+
+    async fn list_holds(
+        &self,
+        request: Request<pb::ListHoldsRequest>,
+    ) -> Result<Response<pb::ListHoldsResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = if request.customer_id.is_empty() {
+            Some(None)
+        } else {
+            v.check(fields::id::<CustomerId>("customer_id", &request.customer_id).map(Some))
+        };
+        let reason = match pb::ReasonCode::try_from(request.reason) {
+            Ok(pb::ReasonCode::Unspecified) => Some(None),
+            Ok(code) => Some(convert::reason_from_proto(code)),
+            Err(_) => v.check(Err(ApiError::invalid("reason", "unknown reason code"))),
+        };
+        let state = match pb::HoldState::try_from(request.state) {
+            Ok(pb::HoldState::Unspecified | pb::HoldState::Open) => Some(storage::HOLD_OPEN),
+            Ok(pb::HoldState::Released) => Some(storage::HOLD_RELEASED),
+            Ok(pb::HoldState::Rejected) => Some(storage::HOLD_REJECTED),
+            Err(_) => v.check(Err(ApiError::invalid("state", "unknown hold state"))),
+        };
+        let size = v.check(fields::page_size("page_size", request.page_size));
+        let token = page_token(&mut v, &request.page_token);
+        v.finish()?;
+        let (Some(tenant), Some(customer_id), Some(reason), Some(state), Some(size), Some(token)) =
+            (tenant, customer, reason, state, size, token)
+        else {
+            return Err(missing().into());
+        };
+        let filter = storage::HoldFilter {
+            customer_id,
+            reason,
+            state,
+        };
+        let page = storage::list_holds(&self.db, &tenant, &filter, token, size).await?;
+        let now = self.now();
+        let mut holds = Vec::new();
+        let mut accounts: HashMap<String, Account> = HashMap::new();
+        for hold in &page {
+            if !accounts.contains_key(&hold.account_id) {
+                let account = storage::account_by_id(&self.db, &hold.account_id).await?;
+                accounts.insert(hold.account_id.clone(), account);
+            }
+            let account = accounts.get(&hold.account_id).ok_or_else(missing)?;
+            holds.push(convert::hold(hold, &account.exposure, now)?);
+        }
+        Ok(Response::new(pb::ListHoldsResponse {
+            holds,
+            next_page_token: next_token(&page, size, |h| h.id.clone()),
+        }))
+    }
+
+    async fn release_hold(
+        &self,
+        request: Request<pb::ReleaseHoldRequest>,
+    ) -> Result<Response<pb::ReleaseHoldResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let hold_id = v.check(fields::id::<uuid::Uuid>("hold_id", &request.hold_id));
+        let actor = actor(&mut v, &request.actor);
+        let reason = v.check(fields::text("reason", &request.reason, MAX_REASON_LENGTH));
+        let raise = match &request.raise_limit_to {
+            None => Some(None),
+            Some(m) => v.check(proto_money::parse_positive("raise_limit_to", Some(m)).map(Some)),
+        };
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(hold_id), Some(actor), Some(reason), Some(raise)) =
+            (tenant, hold_id, actor, reason, raise)
+        else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/credit.ReleaseHold");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match self.begin(&scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let now = self.now();
+        let hold = storage::get_hold(&txn, &tenant, &hold_id.to_string()).await?;
+        if hold.state != storage::HOLD_OPEN {
+            return Err(ApiError::from(CreditError::HoldNotOpen("resolved")).into());
+        }
+        let mut account = storage::account_by_id(&txn, &hold.account_id).await?;
+        let mut alerts = Vec::new();
+        if let Some(raise) = raise {
+            same_currency("raise_limit_to", &raise, &account)?;
+            if raise.minor_units() > account.exposure.limit_minor {
+                if domain::needs_approval(
+                    account.exposure.limit_minor,
+                    raise.minor_units(),
+                    self.authority(raise.currency()),
+                ) {
+                    return Err(ApiError::from(CreditError::AboveAuthority(raise)).into());
+                }
+                let update = LimitUpdate {
+                    limit_minor: raise.minor_units(),
+                    source: storage::SOURCE_MANUAL,
+                    valid_until: account.limit_valid_until,
+                    next_review_date: account.next_review_date,
+                    reason: format!("raised to release hold {}: {reason}", hold.id),
+                    actor: actor.clone(),
+                };
+                account = storage::record_limit_change(&txn, &account, &update, true, now)
+                    .await?
+                    .1;
+            }
+        }
+        let (checked, hold) = self
+            .recheck(&txn, &tenant, &account, &hold, &actor, &reason, now)
+            .await?;
+        alerts.extend(checked.alerts.iter().cloned());
+        let after = checked.account.clone().ok_or_else(missing)?;
+        let response = pb::ReleaseHoldResponse {
+            hold: Some(convert::hold(&hold, &after.exposure, now)?),
+            decision: Some(checked_decision(&checked)?),
+        };
+        let exposures = self.touched(&txn, &after).await?;
+        self.finish(
+            txn, &scope, key, &bytes, response, &tenant, &exposures, alerts,
+        )
+        .await
+    }
+
+    async fn reject_hold(
+        &self,
+        request: Request<pb::RejectHoldRequest>,
+    ) -> Result<Response<pb::RejectHoldResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let hold_id = v.check(fields::id::<uuid::Uuid>("hold_id", &request.hold_id));
+        let actor = actor(&mut v, &request.actor);
+        let reason = v.check(fields::text("reason", &request.reason, MAX_REASON_LENGTH));
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(hold_id), Some(actor), Some(reason)) =
+            (tenant, hold_id, actor, reason)
+        else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/credit.RejectHold");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match self.begin(&scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let now = self.now();
+        let hold = storage::get_hold(&txn, &tenant, &hold_id.to_string()).await?;
+        if hold.state != storage::HOLD_OPEN {
+            return Err(ApiError::from(CreditError::HoldNotOpen("resolved")).into());
+        }
+        let hold = storage::resolve_hold(
+            &txn,
+            &hold,
+            storage::HOLD_REJECTED,
+            &actor,
+            &reason,
+            None,
+            now,
+        )
+        .await?;
+        let account = storage::account_by_id(&txn, &hold.account_id).await?;
+        let response = pb::RejectHoldResponse {
+            hold: Some(convert::hold(&hold, &account.exposure, now)?),
+        };
+        self.finish(txn, &scope, key, &bytes, response, &tenant, &[], Vec::new())
+            .await
+    }
+
+    async fn recheck_holds(
+        &self,
+        request: Request<pb::RecheckHoldsRequest>,
+    ) -> Result<Response<pb::RecheckHoldsResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
         let (Some(tenant), Some(customer)) = (tenant, customer) else {
             return Err(missing().into());
         };
-        // One transaction so counters and ledger are read at one instant.
-        let txn = sea_orm::TransactionTrait::begin(&self.db)
-            .await
-            .map_err(ApiError::from)?;
-        let account = storage::require_account(&txn, &tenant, customer).await?;
-        let recomputed = storage::recompute(&txn, &account).await?;
-        txn.commit().await.map_err(ApiError::from)?;
-        let consistent = recomputed == account.exposure;
-        if !consistent {
-            tracing::error!(
-                customer = %customer,
-                stored = ?account.exposure,
-                ledger = ?recomputed,
-                "stored exposure differs from the ledger"
-            );
+        let scope = format!("{tenant}/credit.RecheckHolds");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match self.begin(&scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let now = self.now();
+        let mut account = storage::require_account(&txn, &tenant, customer).await?;
+        let filter = storage::HoldFilter {
+            customer_id: Some(customer),
+            reason: None,
+            state: storage::HOLD_OPEN,
+        };
+        let open = storage::list_holds(&txn, &tenant, &filter, None, fields::MAX_PAGE_SIZE).await?;
+        let mut released = Vec::new();
+        let mut still_held = 0;
+        let mut alerts = Vec::new();
+        for hold in &open {
+            let (checked, hold) = self
+                .recheck(
+                    &txn,
+                    &tenant,
+                    &account,
+                    hold,
+                    "system",
+                    "automatic re-check",
+                    now,
+                )
+                .await?;
+            alerts.extend(checked.alerts.iter().cloned());
+            if let Some(after) = checked.account {
+                account = after;
+            }
+            if hold.state == storage::HOLD_RELEASED {
+                released.push(convert::hold(&hold, &account.exposure, now)?);
+            } else {
+                still_held += 1;
+            }
         }
-        Ok(Response::new(pb::RecomputeExposureResponse {
-            stored: Some(exposure_to_proto(&account.exposure)?),
-            recomputed: Some(exposure_to_proto(&recomputed)?),
-            consistent,
+        let response = pb::RecheckHoldsResponse {
+            released,
+            still_held,
+        };
+        let exposures = self.touched(&txn, &account).await?;
+        self.finish(
+            txn, &scope, key, &bytes, response, &tenant, &exposures, alerts,
+        )
+        .await
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = if request.customer_id.is_empty() {
+            Some(None)
+        } else {
+            v.check(fields::id::<CustomerId>("customer_id", &request.customer_id).map(Some))
+        };
+        let size = v.check(fields::page_size("page_size", request.page_size));
+        let token = page_token(&mut v, &request.page_token);
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(size), Some(token)) =
+            (tenant, customer, size, token)
+        else {
+            return Err(missing().into());
+        };
+        let page = storage::list_alerts(
+            &self.db,
+            &tenant,
+            customer,
+            request.unacknowledged_only,
+            token,
+            size,
+        )
+        .await?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: page.iter().map(convert::alert).collect(),
+            next_page_token: next_token(&page, size, |a| a.id.clone()),
         }))
+    }
+
+    async fn acknowledge_alert(
+        &self,
+        request: Request<pb::AcknowledgeAlertRequest>,
+    ) -> Result<Response<pb::AcknowledgeAlertResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let alert_id = v.check(fields::id::<uuid::Uuid>("alert_id", &request.alert_id));
+        let actor = actor(&mut v, &request.actor);
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(alert_id), Some(actor)) = (tenant, alert_id, actor) else {
+            return Err(missing().into());
+        };
+        let alert = storage::acknowledge_alert(
+            &self.db,
+            &tenant,
+            &alert_id.to_string(),
+            &actor,
+            self.now(),
+        )
+        .await?;
+        Ok(Response::new(pb::AcknowledgeAlertResponse {
+            alert: Some(convert::alert(&alert)),
+        }))
+    }
+
+    async fn stream_alerts(
+        &self,
+        request: Request<pb::StreamAlertsRequest>,
+    ) -> Result<Response<Self::StreamAlertsStream>, Status> {
+        let tenant = fields::tenant_id("tenant_id", &request.get_ref().tenant_id)?;
+        let receiver = self.alerts.sender.subscribe();
+        let stream = tokio_stream::wrappers::BroadcastStream::new(receiver).filter_map(
+            move |item| match item {
+                Ok(alert) if alert.tenant_id == tenant => Some(Ok(pb::StreamAlertsResponse {
+                    alert: Some(convert::alert(&alert)),
+                    missed: 0,
+                })),
+                Ok(_) => None,
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(missed)) => {
+                    Some(Ok(pb::StreamAlertsResponse {
+                        alert: None,
+                        missed: i64::try_from(missed).unwrap_or(i64::MAX),
+                    }))
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn update_risk_facts(
+        &self,
+        request: Request<pb::UpdateRiskFactsRequest>,
+    ) -> Result<Response<pb::UpdateRiskFactsResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let since = v.check(fields::optional_date(
+            "relationship_since",
+            &request.relationship_since,
+        ));
+        let volume = match &request.annual_volume {
+            None => Some(None),
+            Some(m) => v.check(proto_money::parse("annual_volume", Some(m)).map(Some)),
+        };
+        if volume
+            .as_ref()
+            .is_some_and(|v| v.as_ref().is_some_and(Money::is_negative))
+        {
+            v.check::<()>(Err(ApiError::invalid(
+                "annual_volume.amount",
+                "must not be negative",
+            )));
+        }
+        for (field, value) in [
+            ("disputes", request.disputes),
+            ("write_offs", request.write_offs),
+            ("broken_promises", request.broken_promises),
+        ] {
+            if !(0..=10_000).contains(&value) {
+                v.check::<()>(Err(ApiError::invalid(field, "0 to 10000")));
+            }
+        }
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(since), Some(volume)) =
+            (tenant, customer, since, volume)
+        else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/credit.UpdateRiskFacts");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match self.begin(&scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let now = self.now();
+        let account = storage::require_account(&txn, &tenant, customer).await?;
+        if let Some(volume) = &volume {
+            same_currency("annual_volume", volume, &account)?;
+        }
+        let facts = MaintainedFacts {
+            relationship_since: since,
+            annual_volume_minor: volume.map_or(0, |m| m.minor_units()),
+            disputes: request.disputes,
+            write_offs: request.write_offs,
+            broken_promises: request.broken_promises,
+        };
+        storage::risk::upsert_facts(&txn, &account, &facts, now).await?;
+        let (stored, score) = storage::risk::score_and_store(&txn, &account, now).await?;
+        let response = pb::UpdateRiskFactsResponse {
+            score: Some(convert::score(&stored, &score.factors, &account.exposure)?),
+        };
+        self.finish(txn, &scope, key, &bytes, response, &tenant, &[], Vec::new())
+            .await
+    }
+
+    async fn record_payment_behaviour(
+        &self,
+        request: Request<pb::RecordPaymentBehaviourRequest>,
+    ) -> Result<Response<pb::RecordPaymentBehaviourResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let invoice = v.check(fields::id::<InvoiceId>("invoice_id", &request.invoice_id));
+        if !(0..=3_650).contains(&request.days_to_pay) {
+            v.check::<()>(Err(ApiError::invalid("days_to_pay", "0 to 3650")));
+        }
+        if !(-3_650..=3_650).contains(&request.days_beyond_terms) {
+            v.check::<()>(Err(ApiError::invalid("days_beyond_terms", "-3650 to 3650")));
+        }
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(invoice)) = (tenant, customer, invoice) else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/credit.RecordPaymentBehaviour");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match self.begin(&scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let now = self.now();
+        let account = storage::require_account(&txn, &tenant, customer).await?;
+        storage::risk::record_behaviour(
+            &txn,
+            &account,
+            &invoice.to_string(),
+            request.days_to_pay,
+            request.days_beyond_terms,
+            now,
+        )
+        .await?;
+        let (stored, score) = storage::risk::score_and_store(&txn, &account, now).await?;
+        let response = pb::RecordPaymentBehaviourResponse {
+            score: Some(convert::score(&stored, &score.factors, &account.exposure)?),
+        };
+        self.finish(txn, &scope, key, &bytes, response, &tenant, &[], Vec::new())
+            .await
+    }
+
+    async fn score_customer(
+        &self,
+        request: Request<pb::ScoreCustomerRequest>,
+    ) -> Result<Response<pb::ScoreCustomerResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let actor = if request.apply_limit {
+            actor(&mut v, &request.actor)
+        } else {
+            Some(request.actor.clone())
+        };
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(actor)) = (tenant, customer, actor) else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/credit.ScoreCustomer");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match self.begin(&scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let now = self.now();
+        let account = storage::require_account(&txn, &tenant, customer).await?;
+        let (stored, score) = storage::risk::score_and_store(&txn, &account, now).await?;
+        let mut alerts = Vec::new();
+        let mut account_after = account.clone();
+        let change = if request.apply_limit {
+            let update = LimitUpdate {
+                limit_minor: score.calculated_limit_minor,
+                source: storage::SOURCE_CALCULATED,
+                valid_until: account.limit_valid_until,
+                next_review_date: account.next_review_date,
+                reason: format!(
+                    "calculated from score {} (class {})",
+                    score.points,
+                    score.class.code()
+                ),
+                actor,
+            };
+            let (response, after, raised) = self.change_limit(&txn, &account, &update, now).await?;
+            alerts = raised;
+            account_after = after;
+            response.change
+        } else {
+            None
+        };
+        let response = pb::ScoreCustomerResponse {
+            score: Some(convert::score(&stored, &score.factors, &account.exposure)?),
+            change,
+        };
+        let exposures = self.touched(&txn, &account_after).await?;
+        self.finish(
+            txn, &scope, key, &bytes, response, &tenant, &exposures, alerts,
+        )
+        .await
+    }
+
+    async fn explain_score(
+        &self,
+        request: Request<pb::ExplainScoreRequest>,
+    ) -> Result<Response<pb::ExplainScoreResponse>, Status> {
+        let request = request.into_inner();
+        let (tenant, customer) = tenant_and_customer(&request.tenant_id, &request.customer_id)?;
+        let account = storage::require_account(&self.db, &tenant, customer).await?;
+        let stored = storage::risk::latest_score(&self.db, &account)
+            .await?
+            .ok_or_else(|| ApiError::not_found("risk score of customer", customer))?;
+        let factors = storage::risk::stored_factors(&stored)?;
+        Ok(Response::new(pb::ExplainScoreResponse {
+            score: Some(convert::score(&stored, &factors, &account.exposure)?),
+        }))
+    }
+}
+
+fn tenant_and_customer(tenant: &str, customer: &str) -> Result<(String, CustomerId), ApiError> {
+    let mut v = Violations::default();
+    let tenant = v.check(fields::tenant_id("tenant_id", tenant));
+    let customer = v.check(fields::id::<CustomerId>("customer_id", customer));
+    v.finish()?;
+    match (tenant, customer) {
+        (Some(tenant), Some(customer)) => Ok((tenant, customer)),
+        _ => Err(missing()),
+    }
+}
+
+impl CreditApi {
+    /// Applies a limit change within the actor's authority, or records it
+    /// as pending approval (with an alert) above it.
+    async fn change_limit(
+        &self,
+        txn: &DatabaseTransaction,
+        account: &Account,
+        update: &LimitUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<(pb::SetCreditLimitResponse, Account, Vec<Alert>), ApiError> {
+        let apply = !domain::needs_approval(
+            account.exposure.limit_minor,
+            update.limit_minor,
+            self.authority(account.exposure.currency),
+        );
+        let (change, after) =
+            storage::record_limit_change(txn, account, update, apply, now).await?;
+        let mut alerts = if apply {
+            check::alerts_after_change(txn, &self.context(now), &after, &account.exposure).await?
+        } else {
+            let amount = convert::money(&account.exposure, update.limit_minor)?;
+            vec![
+                storage::insert_alert(
+                    txn,
+                    account,
+                    AlertKind::LimitChangePending,
+                    0,
+                    format!(
+                        "limit change to {} {} by {} awaits approval",
+                        amount.amount, amount.currency_code, update.actor
+                    ),
+                    None,
+                    now,
+                )
+                .await?,
+            ]
+        };
+        alerts.shrink_to_fit();
+        tracing::info!(customer = %account.exposure.customer_id, status = %change.status, "limit change");
+        Ok((
+            pb::SetCreditLimitResponse {
+                credit_account: Some(self.account_proto(txn, &after).await?),
+                change: Some(convert::limit_change(&change, &after.exposure)?),
+            },
+            after,
+            alerts,
+        ))
+    }
+
+    /// Re-runs the check of an open hold; releases it when approved.
+    #[allow(clippy::too_many_arguments)]
+    async fn recheck(
+        &self,
+        txn: &DatabaseTransaction,
+        tenant: &str,
+        account: &Account,
+        hold: &storage::Hold,
+        actor: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(Checked, storage::Hold), ApiError> {
+        let amount = account
+            .exposure
+            .money(hold.amount_minor)
+            .map_err(|e| ApiError::from(CreditError::from(e)))?;
+        let ctx = self.context(now);
+        let checked = check::check_order(
+            txn,
+            &ctx,
+            tenant,
+            account.exposure.customer_id,
+            Some(account),
+            &hold.order_id,
+            amount,
+            false,
+        )
+        .await?;
+        let hold = if checked.outcome == Outcome::Approve {
+            let reservation = checked.reservation.as_ref().map(|r| r.id);
+            storage::resolve_hold(
+                txn,
+                hold,
+                storage::HOLD_RELEASED,
+                actor,
+                reason,
+                reservation,
+                now,
+            )
+            .await?
+        } else {
+            storage::update_hold_reasons(txn, hold, &checked.reasons).await?;
+            storage::get_hold(txn, tenant, &hold.id).await?
+        };
+        Ok((checked, hold))
+    }
+}
+
+/// Periodic work: expire unresolved reservations, raise limit-expiry and
+/// review alerts.
+#[derive(Clone)]
+pub struct Maintenance {
+    api: CreditApi,
+}
+
+/// Reservations or accounts handled per maintenance pass.
+pub const MAINTENANCE_BATCH: u64 = 500;
+
+impl Maintenance {
+    pub fn new(api: CreditApi) -> Self {
+        Self { api }
+    }
+
+    /// One pass; returns how many reservations expired and alerts were
+    /// raised.
+    pub async fn run_once(&self) -> Result<(usize, usize), ApiError> {
+        let api = &self.api;
+        let now = api.now();
+        let mut expired = 0;
+        for (tenant, reservation) in
+            storage::expired_reservations(&api.db, now, MAINTENANCE_BATCH).await?
+        {
+            let txn = api.db.begin().await?;
+            // Another pass or a conversion may have resolved it meanwhile.
+            let fresh = storage::get_reservation(&txn, &tenant, reservation.id).await?;
+            if fresh.state != storage::STATE_OPEN {
+                continue;
+            }
+            let (_, account) =
+                storage::release(&txn, &tenant, &fresh, storage::STATE_EXPIRED, now).await?;
+            let exposures = api.touched(&txn, &account).await?;
+            txn.commit().await?;
+            for exposure in &exposures {
+                api.cache.put(&tenant, exposure).await;
+            }
+            tracing::info!(reservation = %fresh.id, order = %fresh.order_id, "reservation expired");
+            expired += 1;
+        }
+        let today = now.date_naive();
+        let review_by = today + chrono::Duration::days(api.config.policy.review_notice_days);
+        let mut raised = Vec::new();
+        for account in
+            storage::accounts_needing_date_alerts(&api.db, today, review_by, MAINTENANCE_BATCH)
+                .await?
+        {
+            let txn = api.db.begin().await?;
+            let mut expiry_for = None;
+            let mut review_for = None;
+            if let Some(until) = account.limit_valid_until
+                && until < today
+                && account.expiry_alerted_for != Some(until)
+            {
+                raised.push(
+                    storage::insert_alert(
+                        &txn,
+                        &account,
+                        AlertKind::LimitExpired,
+                        0,
+                        format!("credit limit expired on {until}"),
+                        None,
+                        now,
+                    )
+                    .await?,
+                );
+                expiry_for = Some(until);
+            }
+            if let Some(review) = account.next_review_date
+                && review <= review_by
+                && account.review_alerted_for != Some(review)
+            {
+                raised.push(
+                    storage::insert_alert(
+                        &txn,
+                        &account,
+                        AlertKind::ReviewDue,
+                        0,
+                        format!("credit review due on {review}"),
+                        None,
+                        now,
+                    )
+                    .await?,
+                );
+                review_for = Some(review);
+            }
+            storage::mark_date_alerts(&txn, &account, expiry_for, review_for).await?;
+            txn.commit().await?;
+        }
+        let count = raised.len();
+        api.alerts.publish(raised);
+        Ok((expired, count))
     }
 }

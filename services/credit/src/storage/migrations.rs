@@ -2,7 +2,10 @@
 
 use sea_orm_migration::prelude::*;
 
-use super::entities::{account, decision, limit_change, receivable, reservation};
+use super::entities::{
+    account, alert, decision, hold, limit_change, payment_behaviour, receivable, reservation,
+    risk_facts, risk_score,
+};
 
 pub struct Migrator;
 
@@ -32,6 +35,11 @@ impl MigrationTrait for CreateLedger {
         o2c_kit::db::create_table_for(manager, receivable::Entity).await?;
         o2c_kit::db::create_table_for(manager, decision::Entity).await?;
         o2c_kit::db::create_table_for(manager, limit_change::Entity).await?;
+        o2c_kit::db::create_table_for(manager, hold::Entity).await?;
+        o2c_kit::db::create_table_for(manager, alert::Entity).await?;
+        o2c_kit::db::create_table_for(manager, risk_facts::Entity).await?;
+        o2c_kit::db::create_table_for(manager, payment_behaviour::Entity).await?;
+        o2c_kit::db::create_table_for(manager, risk_score::Entity).await?;
         // One credit account per customer per tenant.
         manager
             .create_index(
@@ -58,10 +66,28 @@ impl MigrationTrait for CreateLedger {
                     .if_not_exists()
                     .to_owned(),
             )
+            .await?;
+        // One hold per order.
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_credit_holds_tenant_order")
+                    .table(hold::Entity)
+                    .col(hold::Column::TenantId)
+                    .col(hold::Column::OrderId)
+                    .unique()
+                    .if_not_exists()
+                    .to_owned(),
+            )
             .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::drop_table_for(manager, risk_score::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, payment_behaviour::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, risk_facts::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, alert::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, hold::Entity).await?;
         o2c_kit::db::drop_table_for(manager, limit_change::Entity).await?;
         o2c_kit::db::drop_table_for(manager, decision::Entity).await?;
         o2c_kit::db::drop_table_for(manager, receivable::Entity).await?;

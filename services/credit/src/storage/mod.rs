@@ -1,43 +1,67 @@
-//! The credit service's own database: the ledger of accounts,
-//! reservations, receivables, decisions and limit changes.
+//! The credit service's own database: accounts, the ledger of reservations
+//! and receivables, decisions, holds, limit changes, alerts and risk data.
 //!
 //! # No over-commit
-//! Approval and reservation are one statement:
-//! `UPDATE credit_accounts SET reserved = reserved + :amount, version =
-//! version + 1 WHERE id = :id AND limit - reserved - receivable >= :amount`.
-//! The database evaluates the condition against the latest committed row
-//! while holding its write lock (PostgreSQL re-checks the WHERE after
-//! waiting for a concurrent writer; SQLite admits one writer at a time), so
-//! no interleaving of concurrent checks can approve past the limit.
+//! Approval and reservation are one conditional statement per account:
+//! `UPDATE credit_accounts SET reserved = reserved + :amount, … WHERE id =
+//! :id AND limit - reserved - receivable >= :amount` (and, for a member of a
+//! group, first the same on the parent's group exposure). The database
+//! evaluates the condition against the latest committed row while holding
+//! its write lock (PostgreSQL re-checks the WHERE after waiting for a
+//! concurrent writer; SQLite admits one writer at a time), so no
+//! interleaving of concurrent checks can approve past a limit. Rows are
+//! always locked parent first, then child, so group updates cannot deadlock.
 
 pub mod cache;
+pub mod check;
 pub mod entities;
 pub mod migrations;
+pub mod risk;
 
+use chrono::{DateTime, NaiveDate, Utc};
 use o2c_kit::ApiError;
 use o2c_money::Currency;
 use o2c_money::ids::{CreditAccountId, CustomerId, DecisionId, ReservationId};
 use sea_orm::ActiveValue::Set;
 use sea_orm::entity::prelude::*;
 use sea_orm::sea_query::ExprTrait;
-use sea_orm::{ConnectionTrait, QuerySelect};
+use sea_orm::{ConnectionTrait, QueryOrder, QuerySelect};
 
-use crate::domain::{CreditError, Exposure, Outcome, Reason};
-use entities::{account, decision, limit_change, receivable, reservation};
+use crate::domain::{AccountState, CreditError, Exposure, Group, Outcome, Reason};
+use entities::{account, alert, decision, hold, limit_change, receivable, reservation};
 
 pub const STATE_OPEN: &str = "OPEN";
 pub const STATE_CONVERTED: &str = "CONVERTED";
 pub const STATE_RELEASED: &str = "RELEASED";
+pub const STATE_EXPIRED: &str = "EXPIRED";
+pub const HOLD_OPEN: &str = "OPEN";
+pub const HOLD_RELEASED: &str = "RELEASED";
+pub const HOLD_REJECTED: &str = "REJECTED";
+pub const CHANGE_APPLIED: &str = "APPLIED";
+pub const CHANGE_PENDING: &str = "PENDING_APPROVAL";
+pub const CHANGE_REJECTED: &str = "REJECTED";
+pub const SOURCE_MANUAL: &str = "MANUAL";
+pub const SOURCE_CALCULATED: &str = "CALCULATED";
 
-/// A stored account with its exposure.
+/// A stored account with its exposure and controls.
 #[derive(Debug, Clone)]
 pub struct Account {
     pub id: CreditAccountId,
     pub tenant_id: String,
     pub exposure: Exposure,
+    pub parent_account_id: Option<String>,
+    pub limit_source: String,
+    pub limit_valid_until: Option<NaiveDate>,
+    pub next_review_date: Option<NaiveDate>,
+    pub group_exposure_minor: i64,
+    pub blocked: bool,
+    pub max_order_minor: Option<i64>,
+    pub risk_class: Option<String>,
+    pub expiry_alerted_for: Option<NaiveDate>,
+    pub review_alerted_for: Option<NaiveDate>,
 }
 
-fn corrupt(what: &str, value: &str) -> ApiError {
+pub(crate) fn corrupt(what: &str, value: &str) -> ApiError {
     ApiError::Internal(format!("stored {what} {value:?} is invalid"))
 }
 
@@ -57,17 +81,30 @@ fn to_account(row: account::Model) -> Result<Account, ApiError> {
             version: row.version,
         },
         tenant_id: row.tenant_id,
+        parent_account_id: row.parent_account_id,
+        limit_source: row.limit_source,
+        limit_valid_until: row.limit_valid_until,
+        next_review_date: row.next_review_date,
+        group_exposure_minor: row.group_exposure_minor,
+        blocked: row.blocked,
+        max_order_minor: row.max_order_minor,
+        risk_class: row.risk_class,
+        expiry_alerted_for: row.expiry_alerted_for,
+        review_alerted_for: row.review_alerted_for,
     })
 }
 
 /// Opens the account, or returns the customer's existing account: a
 /// customer has one account per tenant. An existing account in another
-/// currency is refused.
+/// currency is refused. A parent must exist in the same tenant and
+/// currency and not itself belong to a group.
 pub async fn open_account(
     conn: &impl ConnectionTrait,
     tenant_id: &str,
     customer_id: CustomerId,
     currency: Currency,
+    parent: Option<CustomerId>,
+    now: DateTime<Utc>,
 ) -> Result<Account, ApiError> {
     if let Some(existing) = find_account(conn, tenant_id, customer_id).await? {
         if existing.exposure.currency != currency {
@@ -75,16 +112,48 @@ pub async fn open_account(
         }
         return Ok(existing);
     }
-    let now = chrono::Utc::now();
+    let parent_account_id = match parent {
+        None => None,
+        Some(parent) if parent == customer_id => {
+            return Err(CreditError::Parent("a customer cannot be its own parent").into());
+        }
+        Some(parent) => {
+            let parent =
+                find_account(conn, tenant_id, parent)
+                    .await?
+                    .ok_or(CreditError::Parent(
+                        "the parent customer has no credit account",
+                    ))?;
+            if parent.exposure.currency != currency {
+                return Err(
+                    CreditError::Parent("the parent account is in another currency").into(),
+                );
+            }
+            if parent.parent_account_id.is_some() {
+                return Err(CreditError::Parent("the parent itself belongs to a group").into());
+            }
+            Some(parent.id.to_string())
+        }
+    };
     let id = CreditAccountId::new();
     let result = account::Entity::insert(account::ActiveModel {
         id: Set(id.to_string()),
         tenant_id: Set(tenant_id.to_owned()),
         customer_id: Set(customer_id.to_string()),
         currency_code: Set(currency.code().to_owned()),
+        parent_account_id: Set(parent_account_id),
         limit_minor: Set(0),
+        limit_source: Set(SOURCE_MANUAL.to_owned()),
+        limit_valid_until: Set(None),
+        next_review_date: Set(None),
         reserved_minor: Set(0),
         receivable_minor: Set(0),
+        group_exposure_minor: Set(0),
+        blocked: Set(false),
+        max_order_minor: Set(None),
+        risk_class: Set(None),
+        expiry_alerted_for: Set(None),
+        review_alerted_for: Set(None),
         version: Set(1),
         created_at: Set(now),
         updated_at: Set(now),
@@ -94,7 +163,9 @@ pub async fn open_account(
     match result {
         Ok(_) => {}
         Err(error) if o2c_kit::db::is_unique_violation(&error) => {
-            return Err(CreditError::AccountExists(customer_id).into());
+            return Err(ApiError::Aborted(format!(
+                "credit account of customer {customer_id} opened concurrently; retry"
+            )));
         }
         Err(error) => return Err(error.into()),
     }
@@ -135,21 +206,135 @@ pub async fn account_by_id(conn: &impl ConnectionTrait, id: &str) -> Result<Acco
         .and_then(to_account)
 }
 
-/// Sets the limit and audits the change.
-pub async fn set_limit(
+/// The members of a group: the parent's children.
+pub async fn children(
+    conn: &impl ConnectionTrait,
+    parent: &Account,
+) -> Result<Vec<Account>, ApiError> {
+    account::Entity::find()
+        .filter(account::Column::ParentAccountId.eq(parent.id.to_string()))
+        .order_by_asc(account::Column::Id)
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(to_account)
+        .collect()
+}
+
+/// Everything the policy needs about `account` right now.
+pub async fn policy_state(
     conn: &impl ConnectionTrait,
     account: &Account,
-    limit_minor: i64,
-    reason: &str,
-) -> Result<Account, ApiError> {
-    let now = chrono::Utc::now();
-    let before = account::Entity::find_by_id(account.id.to_string())
-        .lock_exclusive()
+) -> Result<AccountState, ApiError> {
+    let oldest = receivable::Entity::find()
+        .filter(receivable::Column::AccountId.eq(account.id.to_string()))
+        .filter(receivable::Column::OpenMinor.gt(0))
+        .filter(receivable::Column::DueDate.is_not_null())
+        .order_by_asc(receivable::Column::DueDate)
+        .one(conn)
+        .await?;
+    let group = match &account.parent_account_id {
+        Some(parent) => {
+            let parent = account_by_id(conn, parent).await?;
+            Some(Group {
+                limit_minor: parent.exposure.limit_minor,
+                exposure_minor: parent.group_exposure_minor,
+            })
+        }
+        // A parent's own orders count against its group too.
+        None if account.group_exposure_minor != account.exposure.total_minor() => Some(Group {
+            limit_minor: account.exposure.limit_minor,
+            exposure_minor: account.group_exposure_minor,
+        }),
+        None => None,
+    };
+    Ok(AccountState {
+        exposure: account.exposure,
+        blocked: account.blocked,
+        max_order_minor: account.max_order_minor,
+        limit_valid_until: account.limit_valid_until,
+        oldest_open_due: oldest.and_then(|r| r.due_date),
+        group,
+    })
+}
+
+/// What a limit change sets.
+#[derive(Debug, Clone)]
+pub struct LimitUpdate {
+    pub limit_minor: i64,
+    pub source: &'static str,
+    pub valid_until: Option<NaiveDate>,
+    pub next_review_date: Option<NaiveDate>,
+    pub reason: String,
+    pub actor: String,
+}
+
+/// A stored limit change.
+pub type LimitChange = limit_change::Model;
+
+/// Records a limit change: APPLIED (and applied) or PENDING_APPROVAL.
+pub async fn record_limit_change(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    update: &LimitUpdate,
+    apply: bool,
+    now: DateTime<Utc>,
+) -> Result<(LimitChange, Account), ApiError> {
+    let id = uuid::Uuid::now_v7().to_string();
+    limit_change::Entity::insert(limit_change::ActiveModel {
+        id: Set(id.clone()),
+        tenant_id: Set(account.tenant_id.clone()),
+        account_id: Set(account.id.to_string()),
+        customer_id: Set(account.exposure.customer_id.to_string()),
+        status: Set(if apply {
+            CHANGE_APPLIED
+        } else {
+            CHANGE_PENDING
+        }
+        .to_owned()),
+        before_minor: Set(account.exposure.limit_minor),
+        after_minor: Set(update.limit_minor),
+        source: Set(update.source.to_owned()),
+        valid_until: Set(update.valid_until),
+        next_review_date: Set(update.next_review_date),
+        reason: Set(update.reason.clone()),
+        requested_by: Set(update.actor.clone()),
+        requested_at: Set(now),
+        decided_by: Set(apply.then(|| update.actor.clone())),
+        decided_at: Set(apply.then_some(now)),
+        decision_reason: Set(None),
+    })
+    .exec(conn)
+    .await?;
+    let account = if apply {
+        apply_limit(conn, account, update, now).await?
+    } else {
+        account.clone()
+    };
+    let change = limit_change::Entity::find_by_id(id.clone())
         .one(conn)
         .await?
-        .ok_or_else(|| ApiError::not_found("credit account", account.id))?;
+        .ok_or_else(|| ApiError::Internal(format!("limit change {id} vanished")))?;
+    Ok((change, account))
+}
+
+async fn apply_limit(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    update: &LimitUpdate,
+    now: DateTime<Utc>,
+) -> Result<Account, ApiError> {
     account::Entity::update_many()
-        .col_expr(account::Column::LimitMinor, Expr::value(limit_minor))
+        .col_expr(account::Column::LimitMinor, Expr::value(update.limit_minor))
+        .col_expr(account::Column::LimitSource, Expr::value(update.source))
+        .col_expr(
+            account::Column::LimitValidUntil,
+            Expr::value(update.valid_until),
+        )
+        .col_expr(
+            account::Column::NextReviewDate,
+            Expr::value(update.next_review_date),
+        )
         .col_expr(
             account::Column::Version,
             Expr::col(account::Column::Version).add(1),
@@ -158,56 +343,241 @@ pub async fn set_limit(
         .filter(account::Column::Id.eq(account.id.to_string()))
         .exec(conn)
         .await?;
-    limit_change::Entity::insert(limit_change::ActiveModel {
-        id: Set(uuid::Uuid::now_v7().to_string()),
-        tenant_id: Set(account.tenant_id.clone()),
-        account_id: Set(account.id.to_string()),
-        before_minor: Set(before.limit_minor),
-        after_minor: Set(limit_minor),
-        reason: Set(reason.to_owned()),
-        created_at: Set(now),
-    })
-    .exec(conn)
-    .await?;
     account_by_id(conn, &account.id.to_string()).await
 }
 
-/// Reserves `amount_minor` if and only if it fits under the limit, in one
-/// atomic statement. Returns whether it was reserved.
+pub async fn get_limit_change(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: &str,
+) -> Result<LimitChange, ApiError> {
+    limit_change::Entity::find_by_id(id.to_owned())
+        .filter(limit_change::Column::TenantId.eq(tenant_id))
+        .one(conn)
+        .await?
+        .ok_or_else(|| ApiError::not_found("limit change", id))
+}
+
+/// Approves (applying it) or rejects a pending change, exactly once.
+pub async fn decide_limit_change(
+    conn: &impl ConnectionTrait,
+    change: &LimitChange,
+    approve: bool,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<(LimitChange, Account), ApiError> {
+    if change.status != CHANGE_PENDING {
+        return Err(
+            CreditError::LimitChangeNotPending(if change.status == CHANGE_APPLIED {
+                "applied"
+            } else {
+                "rejected"
+            })
+            .into(),
+        );
+    }
+    if change.requested_by == actor {
+        return Err(CreditError::SameApprover(actor.to_owned()).into());
+    }
+    let result = limit_change::Entity::update_many()
+        .col_expr(
+            limit_change::Column::Status,
+            Expr::value(if approve {
+                CHANGE_APPLIED
+            } else {
+                CHANGE_REJECTED
+            }),
+        )
+        .col_expr(
+            limit_change::Column::DecidedBy,
+            Expr::value(Some(actor.to_owned())),
+        )
+        .col_expr(limit_change::Column::DecidedAt, Expr::value(Some(now)))
+        .col_expr(
+            limit_change::Column::DecisionReason,
+            Expr::value(Some(reason.to_owned())),
+        )
+        .filter(limit_change::Column::Id.eq(change.id.clone()))
+        .filter(limit_change::Column::Status.eq(CHANGE_PENDING))
+        .exec(conn)
+        .await?;
+    if result.rows_affected != 1 {
+        return Err(ApiError::Aborted(
+            "limit change decided concurrently".into(),
+        ));
+    }
+    let account = account_by_id(conn, &change.account_id).await?;
+    let account = if approve {
+        let source = if change.source == SOURCE_CALCULATED {
+            SOURCE_CALCULATED
+        } else {
+            SOURCE_MANUAL
+        };
+        let update = LimitUpdate {
+            limit_minor: change.after_minor,
+            source,
+            valid_until: change.valid_until,
+            next_review_date: change.next_review_date,
+            reason: change.reason.clone(),
+            actor: actor.to_owned(),
+        };
+        apply_limit(conn, &account, &update, now).await?
+    } else {
+        account
+    };
+    let change = get_limit_change(conn, &change.tenant_id, &change.id).await?;
+    Ok((change, account))
+}
+
+/// Newest first, strictly before `before` when given.
+pub async fn list_limit_changes(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    before: Option<String>,
+    limit: u64,
+) -> Result<Vec<LimitChange>, ApiError> {
+    let mut query = limit_change::Entity::find()
+        .filter(limit_change::Column::AccountId.eq(account.id.to_string()));
+    if let Some(before) = before {
+        query = query.filter(limit_change::Column::Id.lt(before));
+    }
+    Ok(query
+        .order_by_desc(limit_change::Column::Id)
+        .limit(limit)
+        .all(conn)
+        .await?)
+}
+
+/// Blocks/unblocks and sets the maximum order value.
+pub async fn set_controls(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    blocked: bool,
+    max_order_minor: Option<i64>,
+    now: DateTime<Utc>,
+) -> Result<Account, ApiError> {
+    account::Entity::update_many()
+        .col_expr(account::Column::Blocked, Expr::value(blocked))
+        .col_expr(account::Column::MaxOrderMinor, Expr::value(max_order_minor))
+        .col_expr(
+            account::Column::Version,
+            Expr::col(account::Column::Version).add(1),
+        )
+        .col_expr(account::Column::UpdatedAt, Expr::value(now))
+        .filter(account::Column::Id.eq(account.id.to_string()))
+        .exec(conn)
+        .await?;
+    account_by_id(conn, &account.id.to_string()).await
+}
+
+/// Reserves `amount_minor` on `account` if and only if it fits under its
+/// limit and, for a group member, under the parent's limit for the group:
+/// Ok(None) when reserved, Ok(Some(reason)) when refused.
 pub async fn try_reserve(
     conn: &impl ConnectionTrait,
-    account_id: CreditAccountId,
+    account: &Account,
     amount_minor: i64,
-) -> Result<bool, ApiError> {
-    let result = account::Entity::update_many()
+    now: DateTime<Utc>,
+) -> Result<Option<Reason>, ApiError> {
+    if let Some(parent) = &account.parent_account_id {
+        let grew = account::Entity::update_many()
+            .col_expr(
+                account::Column::GroupExposureMinor,
+                Expr::col(account::Column::GroupExposureMinor).add(amount_minor),
+            )
+            .col_expr(
+                account::Column::Version,
+                Expr::col(account::Column::Version).add(1),
+            )
+            .col_expr(account::Column::UpdatedAt, Expr::value(now))
+            .filter(account::Column::Id.eq(parent.clone()))
+            .filter(
+                Expr::col(account::Column::LimitMinor)
+                    .sub(Expr::col(account::Column::GroupExposureMinor))
+                    .gte(amount_minor),
+            )
+            .exec(conn)
+            .await?;
+        if grew.rows_affected != 1 {
+            return Ok(Some(Reason::GroupLimitExceeded));
+        }
+    }
+    let reserved = account::Entity::update_many()
         .col_expr(
             account::Column::ReservedMinor,
             Expr::col(account::Column::ReservedMinor).add(amount_minor),
         )
         .col_expr(
+            account::Column::GroupExposureMinor,
+            Expr::col(account::Column::GroupExposureMinor).add(amount_minor),
+        )
+        .col_expr(
             account::Column::Version,
             Expr::col(account::Column::Version).add(1),
         )
-        .col_expr(account::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
-        .filter(account::Column::Id.eq(account_id.to_string()))
+        .col_expr(account::Column::UpdatedAt, Expr::value(now))
+        .filter(account::Column::Id.eq(account.id.to_string()))
         .filter(
             Expr::col(account::Column::LimitMinor)
                 .sub(Expr::col(account::Column::ReservedMinor))
                 .sub(Expr::col(account::Column::ReceivableMinor))
                 .gte(amount_minor),
         )
+        .filter(
+            Expr::col(account::Column::LimitMinor)
+                .sub(Expr::col(account::Column::GroupExposureMinor))
+                .gte(amount_minor),
+        )
         .exec(conn)
         .await?;
-    Ok(result.rows_affected == 1)
+    if reserved.rows_affected == 1 {
+        return Ok(None);
+    }
+    if let Some(parent) = &account.parent_account_id {
+        // Undo our own group increment; still in this transaction.
+        shift_group(conn, parent, -amount_minor, now).await?;
+    }
+    Ok(Some(Reason::OverLimit))
 }
 
-/// Moves amounts between the running sums and bumps the version.
-async fn adjust(
+async fn shift_group(
+    conn: &impl ConnectionTrait,
+    account_id: &str,
+    delta: i64,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    account::Entity::update_many()
+        .col_expr(
+            account::Column::GroupExposureMinor,
+            Expr::col(account::Column::GroupExposureMinor).add(delta),
+        )
+        .col_expr(
+            account::Column::Version,
+            Expr::col(account::Column::Version).add(1),
+        )
+        .col_expr(account::Column::UpdatedAt, Expr::value(now))
+        .filter(account::Column::Id.eq(account_id))
+        .exec(conn)
+        .await?;
+    Ok(())
+}
+
+/// Moves amounts between the running sums (parent's group sum first).
+pub async fn adjust(
     conn: &impl ConnectionTrait,
     account_id: &str,
     reserved_delta: i64,
     receivable_delta: i64,
+    now: DateTime<Utc>,
 ) -> Result<Account, ApiError> {
+    let current = account_by_id(conn, account_id).await?;
+    let total_delta = reserved_delta + receivable_delta;
+    if let Some(parent) = &current.parent_account_id
+        && total_delta != 0
+    {
+        shift_group(conn, parent, total_delta, now).await?;
+    }
     account::Entity::update_many()
         .col_expr(
             account::Column::ReservedMinor,
@@ -218,10 +588,14 @@ async fn adjust(
             Expr::col(account::Column::ReceivableMinor).add(receivable_delta),
         )
         .col_expr(
+            account::Column::GroupExposureMinor,
+            Expr::col(account::Column::GroupExposureMinor).add(total_delta),
+        )
+        .col_expr(
             account::Column::Version,
             Expr::col(account::Column::Version).add(1),
         )
-        .col_expr(account::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
+        .col_expr(account::Column::UpdatedAt, Expr::value(now))
         .filter(account::Column::Id.eq(account_id))
         .exec(conn)
         .await?;
@@ -264,6 +638,8 @@ pub async fn insert_reservation(
     account: &Account,
     order_id: &str,
     amount_minor: i64,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
 ) -> Result<Reservation, ApiError> {
     let id = ReservationId::new();
     let result = reservation::Entity::insert(reservation::ActiveModel {
@@ -275,7 +651,8 @@ pub async fn insert_reservation(
         amount_minor: Set(amount_minor),
         state: Set(STATE_OPEN.to_owned()),
         invoice_id: Set(None),
-        created_at: Set(chrono::Utc::now()),
+        created_at: Set(now),
+        expires_at: Set(expires_at),
         resolved_at: Set(None),
     })
     .exec(conn)
@@ -321,7 +698,16 @@ fn state_name(state: &str) -> &'static str {
         STATE_OPEN => "open",
         STATE_CONVERTED => "converted",
         STATE_RELEASED => "released",
+        STATE_EXPIRED => "expired",
         _ => "unknown",
+    }
+}
+
+fn require_open(reservation: &Reservation) -> Result<(), ApiError> {
+    if reservation.state == STATE_OPEN {
+        Ok(())
+    } else {
+        Err(CreditError::ReservationNotOpen(state_name(&reservation.state)).into())
     }
 }
 
@@ -331,6 +717,7 @@ async fn resolve(
     reservation: &Reservation,
     state: &str,
     invoice_id: Option<&str>,
+    now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
     let result = reservation::Entity::update_many()
         .col_expr(reservation::Column::State, Expr::value(state))
@@ -338,10 +725,7 @@ async fn resolve(
             reservation::Column::InvoiceId,
             Expr::value(invoice_id.map(str::to_owned)),
         )
-        .col_expr(
-            reservation::Column::ResolvedAt,
-            Expr::value(Some(chrono::Utc::now())),
-        )
+        .col_expr(reservation::Column::ResolvedAt, Expr::value(Some(now)))
         .filter(reservation::Column::Id.eq(reservation.id.to_string()))
         .filter(reservation::Column::State.eq(STATE_OPEN))
         .exec(conn)
@@ -361,11 +745,11 @@ pub async fn convert(
     reservation: &Reservation,
     invoice_id: &str,
     invoice_minor: i64,
+    due_date: Option<NaiveDate>,
+    now: DateTime<Utc>,
 ) -> Result<(Reservation, Account), ApiError> {
-    if reservation.state != STATE_OPEN {
-        return Err(CreditError::ReservationNotOpen(state_name(&reservation.state)).into());
-    }
-    resolve(conn, reservation, STATE_CONVERTED, Some(invoice_id)).await?;
+    require_open(reservation)?;
+    resolve(conn, reservation, STATE_CONVERTED, Some(invoice_id), now).await?;
     let inserted = receivable::Entity::insert(receivable::ActiveModel {
         tenant_id: Set(tenant_id.to_owned()),
         invoice_id: Set(invoice_id.to_owned()),
@@ -373,7 +757,8 @@ pub async fn convert(
         reservation_id: Set(Some(reservation.id.to_string())),
         amount_minor: Set(invoice_minor),
         open_minor: Set(invoice_minor),
-        created_at: Set(chrono::Utc::now()),
+        due_date: Set(due_date),
+        created_at: Set(now),
     })
     .exec(conn)
     .await;
@@ -389,34 +774,87 @@ pub async fn convert(
         &reservation.account_id,
         -reservation.amount_minor,
         invoice_minor,
+        now,
     )
     .await?;
     let updated = get_reservation(conn, tenant_id, reservation.id).await?;
     Ok((updated, account))
 }
 
-/// Releases an open reservation.
+/// Releases an open reservation (order cancelled) or expires it.
 pub async fn release(
     conn: &impl ConnectionTrait,
     tenant_id: &str,
     reservation: &Reservation,
+    state: &'static str,
+    now: DateTime<Utc>,
 ) -> Result<(Reservation, Account), ApiError> {
-    if reservation.state != STATE_OPEN {
-        return Err(CreditError::ReservationNotOpen(state_name(&reservation.state)).into());
-    }
-    resolve(conn, reservation, STATE_RELEASED, None).await?;
-    let account = adjust(conn, &reservation.account_id, -reservation.amount_minor, 0).await?;
+    require_open(reservation)?;
+    resolve(conn, reservation, state, None, now).await?;
+    let account = adjust(
+        conn,
+        &reservation.account_id,
+        -reservation.amount_minor,
+        0,
+        now,
+    )
+    .await?;
     let updated = get_reservation(conn, tenant_id, reservation.id).await?;
     Ok((updated, account))
 }
 
-/// Lowers the open receivable of `invoice_id` by `amount_minor`, refusing
-/// to go below zero.
+/// Sets an open reservation's amount (the caller has reserved or released
+/// the difference).
+pub async fn set_reservation_amount(
+    conn: &impl ConnectionTrait,
+    reservation: &Reservation,
+    amount_minor: i64,
+) -> Result<(), ApiError> {
+    let result = reservation::Entity::update_many()
+        .col_expr(reservation::Column::AmountMinor, Expr::value(amount_minor))
+        .filter(reservation::Column::Id.eq(reservation.id.to_string()))
+        .filter(reservation::Column::State.eq(STATE_OPEN))
+        .filter(reservation::Column::AmountMinor.eq(reservation.amount_minor))
+        .exec(conn)
+        .await?;
+    if result.rows_affected == 1 {
+        Ok(())
+    } else {
+        Err(ApiError::Aborted(
+            "reservation changed concurrently; retry".into(),
+        ))
+    }
+}
+
+/// Open reservations past their expiry, oldest first, at most `limit`.
+pub async fn expired_reservations(
+    conn: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<(String, Reservation)>, ApiError> {
+    let rows = reservation::Entity::find()
+        .filter(reservation::Column::State.eq(STATE_OPEN))
+        .filter(reservation::Column::ExpiresAt.lt(now))
+        .order_by_asc(reservation::Column::ExpiresAt)
+        .limit(limit)
+        .all(conn)
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            let tenant = row.tenant_id.clone();
+            to_reservation(row).map(|r| (tenant, r))
+        })
+        .collect()
+}
+
+/// Lowers the open receivable of `invoice_id` by `amount`, refusing to go
+/// below zero.
 pub async fn settle(
     conn: &impl ConnectionTrait,
     tenant_id: &str,
     invoice_id: &str,
     amount: o2c_money::Money,
+    now: DateTime<Utc>,
 ) -> Result<Account, ApiError> {
     let row = receivable::Entity::find_by_id((tenant_id.to_owned(), invoice_id.to_owned()))
         .one(conn)
@@ -451,7 +889,7 @@ pub async fn settle(
         }
         .into());
     }
-    adjust(conn, &row.account_id, 0, -amount_minor).await
+    adjust(conn, &row.account_id, 0, -amount_minor, now).await
 }
 
 /// What a decision records.
@@ -464,17 +902,22 @@ pub struct DecisionRecord<'a> {
     pub outcome: Outcome,
     pub reasons: &'a [Reason],
     pub reservation_id: Option<ReservationId>,
-    /// Exposure the decision was taken against (None without an account).
-    pub inputs: Option<&'a Exposure>,
+    pub hold_id: Option<String>,
+    /// The inputs the policy saw, as JSON.
+    pub inputs_json: String,
+    pub now: DateTime<Utc>,
 }
 
-/// Stores a documented decision and returns its id.
+/// A stored decision.
+pub type Decision = decision::Model;
+
+/// Stores a documented decision.
 pub async fn insert_decision(
     conn: &impl ConnectionTrait,
     record: &DecisionRecord<'_>,
-) -> Result<DecisionId, ApiError> {
+) -> Result<Decision, ApiError> {
     let id = DecisionId::new();
-    decision::Entity::insert(decision::ActiveModel {
+    let model = decision::ActiveModel {
         id: Set(id.to_string()),
         tenant_id: Set(record.tenant_id.to_owned()),
         customer_id: Set(record.customer_id.to_string()),
@@ -482,21 +925,388 @@ pub async fn insert_decision(
         amount_minor: Set(record.amount_minor),
         currency_code: Set(record.currency.code().to_owned()),
         outcome: Set(record.outcome.code().to_owned()),
-        reasons: Set(record
-            .reasons
-            .iter()
-            .map(|r| r.code())
-            .collect::<Vec<_>>()
-            .join(",")),
+        reasons: Set(Reason::join(record.reasons)),
         reservation_id: Set(record.reservation_id.map(|r| r.to_string())),
-        limit_minor: Set(record.inputs.map(|e| e.limit_minor)),
-        exposure_minor: Set(record.inputs.map(|e| e.total_minor())),
+        hold_id: Set(record.hold_id.clone()),
+        inputs_json: Set(record.inputs_json.clone()),
         policy_version: Set(crate::domain::POLICY_VERSION.to_owned()),
-        created_at: Set(chrono::Utc::now()),
+        created_at: Set(record.now),
+    };
+    decision::Entity::insert(model).exec(conn).await?;
+    decision::Entity::find_by_id(id.to_string())
+        .one(conn)
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("decision {id} vanished")))
+}
+
+/// Decisions of a customer or an order, newest first.
+pub async fn list_decisions(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    customer_id: Option<CustomerId>,
+    order_id: Option<&str>,
+    before: Option<String>,
+    limit: u64,
+) -> Result<Vec<Decision>, ApiError> {
+    let mut query = decision::Entity::find().filter(decision::Column::TenantId.eq(tenant_id));
+    if let Some(customer) = customer_id {
+        query = query.filter(decision::Column::CustomerId.eq(customer.to_string()));
+    }
+    if let Some(order) = order_id {
+        query = query.filter(decision::Column::OrderId.eq(order));
+    }
+    if let Some(before) = before {
+        query = query.filter(decision::Column::Id.lt(before));
+    }
+    Ok(query
+        .order_by_desc(decision::Column::Id)
+        .limit(limit)
+        .all(conn)
+        .await?)
+}
+
+/// A stored hold.
+pub type Hold = hold::Model;
+
+pub async fn insert_hold(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    order_id: &str,
+    amount_minor: i64,
+    reasons: &[Reason],
+    now: DateTime<Utc>,
+) -> Result<Hold, ApiError> {
+    let id = uuid::Uuid::now_v7().to_string();
+    let inserted = hold::Entity::insert(hold::ActiveModel {
+        id: Set(id.clone()),
+        tenant_id: Set(account.tenant_id.clone()),
+        account_id: Set(account.id.to_string()),
+        customer_id: Set(account.exposure.customer_id.to_string()),
+        order_id: Set(order_id.to_owned()),
+        amount_minor: Set(amount_minor),
+        reasons: Set(Reason::join(reasons)),
+        state: Set(HOLD_OPEN.to_owned()),
+        created_at: Set(now),
+        resolved_at: Set(None),
+        resolved_by: Set(None),
+        resolution_reason: Set(None),
+        reservation_id: Set(None),
     })
     .exec(conn)
-    .await?;
-    Ok(id)
+    .await;
+    match inserted {
+        Ok(_) => get_hold(conn, &account.tenant_id, &id).await,
+        Err(error) if o2c_kit::db::is_unique_violation(&error) => {
+            Err(CreditError::OrderHeld(order_id.to_owned()).into())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+pub async fn get_hold(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: &str,
+) -> Result<Hold, ApiError> {
+    hold::Entity::find_by_id(id.to_owned())
+        .filter(hold::Column::TenantId.eq(tenant_id))
+        .one(conn)
+        .await?
+        .ok_or_else(|| ApiError::not_found("hold", id))
+}
+
+/// Whether `order_id` has a hold (in any state).
+pub async fn order_has_hold(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    order_id: &str,
+) -> Result<bool, ApiError> {
+    Ok(hold::Entity::find()
+        .filter(hold::Column::TenantId.eq(tenant_id))
+        .filter(hold::Column::OrderId.eq(order_id))
+        .one(conn)
+        .await?
+        .is_some())
+}
+
+/// How many orders of the account were ever held (a risk factor).
+pub async fn count_holds(conn: &impl ConnectionTrait, account_id: &str) -> Result<i64, ApiError> {
+    let count = hold::Entity::find()
+        .filter(hold::Column::AccountId.eq(account_id))
+        .count(conn)
+        .await?;
+    Ok(i64::try_from(count).unwrap_or(i64::MAX))
+}
+
+/// Filters of the hold queue.
+#[derive(Debug, Clone, Default)]
+pub struct HoldFilter {
+    pub customer_id: Option<CustomerId>,
+    pub reason: Option<Reason>,
+    pub state: &'static str,
+}
+
+/// Holds, oldest first, strictly after `after` when given.
+pub async fn list_holds(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    filter: &HoldFilter,
+    after: Option<String>,
+    limit: u64,
+) -> Result<Vec<Hold>, ApiError> {
+    let mut query = hold::Entity::find()
+        .filter(hold::Column::TenantId.eq(tenant_id))
+        .filter(hold::Column::State.eq(filter.state));
+    if let Some(customer) = filter.customer_id {
+        query = query.filter(hold::Column::CustomerId.eq(customer.to_string()));
+    }
+    if let Some(reason) = filter.reason {
+        // Reason codes are not substrings of one another.
+        query = query.filter(hold::Column::Reasons.contains(reason.code()));
+    }
+    if let Some(after) = after {
+        query = query.filter(hold::Column::Id.gt(after));
+    }
+    Ok(query
+        .order_by_asc(hold::Column::Id)
+        .limit(limit)
+        .all(conn)
+        .await?)
+}
+
+/// Moves an open hold to RELEASED or REJECTED exactly once.
+pub async fn resolve_hold(
+    conn: &impl ConnectionTrait,
+    hold: &Hold,
+    state: &'static str,
+    actor: &str,
+    reason: &str,
+    reservation_id: Option<ReservationId>,
+    now: DateTime<Utc>,
+) -> Result<Hold, ApiError> {
+    let result = hold::Entity::update_many()
+        .col_expr(hold::Column::State, Expr::value(state))
+        .col_expr(hold::Column::ResolvedAt, Expr::value(Some(now)))
+        .col_expr(
+            hold::Column::ResolvedBy,
+            Expr::value(Some(actor.to_owned())),
+        )
+        .col_expr(
+            hold::Column::ResolutionReason,
+            Expr::value(Some(reason.to_owned())),
+        )
+        .col_expr(
+            hold::Column::ReservationId,
+            Expr::value(reservation_id.map(|r| r.to_string())),
+        )
+        .filter(hold::Column::Id.eq(hold.id.clone()))
+        .filter(hold::Column::State.eq(HOLD_OPEN))
+        .exec(conn)
+        .await?;
+    if result.rows_affected != 1 {
+        return Err(CreditError::HoldNotOpen("no longer open").into());
+    }
+    get_hold(conn, &hold.tenant_id, &hold.id).await
+}
+
+/// Updates the reasons an open hold is held for (after a failed re-check).
+pub async fn update_hold_reasons(
+    conn: &impl ConnectionTrait,
+    hold: &Hold,
+    reasons: &[Reason],
+) -> Result<(), ApiError> {
+    hold::Entity::update_many()
+        .col_expr(hold::Column::Reasons, Expr::value(Reason::join(reasons)))
+        .filter(hold::Column::Id.eq(hold.id.clone()))
+        .exec(conn)
+        .await?;
+    Ok(())
+}
+
+/// A stored alert.
+pub type Alert = alert::Model;
+
+/// What raises an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertKind {
+    ExposureThreshold,
+    HoldCreated,
+    LimitExpired,
+    ReviewDue,
+    LimitChangePending,
+}
+
+impl AlertKind {
+    pub fn code(self) -> &'static str {
+        match self {
+            AlertKind::ExposureThreshold => "EXPOSURE_THRESHOLD",
+            AlertKind::HoldCreated => "HOLD_CREATED",
+            AlertKind::LimitExpired => "LIMIT_EXPIRED",
+            AlertKind::ReviewDue => "REVIEW_DUE",
+            AlertKind::LimitChangePending => "LIMIT_CHANGE_PENDING",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Self> {
+        [
+            AlertKind::ExposureThreshold,
+            AlertKind::HoldCreated,
+            AlertKind::LimitExpired,
+            AlertKind::ReviewDue,
+            AlertKind::LimitChangePending,
+        ]
+        .into_iter()
+        .find(|k| k.code() == code)
+    }
+}
+
+pub async fn insert_alert(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    kind: AlertKind,
+    threshold_percent: i32,
+    message: String,
+    order_id: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Alert, ApiError> {
+    let model = alert::ActiveModel {
+        id: Set(uuid::Uuid::now_v7().to_string()),
+        tenant_id: Set(account.tenant_id.clone()),
+        customer_id: Set(account.exposure.customer_id.to_string()),
+        kind: Set(kind.code().to_owned()),
+        threshold_percent: Set(threshold_percent),
+        message: Set(message),
+        order_id: Set(order_id.map(str::to_owned)),
+        raised_at: Set(now),
+        acknowledged_by: Set(None),
+        acknowledged_at: Set(None),
+    };
+    Ok(alert::Entity::insert(model)
+        .exec_with_returning(conn)
+        .await?)
+}
+
+/// Alerts, newest first, strictly before `before` when given.
+pub async fn list_alerts(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    customer_id: Option<CustomerId>,
+    unacknowledged_only: bool,
+    before: Option<String>,
+    limit: u64,
+) -> Result<Vec<Alert>, ApiError> {
+    let mut query = alert::Entity::find().filter(alert::Column::TenantId.eq(tenant_id));
+    if let Some(customer) = customer_id {
+        query = query.filter(alert::Column::CustomerId.eq(customer.to_string()));
+    }
+    if unacknowledged_only {
+        query = query.filter(alert::Column::AcknowledgedBy.is_null());
+    }
+    if let Some(before) = before {
+        query = query.filter(alert::Column::Id.lt(before));
+    }
+    Ok(query
+        .order_by_desc(alert::Column::Id)
+        .limit(limit)
+        .all(conn)
+        .await?)
+}
+
+/// Acknowledges an alert (again: no change).
+pub async fn acknowledge_alert(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: &str,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> Result<Alert, ApiError> {
+    alert::Entity::update_many()
+        .col_expr(
+            alert::Column::AcknowledgedBy,
+            Expr::value(Some(actor.to_owned())),
+        )
+        .col_expr(alert::Column::AcknowledgedAt, Expr::value(Some(now)))
+        .filter(alert::Column::Id.eq(id))
+        .filter(alert::Column::TenantId.eq(tenant_id))
+        .filter(alert::Column::AcknowledgedBy.is_null())
+        .exec(conn)
+        .await?;
+    alert::Entity::find_by_id(id.to_owned())
+        .filter(alert::Column::TenantId.eq(tenant_id))
+        .one(conn)
+        .await?
+        .ok_or_else(|| ApiError::not_found("alert", id))
+}
+
+/// Accounts whose limit expired before `today` or whose review is due by
+/// `review_by`, and that were not alerted for that date yet.
+pub async fn accounts_needing_date_alerts(
+    conn: &impl ConnectionTrait,
+    today: NaiveDate,
+    review_by: NaiveDate,
+    limit: u64,
+) -> Result<Vec<Account>, ApiError> {
+    let expired = Expr::col(account::Column::LimitValidUntil).lt(today).and(
+        Expr::col(account::Column::ExpiryAlertedFor)
+            .is_null()
+            .or(Expr::col(account::Column::ExpiryAlertedFor)
+                .ne(Expr::col(account::Column::LimitValidUntil))),
+    );
+    let review = Expr::col(account::Column::NextReviewDate)
+        .lte(review_by)
+        .and(
+            Expr::col(account::Column::ReviewAlertedFor)
+                .is_null()
+                .or(Expr::col(account::Column::ReviewAlertedFor)
+                    .ne(Expr::col(account::Column::NextReviewDate))),
+        );
+    account::Entity::find()
+        .filter(expired.or(review))
+        .order_by_asc(account::Column::Id)
+        .limit(limit)
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(to_account)
+        .collect()
+}
+
+/// Remembers that the date alerts of `account` were raised.
+pub async fn mark_date_alerts(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    expiry_for: Option<NaiveDate>,
+    review_for: Option<NaiveDate>,
+) -> Result<(), ApiError> {
+    let mut update =
+        account::Entity::update_many().filter(account::Column::Id.eq(account.id.to_string()));
+    if let Some(date) = expiry_for {
+        update = update.col_expr(account::Column::ExpiryAlertedFor, Expr::value(Some(date)));
+    }
+    if let Some(date) = review_for {
+        update = update.col_expr(account::Column::ReviewAlertedFor, Expr::value(Some(date)));
+    }
+    if expiry_for.is_some() || review_for.is_some() {
+        update.exec(conn).await?;
+    }
+    Ok(())
+}
+
+/// Records the risk class of the latest score on the account.
+pub async fn set_risk_class(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    class: &str,
+) -> Result<(), ApiError> {
+    account::Entity::update_many()
+        .col_expr(
+            account::Column::RiskClass,
+            Expr::value(Some(class.to_owned())),
+        )
+        .filter(account::Column::Id.eq(account.id.to_string()))
+        .exec(conn)
+        .await?;
+    Ok(())
 }
 
 /// The account's exposure recomputed from the ledger rows.

@@ -17,6 +17,8 @@ pub enum OrderStatus {
     Held,
     Blocked,
     Invoiced,
+    Cancelled,
+    Rejected,
 }
 
 impl OrderStatus {
@@ -27,6 +29,8 @@ impl OrderStatus {
             OrderStatus::Held => "HELD",
             OrderStatus::Blocked => "BLOCKED",
             OrderStatus::Invoiced => "INVOICED",
+            OrderStatus::Cancelled => "CANCELLED",
+            OrderStatus::Rejected => "REJECTED",
         }
     }
 
@@ -37,6 +41,8 @@ impl OrderStatus {
             "HELD" => Some(OrderStatus::Held),
             "BLOCKED" => Some(OrderStatus::Blocked),
             "INVOICED" => Some(OrderStatus::Invoiced),
+            "CANCELLED" => Some(OrderStatus::Cancelled),
+            "REJECTED" => Some(OrderStatus::Rejected),
             _ => None,
         }
     }
@@ -74,6 +80,8 @@ mod tests {
             OrderStatus::Held,
             OrderStatus::Blocked,
             OrderStatus::Invoiced,
+            OrderStatus::Cancelled,
+            OrderStatus::Rejected,
         ] {
             assert_eq!(OrderStatus::from_code(s.code()), Some(s));
         }

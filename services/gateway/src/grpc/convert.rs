@@ -63,6 +63,8 @@ pub fn order(o: &Order) -> pb::Order {
         OrderStatus::Held => pb::OrderStatus::Held,
         OrderStatus::Blocked => pb::OrderStatus::Blocked,
         OrderStatus::Invoiced => pb::OrderStatus::Invoiced,
+        OrderStatus::Cancelled => pb::OrderStatus::Cancelled,
+        OrderStatus::Rejected => pb::OrderStatus::Rejected,
     };
     pb::Order {
         order_id: o.id.to_string(),

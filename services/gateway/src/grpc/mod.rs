@@ -32,7 +32,7 @@ use sea_orm::DatabaseConnection;
 use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Response, Status};
 
-use crate::domain;
+use crate::domain::{self, OrderStatus};
 use crate::storage;
 
 /// Metadata key naming the caller's tenant.
@@ -45,6 +45,8 @@ pub const MAX_ALLOCATIONS: usize = 100;
 pub struct Upstream {
     pub customer: CustomerServiceClient<TracedChannel>,
     pub credit: CreditServiceClient<TracedChannel>,
+    /// The credit service without a per-call deadline, for live streams.
+    pub alerts: CreditServiceClient<TracedChannel>,
     pub invoicing: InvoicingServiceClient<TracedChannel>,
     pub payments: PaymentsServiceClient<TracedChannel>,
 }
@@ -79,6 +81,22 @@ fn tenant<T>(request: &Request<T>) -> Result<String, Status> {
             "{TENANT_METADATA_KEY} must be 1 to {} letters, digits, '_' or '-'",
             fields::MAX_TENANT_ID_LENGTH
         ))
+    })
+}
+
+/// Metadata key naming the user behind an analyst operation.
+pub const USER_METADATA_KEY: &str = "x-user-id";
+
+/// The user named in the call's metadata (kept in the credit audit).
+fn user<T>(request: &Request<T>) -> Result<String, Status> {
+    let value = request
+        .metadata()
+        .get(USER_METADATA_KEY)
+        .ok_or_else(|| Status::unauthenticated(format!("missing {USER_METADATA_KEY} metadata")))?
+        .to_str()
+        .map_err(|_| Status::unauthenticated(format!("{USER_METADATA_KEY} is not text")))?;
+    fields::text(USER_METADATA_KEY, value, 100).map_err(|_| {
+        Status::unauthenticated(format!("{USER_METADATA_KEY} must be 1 to 100 characters"))
     })
 }
 
@@ -253,6 +271,12 @@ impl GatewayService for GatewayApi {
             "customer_id",
             &request.customer_id,
         ));
+        if !request.parent_customer_id.is_empty() {
+            v.check(fields::id::<CustomerId>(
+                "parent_customer_id",
+                &request.parent_customer_id,
+            ));
+        }
         v.check(fields::slug("agency", &request.agency));
         v.check(fields::text(
             "agency_reference",
@@ -284,9 +308,16 @@ impl GatewayService for GatewayApi {
                     tenant_id: tenant.clone(),
                     customer_id: customer_id.to_string(),
                     currency_code: customer.currency_code.clone(),
+                    parent_customer_id: request.parent_customer_id.clone(),
                 })
                 .await
-                .map_err(upstream("credit"))?;
+                .map_err(|status| {
+                    let error = from_upstream("credit", status);
+                    match error {
+                        ApiError::InvalidArgument(_) => Failure::Refused(error),
+                        other => Failure::Interrupted(other),
+                    }
+                })?;
             let account = present(opened.into_inner().credit_account, "credit account")?;
             let linked = self
                 .up
@@ -324,6 +355,7 @@ impl GatewayService for GatewayApi {
         request: Request<pb::SetCreditLimitRequest>,
     ) -> Result<Response<pb::SetCreditLimitResponse>, Status> {
         let tenant = tenant(&request)?;
+        let actor = user(&request)?;
         let request = request.into_inner();
         let mut v = Violations::default();
         v.check(client_key(&request.idempotency_key));
@@ -345,12 +377,17 @@ impl GatewayService for GatewayApi {
                 customer_id: customer_id.to_string(),
                 credit_limit: request.credit_limit,
                 reason: request.reason,
+                actor,
+                valid_until: request.valid_until,
+                next_review_date: request.next_review_date,
             })
             .await
-            .map_err(upstream("credit"))?;
-        let account = present(updated.into_inner().credit_account, "credit account")?;
+            .map_err(upstream("credit"))?
+            .into_inner();
+        let account = present(updated.credit_account, "credit account")?;
         Ok(Response::new(pb::SetCreditLimitResponse {
             exposure: account.exposure.map(convert::exposure),
+            change: updated.change,
         }))
     }
 
@@ -418,6 +455,7 @@ impl GatewayService for GatewayApi {
             let (status, reasons) = convert::decision(&decision)?;
             let reservation =
                 (!decision.reservation_id.is_empty()).then_some(decision.reservation_id.as_str());
+            let hold = (!decision.hold_id.is_empty()).then_some(decision.hold_id.as_str());
             let order = storage::record_decision(
                 &self.db,
                 &tenant,
@@ -425,6 +463,7 @@ impl GatewayService for GatewayApi {
                 status,
                 &reasons,
                 reservation,
+                hold,
             )
             .await?;
             tracing::info!(order = %order.id, status = status.code(), ?reasons, "order placed");
@@ -535,6 +574,7 @@ impl GatewayService for GatewayApi {
                     reservation_id,
                     invoice_id: invoice.invoice_id.clone(),
                     invoice_amount: invoice.total.clone(),
+                    due_date: invoice.due_date.clone(),
                 })
                 .await
                 .map_err(upstream("credit"))?;
@@ -709,8 +749,14 @@ impl GatewayService for GatewayApi {
                     })
                     .await
                     .map_err(upstream("credit"))?;
-                invoices.push(convert::invoice(present(applied.into_inner().invoice, "invoice")?));
+                let applied = present(applied.into_inner().invoice, "invoice")?;
+                if applied.status() == invoicing_pb::InvoiceStatus::Paid {
+                    self.record_behaviour(&tenant, key, customer_id, &applied).await?;
+                }
+                invoices.push(convert::invoice(applied));
             }
+            // Money came in: holds that now pass are released.
+            self.recheck_holds(&tenant, key, customer_id).await?;
             let exposure = self
                 .up
                 .credit
@@ -756,5 +802,645 @@ impl GatewayService for GatewayApi {
         Ok(Response::new(pb::GetCustomerExposureResponse {
             exposure: response.into_inner().exposure.map(convert::exposure),
         }))
+    }
+
+    async fn amend_order(
+        &self,
+        request: Request<pb::AmendOrderRequest>,
+    ) -> Result<Response<pb::AmendOrderResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        v.check(client_key(&request.idempotency_key));
+        let order_id = v.check(fields::id::<OrderId>("order_id", &request.order_id));
+        let amount = v.check(proto_money::parse_positive(
+            "amount",
+            request.amount.as_ref(),
+        ));
+        v.finish()?;
+        let (Some(order_id), Some(amount)) = (order_id, amount) else {
+            return Err(missing().into());
+        };
+        let order = storage::get(&self.db, &tenant, order_id).await?;
+        if order.status != OrderStatus::Approved {
+            return Err(ApiError::FailedPrecondition(format!(
+                "order {} is {}; only approved, not yet invoiced orders can be amended",
+                order.id,
+                order.status.code()
+            ))
+            .into());
+        }
+        let reservation_id = order.reservation_id.clone().ok_or_else(|| {
+            ApiError::Internal(format!("approved order {} has no reservation", order.id))
+        })?;
+        let amended = self
+            .up
+            .credit
+            .clone()
+            .amend_reservation(credit_pb::AmendReservationRequest {
+                idempotency_key: derived(&request.idempotency_key, "amend"),
+                tenant_id: tenant.clone(),
+                reservation_id,
+                new_amount: Some(proto_money::to_proto(&amount)),
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        let decision = present(amended.decision, "decision")?;
+        let order = if decision.decision() == credit_pb::Decision::Approve {
+            storage::set_amount(&self.db, &tenant, order.id, amount).await?
+        } else {
+            order
+        };
+        Ok(Response::new(pb::AmendOrderResponse {
+            order: Some(convert::order(&order)),
+            decision: Some(decision),
+        }))
+    }
+
+    async fn cancel_order(
+        &self,
+        request: Request<pb::CancelOrderRequest>,
+    ) -> Result<Response<pb::CancelOrderResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        v.check(client_key(&request.idempotency_key));
+        let order_id = v.check(fields::id::<OrderId>("order_id", &request.order_id));
+        let reason = v.check(fields::optional_text("reason", &request.reason, 500));
+        v.finish()?;
+        let (Some(order_id), Some(reason)) = (order_id, reason) else {
+            return Err(missing().into());
+        };
+        let order = storage::get(&self.db, &tenant, order_id).await?;
+        let reason = if reason.is_empty() {
+            "cancelled by the client".to_owned()
+        } else {
+            reason
+        };
+        match (order.status, &order.reservation_id, &order.hold_id) {
+            (OrderStatus::Cancelled, _, _) => {}
+            (OrderStatus::Approved, Some(reservation), _) => {
+                self.up
+                    .credit
+                    .clone()
+                    .release_reservation(credit_pb::ReleaseReservationRequest {
+                        idempotency_key: derived(&request.idempotency_key, "release"),
+                        tenant_id: tenant.clone(),
+                        reservation_id: reservation.clone(),
+                        reason: reason.clone(),
+                    })
+                    .await
+                    .map_err(upstream("credit"))?;
+            }
+            (OrderStatus::Held, _, Some(hold)) => {
+                self.up
+                    .credit
+                    .clone()
+                    .reject_hold(credit_pb::RejectHoldRequest {
+                        idempotency_key: derived(&request.idempotency_key, "reject"),
+                        tenant_id: tenant.clone(),
+                        hold_id: hold.clone(),
+                        actor: "client".into(),
+                        reason: reason.clone(),
+                    })
+                    .await
+                    .map_err(upstream("credit"))?;
+            }
+            (status, _, _) => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "order {} is {}; only approved or held orders can be cancelled",
+                    order.id,
+                    status.code()
+                ))
+                .into());
+            }
+        }
+        let order =
+            storage::set_status(&self.db, &tenant, order.id, OrderStatus::Cancelled).await?;
+        Ok(Response::new(pb::CancelOrderResponse {
+            order: Some(convert::order(&order)),
+        }))
+    }
+
+    async fn get_credit_profile(
+        &self,
+        request: Request<pb::GetCreditProfileRequest>,
+    ) -> Result<Response<pb::GetCreditProfileResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let id = fields::id::<CustomerId>("customer_id", &request.get_ref().customer_id)?;
+        let mut credit = self.up.credit.clone();
+        let account = credit
+            .get_credit_account(credit_pb::GetCreditAccountRequest {
+                tenant_id: tenant.clone(),
+                customer_id: id.to_string(),
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner()
+            .credit_account;
+        let holds = credit
+            .list_holds(credit_pb::ListHoldsRequest {
+                tenant_id: tenant,
+                customer_id: id.to_string(),
+                reason: 0,
+                state: credit_pb::HoldState::Open as i32,
+                page_size: 0,
+                page_token: String::new(),
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner()
+            .holds;
+        Ok(Response::new(pb::GetCreditProfileResponse {
+            credit_account: account,
+            open_holds: holds,
+        }))
+    }
+
+    async fn get_group_exposure(
+        &self,
+        request: Request<pb::GetGroupExposureRequest>,
+    ) -> Result<Response<pb::GetGroupExposureResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let id = fields::id::<CustomerId>("customer_id", &request.get_ref().customer_id)?;
+        let group = self
+            .up
+            .credit
+            .clone()
+            .get_group_exposure(credit_pb::GetGroupExposureRequest {
+                tenant_id: tenant,
+                customer_id: id.to_string(),
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        Ok(Response::new(pb::GetGroupExposureResponse {
+            group: Some(group),
+        }))
+    }
+
+    async fn decide_limit_change(
+        &self,
+        request: Request<pb::DecideLimitChangeRequest>,
+    ) -> Result<Response<pb::DecideLimitChangeResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let actor = user(&request)?;
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let decided = self
+            .up
+            .credit
+            .clone()
+            .decide_limit_change(credit_pb::DecideLimitChangeRequest {
+                idempotency_key: derived(&request.idempotency_key, "decide"),
+                tenant_id: tenant,
+                limit_change_id: request.limit_change_id,
+                approve: request.approve,
+                reason: request.reason,
+                actor,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        Ok(Response::new(pb::DecideLimitChangeResponse {
+            change: decided.change,
+        }))
+    }
+
+    async fn list_limit_changes(
+        &self,
+        request: Request<pb::ListLimitChangesRequest>,
+    ) -> Result<Response<pb::ListLimitChangesResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let listed = self
+            .up
+            .credit
+            .clone()
+            .list_limit_changes(credit_pb::ListLimitChangesRequest {
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+                page_size: request.page_size,
+                page_token: request.page_token,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        Ok(Response::new(pb::ListLimitChangesResponse {
+            changes: listed.changes,
+            next_page_token: listed.next_page_token,
+        }))
+    }
+
+    async fn set_account_controls(
+        &self,
+        request: Request<pb::SetAccountControlsRequest>,
+    ) -> Result<Response<pb::SetAccountControlsResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let actor = user(&request)?;
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let set = self
+            .up
+            .credit
+            .clone()
+            .set_account_controls(credit_pb::SetAccountControlsRequest {
+                idempotency_key: derived(&request.idempotency_key, "controls"),
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+                blocked: request.blocked,
+                max_order_value: request.max_order_value,
+                reason: request.reason,
+                actor,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        Ok(Response::new(pb::SetAccountControlsResponse {
+            credit_account: set.credit_account,
+        }))
+    }
+
+    async fn list_decisions(
+        &self,
+        request: Request<pb::ListDecisionsRequest>,
+    ) -> Result<Response<pb::ListDecisionsResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let listed = self
+            .up
+            .credit
+            .clone()
+            .list_decisions(credit_pb::ListDecisionsRequest {
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+                order_id: request.order_id,
+                page_size: request.page_size,
+                page_token: request.page_token,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        Ok(Response::new(pb::ListDecisionsResponse {
+            decisions: listed.decisions,
+            next_page_token: listed.next_page_token,
+        }))
+    }
+
+    async fn list_holds(
+        &self,
+        request: Request<pb::ListHoldsRequest>,
+    ) -> Result<Response<pb::ListHoldsResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let listed = self
+            .up
+            .credit
+            .clone()
+            .list_holds(credit_pb::ListHoldsRequest {
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+                reason: request.reason,
+                state: request.state,
+                page_size: request.page_size,
+                page_token: request.page_token,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        Ok(Response::new(pb::ListHoldsResponse {
+            holds: listed.holds,
+            next_page_token: listed.next_page_token,
+        }))
+    }
+
+    async fn release_hold(
+        &self,
+        request: Request<pb::ReleaseHoldRequest>,
+    ) -> Result<Response<pb::ReleaseHoldResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let actor = user(&request)?;
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let released = self
+            .up
+            .credit
+            .clone()
+            .release_hold(credit_pb::ReleaseHoldRequest {
+                idempotency_key: derived(&request.idempotency_key, "release"),
+                tenant_id: tenant.clone(),
+                hold_id: request.hold_id,
+                actor,
+                reason: request.reason,
+                raise_limit_to: request.raise_limit_to,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        let hold = present(released.hold, "hold")?;
+        let order = self.apply_hold(&tenant, &hold).await?;
+        Ok(Response::new(pb::ReleaseHoldResponse {
+            hold: Some(hold),
+            decision: released.decision,
+            order: order.as_ref().map(convert::order),
+        }))
+    }
+
+    async fn reject_hold(
+        &self,
+        request: Request<pb::RejectHoldRequest>,
+    ) -> Result<Response<pb::RejectHoldResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let actor = user(&request)?;
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let rejected = self
+            .up
+            .credit
+            .clone()
+            .reject_hold(credit_pb::RejectHoldRequest {
+                idempotency_key: derived(&request.idempotency_key, "reject"),
+                tenant_id: tenant.clone(),
+                hold_id: request.hold_id,
+                actor,
+                reason: request.reason,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        let hold = present(rejected.hold, "hold")?;
+        let order = self.apply_hold(&tenant, &hold).await?;
+        Ok(Response::new(pb::RejectHoldResponse {
+            hold: Some(hold),
+            order: order.as_ref().map(convert::order),
+        }))
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let listed = self
+            .up
+            .credit
+            .clone()
+            .list_alerts(credit_pb::ListAlertsRequest {
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+                unacknowledged_only: request.unacknowledged_only,
+                page_size: request.page_size,
+                page_token: request.page_token,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: listed.alerts,
+            next_page_token: listed.next_page_token,
+        }))
+    }
+
+    async fn acknowledge_alert(
+        &self,
+        request: Request<pb::AcknowledgeAlertRequest>,
+    ) -> Result<Response<pb::AcknowledgeAlertResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let actor = user(&request)?;
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let acknowledged = self
+            .up
+            .credit
+            .clone()
+            .acknowledge_alert(credit_pb::AcknowledgeAlertRequest {
+                idempotency_key: derived(&request.idempotency_key, "ack"),
+                tenant_id: tenant,
+                alert_id: request.alert_id,
+                actor,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        Ok(Response::new(pb::AcknowledgeAlertResponse {
+            alert: acknowledged.alert,
+        }))
+    }
+
+    type StreamAlertsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::StreamAlertsResponse, Status>> + Send>,
+    >;
+
+    async fn stream_alerts(
+        &self,
+        request: Request<pb::StreamAlertsRequest>,
+    ) -> Result<Response<Self::StreamAlertsStream>, Status> {
+        let tenant = tenant(&request)?;
+        // A live stream has no deadline: use a channel without one.
+        let upstream_stream = self
+            .up
+            .alerts
+            .clone()
+            .stream_alerts(credit_pb::StreamAlertsRequest { tenant_id: tenant })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        let stream = tokio_stream::StreamExt::map(upstream_stream, |item| {
+            item.map(|r| pb::StreamAlertsResponse {
+                alert: r.alert,
+                missed: r.missed,
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn update_risk_facts(
+        &self,
+        request: Request<pb::UpdateRiskFactsRequest>,
+    ) -> Result<Response<pb::UpdateRiskFactsResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let updated = self
+            .up
+            .credit
+            .clone()
+            .update_risk_facts(credit_pb::UpdateRiskFactsRequest {
+                idempotency_key: derived(&request.idempotency_key, "facts"),
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+                relationship_since: request.relationship_since,
+                annual_volume: request.annual_volume,
+                disputes: request.disputes,
+                write_offs: request.write_offs,
+                broken_promises: request.broken_promises,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        Ok(Response::new(pb::UpdateRiskFactsResponse {
+            score: updated.score,
+        }))
+    }
+
+    async fn score_customer(
+        &self,
+        request: Request<pb::ScoreCustomerRequest>,
+    ) -> Result<Response<pb::ScoreCustomerResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let actor = if request.get_ref().apply_limit {
+            user(&request)?
+        } else {
+            String::new()
+        };
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let scored = self
+            .up
+            .credit
+            .clone()
+            .score_customer(credit_pb::ScoreCustomerRequest {
+                idempotency_key: derived(&request.idempotency_key, "score"),
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+                apply_limit: request.apply_limit,
+                actor,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        Ok(Response::new(pb::ScoreCustomerResponse {
+            score: scored.score,
+            change: scored.change,
+        }))
+    }
+
+    async fn explain_score(
+        &self,
+        request: Request<pb::ExplainScoreRequest>,
+    ) -> Result<Response<pb::ExplainScoreResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let explained = self
+            .up
+            .credit
+            .clone()
+            .explain_score(credit_pb::ExplainScoreRequest {
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+            })
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
+        Ok(Response::new(pb::ExplainScoreResponse {
+            score: explained.score,
+        }))
+    }
+}
+
+impl GatewayApi {
+    /// Mirrors a resolved hold on its order: released → approved with the
+    /// reservation; rejected → rejected.
+    async fn apply_hold(
+        &self,
+        tenant: &str,
+        hold: &credit_pb::Hold,
+    ) -> Result<Option<storage::Order>, ApiError> {
+        let Ok(order_id) = hold.order_id.parse::<OrderId>() else {
+            return Ok(None);
+        };
+        let order = match storage::get(&self.db, tenant, order_id).await {
+            Ok(order) => order,
+            Err(ApiError::NotFound(_)) => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let order = match hold.state() {
+            credit_pb::HoldState::Released if order.status == OrderStatus::Held => {
+                storage::record_decision(
+                    &self.db,
+                    tenant,
+                    order.id,
+                    OrderStatus::Approved,
+                    &[],
+                    Some(hold.reservation_id.as_str()),
+                    None,
+                )
+                .await?
+            }
+            credit_pb::HoldState::Rejected if order.status == OrderStatus::Held => {
+                storage::set_status(&self.db, tenant, order.id, OrderStatus::Rejected).await?
+            }
+            _ => order,
+        };
+        Ok(Some(order))
+    }
+
+    /// Re-checks the customer's holds after money came in and approves the
+    /// orders whose holds were released.
+    async fn recheck_holds(
+        &self,
+        tenant: &str,
+        key: &str,
+        customer: CustomerId,
+    ) -> Result<(), ApiError> {
+        let rechecked = self
+            .up
+            .credit
+            .clone()
+            .recheck_holds(credit_pb::RecheckHoldsRequest {
+                idempotency_key: derived(key, "recheck"),
+                tenant_id: tenant.to_owned(),
+                customer_id: customer.to_string(),
+            })
+            .await;
+        let released = match rechecked {
+            Ok(response) => response.into_inner().released,
+            // No credit account: nothing can be on hold.
+            Err(status) if status.code() == Code::NotFound => return Ok(()),
+            Err(status) => return Err(from_upstream("credit", status)),
+        };
+        for hold in &released {
+            self.apply_hold(tenant, hold).await?;
+        }
+        Ok(())
+    }
+
+    /// Tells the credit service how a fully paid invoice was paid, so the
+    /// customer is re-scored on fresh payment facts.
+    async fn record_behaviour(
+        &self,
+        tenant: &str,
+        key: &str,
+        customer: CustomerId,
+        invoice: &invoicing_pb::Invoice,
+    ) -> Result<(), ApiError> {
+        let parse = |d: &str| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok();
+        let (Some(issued), Some(due)) = (parse(&invoice.issue_date), parse(&invoice.due_date))
+        else {
+            return Ok(());
+        };
+        let today = chrono::Utc::now().date_naive();
+        let days =
+            |from: chrono::NaiveDate| i32::try_from((today - from).num_days()).unwrap_or(i32::MAX);
+        let recorded = self
+            .up
+            .credit
+            .clone()
+            .record_payment_behaviour(credit_pb::RecordPaymentBehaviourRequest {
+                idempotency_key: derived(key, &format!("behaviour:{}", invoice.invoice_id)),
+                tenant_id: tenant.to_owned(),
+                customer_id: customer.to_string(),
+                invoice_id: invoice.invoice_id.clone(),
+                days_to_pay: days(issued).max(0),
+                days_beyond_terms: days(due),
+            })
+            .await;
+        match recorded {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == Code::NotFound => Ok(()),
+            Err(status) => Err(from_upstream("credit", status)),
+        }
     }
 }

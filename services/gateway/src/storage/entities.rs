@@ -25,6 +25,8 @@ pub mod order {
         /// Reason codes, comma separated.
         pub reasons: String,
         pub reservation_id: Option<String>,
+        /// The credit hold while the order is held.
+        pub hold_id: Option<String>,
         pub invoice_id: Option<String>,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,

@@ -23,6 +23,7 @@ pub struct Order {
     pub status: OrderStatus,
     pub reasons: Vec<String>,
     pub reservation_id: Option<String>,
+    pub hold_id: Option<String>,
     pub invoice_id: Option<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
@@ -52,6 +53,7 @@ fn to_domain(row: order::Model) -> Result<Order, ApiError> {
             .map(str::to_owned)
             .collect(),
         reservation_id: row.reservation_id,
+        hold_id: row.hold_id,
         invoice_id: row.invoice_id,
         created_at: row.created_at,
     })
@@ -88,6 +90,7 @@ pub async fn order_for_key(
         status: Set(OrderStatus::Pending.code().to_owned()),
         reasons: Set(String::new()),
         reservation_id: Set(None),
+        hold_id: Set(None),
         invoice_id: Set(None),
         created_at: Set(now),
         updated_at: Set(now),
@@ -118,10 +121,15 @@ pub async fn record_decision(
     status: OrderStatus,
     reasons: &[String],
     reservation_id: Option<&str>,
+    hold_id: Option<&str>,
 ) -> Result<Order, ApiError> {
     order::Entity::update_many()
         .col_expr(order::Column::Status, Expr::value(status.code()))
         .col_expr(order::Column::Reasons, Expr::value(reasons.join(",")))
+        .col_expr(
+            order::Column::HoldId,
+            Expr::value(hold_id.map(str::to_owned)),
+        )
         .col_expr(
             order::Column::ReservationId,
             Expr::value(reservation_id.map(str::to_owned)),
@@ -149,6 +157,43 @@ pub async fn record_invoice(
         .col_expr(
             order::Column::InvoiceId,
             Expr::value(Some(invoice_id.to_owned())),
+        )
+        .col_expr(order::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
+        .filter(order::Column::Id.eq(id.to_string()))
+        .filter(order::Column::TenantId.eq(tenant_id))
+        .exec(conn)
+        .await?;
+    get(conn, tenant_id, id).await
+}
+
+/// Sets the order's status (cancelled, rejected).
+pub async fn set_status(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: OrderId,
+    status: OrderStatus,
+) -> Result<Order, ApiError> {
+    order::Entity::update_many()
+        .col_expr(order::Column::Status, Expr::value(status.code()))
+        .col_expr(order::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
+        .filter(order::Column::Id.eq(id.to_string()))
+        .filter(order::Column::TenantId.eq(tenant_id))
+        .exec(conn)
+        .await?;
+    get(conn, tenant_id, id).await
+}
+
+/// Sets the order's amount after an approved amendment.
+pub async fn set_amount(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    id: OrderId,
+    amount: Money,
+) -> Result<Order, ApiError> {
+    order::Entity::update_many()
+        .col_expr(
+            order::Column::AmountMinor,
+            Expr::value(amount.minor_units()),
         )
         .col_expr(order::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
         .filter(order::Column::Id.eq(id.to_string()))

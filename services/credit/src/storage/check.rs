@@ -1,0 +1,318 @@
+//! The credit check as one unit of work inside a transaction: evaluate the
+//! policy on fresh state, reserve atomically when it approves, put the order
+//! on hold otherwise, document the decision, and collect the alerts to
+//! publish after commit.
+
+use chrono::{DateTime, Utc};
+use o2c_kit::ApiError;
+use o2c_money::Money;
+use o2c_money::ids::CustomerId;
+use sea_orm::ConnectionTrait;
+
+use super::{Account, Alert, AlertKind, Decision, DecisionRecord, Hold, Reservation};
+use crate::domain::{self, AccountState, Exposure, Outcome, Policy, Reason};
+
+/// Attempts when a concurrent change makes the atomic reservation fail
+/// although the policy (on a moment-older read) approved.
+const MAX_RESERVE_ATTEMPTS: usize = 3;
+
+/// Time and policy a check runs under.
+#[derive(Debug, Clone)]
+pub struct Context<'a> {
+    pub policy: &'a Policy,
+    pub now: DateTime<Utc>,
+    /// How long an unresolved reservation lives.
+    pub reservation_ttl: chrono::Duration,
+}
+
+/// What a check did.
+#[derive(Debug)]
+pub struct Checked {
+    pub decision: Decision,
+    pub outcome: Outcome,
+    pub reasons: Vec<Reason>,
+    pub reservation: Option<Reservation>,
+    pub hold: Option<Hold>,
+    /// The account after the check (None: no account).
+    pub account: Option<Account>,
+    pub alerts: Vec<Alert>,
+}
+
+#[derive(serde::Serialize)]
+struct Inputs<'a> {
+    today: chrono::NaiveDate,
+    amount_minor: i64,
+    limit_minor: i64,
+    reserved_minor: i64,
+    receivable_minor: i64,
+    blocked: bool,
+    max_order_minor: Option<i64>,
+    limit_valid_until: Option<chrono::NaiveDate>,
+    oldest_open_due: Option<chrono::NaiveDate>,
+    group_limit_minor: Option<i64>,
+    group_exposure_minor: Option<i64>,
+    overdue_days_max: i64,
+    #[serde(skip)]
+    _state: std::marker::PhantomData<&'a ()>,
+}
+
+fn inputs_json(state: &AccountState, amount_minor: i64, ctx: &Context<'_>) -> String {
+    let inputs = Inputs {
+        today: ctx.now.date_naive(),
+        amount_minor,
+        limit_minor: state.exposure.limit_minor,
+        reserved_minor: state.exposure.reserved_minor,
+        receivable_minor: state.exposure.receivable_minor,
+        blocked: state.blocked,
+        max_order_minor: state.max_order_minor,
+        limit_valid_until: state.limit_valid_until,
+        oldest_open_due: state.oldest_open_due,
+        group_limit_minor: state.group.map(|g| g.limit_minor),
+        group_exposure_minor: state.group.map(|g| g.exposure_minor),
+        overdue_days_max: ctx.policy.overdue_days_max,
+        _state: std::marker::PhantomData,
+    };
+    serde_json::to_string(&inputs).unwrap_or_else(|_| "{}".into())
+}
+
+/// Evaluates the policy on fresh state and, when it approves, reserves
+/// atomically. Returns the verdict, the state it was taken on, and whether
+/// the amount is now reserved.
+async fn evaluate_and_reserve(
+    conn: &impl ConnectionTrait,
+    ctx: &Context<'_>,
+    account: &Account,
+    amount_minor: i64,
+) -> Result<(Outcome, Vec<Reason>, AccountState), ApiError> {
+    let today = ctx.now.date_naive();
+    for attempt in 1..=MAX_RESERVE_ATTEMPTS {
+        let fresh = super::account_by_id(conn, &account.id.to_string()).await?;
+        let state = super::policy_state(conn, &fresh).await?;
+        let (outcome, reasons) = domain::evaluate(ctx.policy, Some(&state), amount_minor, today);
+        if outcome != Outcome::Approve {
+            return Ok((outcome, reasons, state));
+        }
+        match super::try_reserve(conn, &fresh, amount_minor, ctx.now).await? {
+            None => return Ok((Outcome::Approve, Vec::new(), state)),
+            Some(reason) if attempt == MAX_RESERVE_ATTEMPTS => {
+                return Ok((Outcome::Hold, vec![reason], state));
+            }
+            // Something changed between our read and the guarded write:
+            // evaluate again on the new state.
+            Some(_) => continue,
+        }
+    }
+    Err(ApiError::Internal(
+        "credit check loop ended without a verdict".into(),
+    ))
+}
+
+/// Alerts for exposure thresholds crossed from `before` to `after`.
+async fn threshold_alerts(
+    conn: &impl ConnectionTrait,
+    ctx: &Context<'_>,
+    account: &Account,
+    before: &Exposure,
+) -> Result<Vec<Alert>, ApiError> {
+    let mut alerts = Vec::new();
+    let after = &account.exposure;
+    for threshold in domain::thresholds_crossed(
+        ctx.policy,
+        after.limit_minor,
+        before.total_minor(),
+        after.total_minor(),
+    ) {
+        let message = format!("exposure reached {threshold}% of the credit limit");
+        alerts.push(
+            super::insert_alert(
+                conn,
+                account,
+                AlertKind::ExposureThreshold,
+                i32::try_from(threshold).unwrap_or(i32::MAX),
+                message,
+                None,
+                ctx.now,
+            )
+            .await?,
+        );
+    }
+    Ok(alerts)
+}
+
+/// Raises the threshold alerts of any change from `before` to `account`.
+pub async fn alerts_after_change(
+    conn: &impl ConnectionTrait,
+    ctx: &Context<'_>,
+    account: &Account,
+    before: &Exposure,
+) -> Result<Vec<Alert>, ApiError> {
+    threshold_alerts(conn, ctx, account, before).await
+}
+
+/// Checks an order of `amount` for `customer` (whose account may be
+/// missing) and reserves it on approval. A non-approved order gets a hold
+/// when `create_hold` (first checks do; re-checks of a hold do not).
+#[allow(clippy::too_many_arguments)]
+pub async fn check_order(
+    conn: &impl ConnectionTrait,
+    ctx: &Context<'_>,
+    tenant_id: &str,
+    customer_id: CustomerId,
+    account: Option<&Account>,
+    order_id: &str,
+    amount: Money,
+    create_hold: bool,
+) -> Result<Checked, ApiError> {
+    let amount_minor = amount.minor_units();
+    let Some(account) = account else {
+        let reasons = vec![Reason::NoCreditAccount];
+        let decision = super::insert_decision(
+            conn,
+            &DecisionRecord {
+                tenant_id,
+                customer_id,
+                order_id,
+                amount_minor,
+                currency: amount.currency(),
+                outcome: Outcome::Block,
+                reasons: &reasons,
+                reservation_id: None,
+                hold_id: None,
+                inputs_json: "{}".into(),
+                now: ctx.now,
+            },
+        )
+        .await?;
+        return Ok(Checked {
+            decision,
+            outcome: Outcome::Block,
+            reasons,
+            reservation: None,
+            hold: None,
+            account: None,
+            alerts: Vec::new(),
+        });
+    };
+    let (outcome, reasons, state) = evaluate_and_reserve(conn, ctx, account, amount_minor).await?;
+    let mut alerts = Vec::new();
+    let after = super::account_by_id(conn, &account.id.to_string()).await?;
+    let reservation = if outcome == Outcome::Approve {
+        let expires_at = ctx.now + ctx.reservation_ttl;
+        let reservation =
+            super::insert_reservation(conn, &after, order_id, amount_minor, ctx.now, expires_at)
+                .await?;
+        alerts.extend(threshold_alerts(conn, ctx, &after, &state.exposure).await?);
+        Some(reservation)
+    } else {
+        None
+    };
+    let hold = if outcome == Outcome::Hold && create_hold {
+        let hold =
+            super::insert_hold(conn, &after, order_id, amount_minor, &reasons, ctx.now).await?;
+        let codes = Reason::join(&reasons);
+        alerts.push(
+            super::insert_alert(
+                conn,
+                &after,
+                AlertKind::HoldCreated,
+                0,
+                format!("order {order_id} held: {codes}"),
+                Some(order_id),
+                ctx.now,
+            )
+            .await?,
+        );
+        Some(hold)
+    } else {
+        None
+    };
+    let decision = super::insert_decision(
+        conn,
+        &DecisionRecord {
+            tenant_id,
+            customer_id,
+            order_id,
+            amount_minor,
+            currency: amount.currency(),
+            outcome,
+            reasons: &reasons,
+            reservation_id: reservation.as_ref().map(|r| r.id),
+            hold_id: hold.as_ref().map(|h| h.id.clone()),
+            inputs_json: inputs_json(&state, amount_minor, ctx),
+            now: ctx.now,
+        },
+    )
+    .await?;
+    Ok(Checked {
+        decision,
+        outcome,
+        reasons,
+        reservation,
+        hold,
+        account: Some(after),
+        alerts,
+    })
+}
+
+/// Changes an open reservation to `new_amount`: a decrease releases the
+/// difference; an increase is checked like an order of the difference and
+/// applied only when approved. The decision is documented either way.
+pub async fn amend(
+    conn: &impl ConnectionTrait,
+    ctx: &Context<'_>,
+    tenant_id: &str,
+    reservation: &Reservation,
+    new_amount: Money,
+) -> Result<Checked, ApiError> {
+    let account = super::account_by_id(conn, &reservation.account_id).await?;
+    let new_minor = new_amount.minor_units();
+    let difference = new_minor - reservation.amount_minor;
+    let before = account.exposure;
+    let (outcome, reasons, inputs) = if difference <= 0 {
+        if difference < 0 {
+            super::adjust(conn, &reservation.account_id, difference, 0, ctx.now).await?;
+        }
+        let state = super::policy_state(conn, &account).await?;
+        (
+            Outcome::Approve,
+            Vec::new(),
+            inputs_json(&state, difference, ctx),
+        )
+    } else {
+        let (outcome, reasons, state) =
+            evaluate_and_reserve(conn, ctx, &account, difference).await?;
+        (outcome, reasons, inputs_json(&state, difference, ctx))
+    };
+    if outcome == Outcome::Approve && difference != 0 {
+        super::set_reservation_amount(conn, reservation, new_minor).await?;
+    }
+    let after = super::account_by_id(conn, &reservation.account_id).await?;
+    let alerts = threshold_alerts(conn, ctx, &after, &before).await?;
+    let updated = super::get_reservation(conn, tenant_id, reservation.id).await?;
+    let decision = super::insert_decision(
+        conn,
+        &DecisionRecord {
+            tenant_id,
+            customer_id: reservation.customer_id,
+            order_id: &reservation.order_id,
+            amount_minor: new_minor,
+            currency: new_amount.currency(),
+            outcome,
+            reasons: &reasons,
+            reservation_id: (outcome == Outcome::Approve).then_some(reservation.id),
+            hold_id: None,
+            inputs_json: inputs,
+            now: ctx.now,
+        },
+    )
+    .await?;
+    Ok(Checked {
+        decision,
+        outcome,
+        reasons,
+        reservation: Some(updated),
+        hold: None,
+        account: Some(after),
+        alerts,
+    })
+}
