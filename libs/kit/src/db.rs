@@ -10,6 +10,9 @@ use sea_orm_migration::MigratorTrait;
 pub const POSTGRES_MAX_CONNECTIONS: u32 = 16;
 /// How long a call waits for a pooled connection before failing Unavailable.
 pub const ACQUIRE_TIMEOUT_MS: u64 = 5_000;
+/// The same for SQLite's single connection, where queueing behind other
+/// writers is the normal case under load.
+pub const SQLITE_ACQUIRE_TIMEOUT_MS: u64 = 30_000;
 
 /// Connects to `url` and applies the service's migrations.
 ///
@@ -36,7 +39,10 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
         .connect_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
         .sqlx_logging(false);
     if sqlite {
-        options.max_connections(1).min_connections(1);
+        options
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_millis(SQLITE_ACQUIRE_TIMEOUT_MS));
     } else {
         options.max_connections(POSTGRES_MAX_CONNECTIONS);
     }

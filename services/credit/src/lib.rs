@@ -53,6 +53,9 @@ pub struct CreditSettings {
     /// units); raising a limit above it needs a second user's approval.
     /// Currencies not listed always need one.
     pub limit_authority: BTreeMap<String, String>,
+    /// Alerts buffered for live streams; a consumer further behind skips
+    /// ahead and is told how many it missed.
+    pub alert_stream_buffer: usize,
 }
 
 impl Default for CreditSettings {
@@ -73,6 +76,7 @@ impl Default for CreditSettings {
             reservation_ttl_ms: 7 * 24 * 3600 * 1000,
             maintenance_interval_ms: 60_000,
             limit_authority: authority,
+            alert_stream_buffer: grpc::DEFAULT_ALERT_STREAM_BUFFER,
         }
     }
 }
@@ -98,6 +102,9 @@ impl CreditSettings {
         }
         if self.reservation_ttl_ms < 60_000 {
             return Err(invalid("reservation_ttl_ms", "at least 60000".into()));
+        }
+        if !(1..=1_000_000).contains(&self.alert_stream_buffer) {
+            return Err(invalid("alert_stream_buffer", "1 to 1000000".into()));
         }
         if self.maintenance_interval_ms < 100 {
             return Err(invalid("maintenance_interval_ms", "at least 100".into()));
@@ -177,7 +184,7 @@ pub async fn build_with(
         db,
         ExposureCache::new(redis),
         config,
-        grpc::AlertHub::default(),
+        grpc::AlertHub::new(credit.alert_stream_buffer),
     );
     Ok(Built {
         maintenance: Maintenance::new(api.clone()),

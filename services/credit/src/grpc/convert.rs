@@ -147,6 +147,7 @@ pub fn decision(d: &Decision, after: Option<&Exposure>) -> Result<pb::CreditDeci
         decided_at: time(d.created_at),
         amount: Some(proto_money::to_proto(&amount)),
         hold_id: d.hold_id.clone().unwrap_or_default(),
+        inputs: d.inputs_json.clone(),
     })
 }
 

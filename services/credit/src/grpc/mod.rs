@@ -34,9 +34,9 @@ pub const MAX_ORDER_ID_LENGTH: usize = 100;
 pub const MAX_REASON_LENGTH: usize = 500;
 /// Longest actor (user id).
 pub const MAX_ACTOR_LENGTH: usize = 100;
-/// Alerts buffered for live streams; a consumer further behind skips
-/// ahead and is told how many it missed.
-pub const ALERT_STREAM_BUFFER: usize = 1_024;
+/// Alerts buffered for live streams by default; a consumer further behind
+/// skips ahead and is told how many it missed.
+pub const DEFAULT_ALERT_STREAM_BUFFER: usize = 1_024;
 
 /// Where the service reads the time. Tests move it.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -63,15 +63,14 @@ pub struct AlertHub {
     sender: broadcast::Sender<Alert>,
 }
 
-impl Default for AlertHub {
-    fn default() -> Self {
+impl AlertHub {
+    /// A hub buffering `capacity` alerts per live stream.
+    pub fn new(capacity: usize) -> Self {
         Self {
-            sender: broadcast::channel(ALERT_STREAM_BUFFER).0,
+            sender: broadcast::channel(capacity.max(1)).0,
         }
     }
-}
 
-impl AlertHub {
     /// Publishes committed alerts; with no listener they are simply not
     /// streamed (they stay listable).
     pub fn publish(&self, alerts: impl IntoIterator<Item = Alert>) {

@@ -12,50 +12,89 @@ use o2c_testkit::{Backend, Served, TestDatabase, assert_invalid};
 use tonic::Code;
 use tonic::transport::Channel;
 
-const TENANT: &str = "tenant-a";
+pub const TENANT: &str = "tenant-a";
 
-struct Harness {
-    client: CreditServiceClient<Channel>,
-    served: Served,
+mod policy;
+
+pub struct Harness {
+    pub client: CreditServiceClient<Channel>,
+    pub served: Served,
+    pub maintenance: o2c_credit::Maintenance,
+    pub clock: ManualClock,
     _db: TestDatabase,
 }
 
+/// A clock tests move by hand.
+#[derive(Clone)]
+pub struct ManualClock(Arc<std::sync::Mutex<chrono::DateTime<chrono::Utc>>>);
+
+impl ManualClock {
+    fn new() -> Self {
+        Self(Arc::new(std::sync::Mutex::new(chrono::Utc::now())))
+    }
+
+    pub fn advance(&self, by: chrono::Duration) {
+        let mut now = self.0.lock().unwrap();
+        *now += by;
+    }
+
+    pub fn today(&self) -> chrono::NaiveDate {
+        self.0.lock().unwrap().date_naive()
+    }
+
+    fn clock(&self) -> o2c_credit::Clock {
+        let inner = self.0.clone();
+        Arc::new(move || *inner.lock().unwrap())
+    }
+}
+
 async fn start(backend: Backend, name: &str) -> Option<Harness> {
+    start_with(backend, name, o2c_credit::CreditSettings::default(), None).await
+}
+
+/// Starts the credit service with `settings`, on a manual clock, with
+/// Redis on PostgreSQL runs (or at `redis_override`).
+pub async fn start_with(
+    backend: Backend,
+    name: &str,
+    settings: o2c_credit::CreditSettings,
+    redis_override: Option<String>,
+) -> Option<Harness> {
     let db = o2c_testkit::database(backend, name).await?;
-    let redis = match backend {
-        Backend::Postgres => o2c_testkit::redis_url().await,
-        Backend::Sqlite => None,
+    let redis = match (redis_override, backend) {
+        (Some(url), _) => Some(url),
+        (None, Backend::Postgres) => o2c_testkit::redis_url().await,
+        (None, Backend::Sqlite) => None,
     };
     let mut service = o2c_kit::settings::ServiceSettings::local("credit", 0);
     service.database_url = db.url.clone();
-    let routes = o2c_credit::build(
-        &service,
-        redis.as_deref(),
-        &o2c_credit::CreditSettings::default(),
-    )
-    .await
-    .unwrap();
-    let served = o2c_testkit::serve(o2c_credit::SERVICE_NAME, routes).await;
+    let clock = ManualClock::new();
+    let built = o2c_credit::build_with(&service, redis.as_deref(), &settings, clock.clock())
+        .await
+        .unwrap();
+    let served = o2c_testkit::serve(o2c_credit::SERVICE_NAME, built.routes).await;
     let client = CreditServiceClient::new(served.channel().await);
     Some(Harness {
         client,
         served,
+        maintenance: built.maintenance,
+        clock,
         _db: db,
     })
 }
 
-fn eur(amount: &str) -> Option<Money> {
+pub fn eur(amount: &str) -> Option<Money> {
     Some(Money {
         amount: amount.into(),
         currency_code: "EUR".into(),
     })
 }
 
-fn key() -> String {
+pub fn key() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-async fn open_with_limit(client: &mut CreditServiceClient<Channel>, limit: &str) -> String {
+pub async fn open_with_limit(client: &mut CreditServiceClient<Channel>, limit: &str) -> String {
     let customer = uuid::Uuid::now_v7().to_string();
     client
         .open_credit_account(pb::OpenCreditAccountRequest {
@@ -82,7 +121,7 @@ async fn open_with_limit(client: &mut CreditServiceClient<Channel>, limit: &str)
     customer
 }
 
-async fn reserve(
+pub async fn reserve(
     client: &mut CreditServiceClient<Channel>,
     customer: &str,
     order: &str,
@@ -103,7 +142,7 @@ async fn reserve(
         .unwrap()
 }
 
-async fn exposure(client: &mut CreditServiceClient<Channel>, customer: &str) -> pb::Exposure {
+pub async fn exposure(client: &mut CreditServiceClient<Channel>, customer: &str) -> pb::Exposure {
     client
         .get_exposure(pb::GetExposureRequest {
             tenant_id: TENANT.into(),
@@ -116,7 +155,7 @@ async fn exposure(client: &mut CreditServiceClient<Channel>, customer: &str) -> 
         .unwrap()
 }
 
-async fn assert_consistent(
+pub async fn assert_consistent(
     client: &mut CreditServiceClient<Channel>,
     customer: &str,
 ) -> pb::Exposure {
@@ -137,7 +176,7 @@ async fn assert_consistent(
     check.stored.unwrap()
 }
 
-fn amount(m: &Option<Money>) -> &str {
+pub fn amount(m: &Option<Money>) -> &str {
     &m.as_ref().unwrap().amount
 }
 
@@ -422,44 +461,6 @@ async fn bad_input_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_postgres() {
     bad_input(Backend::Postgres).await;
-}
-
-/// N concurrent reservations of `amount` against a limit of 100 × amount
-/// approve exactly 100, and the ledger agrees.
-async fn no_over_commit(backend: Backend, concurrent: usize) {
-    let Some(mut h) = start(backend, "race").await else {
-        return;
-    };
-    let customer = Arc::new(open_with_limit(&mut h.client, "1000.00").await);
-    let mut tasks = Vec::new();
-    for i in 0..concurrent {
-        let mut client = h.client.clone();
-        let customer = customer.clone();
-        tasks.push(tokio::spawn(async move {
-            reserve(&mut client, &customer, &format!("order-{i}"), "10.00").await
-        }));
-    }
-    let mut approved = 0;
-    for task in tasks {
-        if task.await.unwrap().decision() == pb::Decision::Approve {
-            approved += 1;
-        }
-    }
-    assert_eq!(approved, 100);
-    let e = assert_consistent(&mut h.client, &customer).await;
-    assert_eq!(amount(&e.reserved), "1000.00");
-    assert_eq!(amount(&e.available), "0.00");
-    h.served.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_over_commit_sqlite() {
-    no_over_commit(Backend::Sqlite, 250).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_over_commit_postgres() {
-    no_over_commit(Backend::Postgres, 250).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,990 @@
+//! The credit policy end to end: every reason, the no-over-commit race,
+//! holds, limit approvals, alerts, amendments, expiry, scoring, groups and
+//! a cache that dies.
+
+use std::time::Duration;
+
+use o2c_proto::credit::v1 as pb;
+use o2c_proto::credit::v1::credit_service_client::CreditServiceClient;
+use o2c_testkit::{Backend, assert_invalid};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use super::{
+    TENANT, amount, assert_consistent, eur, exposure, key, open_with_limit, reserve, start,
+    start_with,
+};
+
+const ANALYST: &str = "analyst-1";
+const SUPERVISOR: &str = "supervisor-1";
+
+/// splitmix64: a seeded, dependency-free generator for test inputs.
+struct Seeded(u64);
+
+impl Seeded {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+fn minor_to_eur(minor: i64) -> String {
+    format!("{}.{:02}", minor / 100, minor % 100)
+}
+
+async fn set_limit(
+    client: &mut CreditServiceClient<Channel>,
+    customer: &str,
+    limit: &str,
+    actor: &str,
+) -> pb::SetCreditLimitResponse {
+    client
+        .set_credit_limit(pb::SetCreditLimitRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.into(),
+            credit_limit: eur(limit),
+            reason: "test".into(),
+            actor: actor.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn open(
+    client: &mut CreditServiceClient<Channel>,
+    customer: &str,
+    parent: &str,
+) -> Result<pb::CreditAccount, tonic::Status> {
+    client
+        .open_credit_account(pb::OpenCreditAccountRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.into(),
+            currency_code: "EUR".into(),
+            parent_customer_id: parent.into(),
+        })
+        .await
+        .map(|r| r.into_inner().credit_account.unwrap())
+}
+
+fn reasons(d: &pb::CreditDecision) -> Vec<pb::ReasonCode> {
+    d.reasons().collect()
+}
+
+/// 1,000 concurrent reservations of one amount against a limit of 100 ×
+/// the amount approve exactly 100; with the limit lowered to 50 × during
+/// the race, never more than the limit in force allowed.
+async fn race(backend: Backend, seed: u64, lower_during_race: bool) {
+    let Some(mut h) = start(backend, &format!("race{seed}")).await else {
+        return;
+    };
+    let mut rng = Seeded(seed);
+    let amount_minor = 100 + i64::try_from(rng.next() % 50_000).unwrap();
+    let limit_minor = 100 * amount_minor;
+    println!(
+        "seed {seed}: amount {amount_minor} minor units, lower during race: {lower_during_race}"
+    );
+    let customer = open_with_limit(&mut h.client, &minor_to_eur(limit_minor)).await;
+    let lower_after = usize::try_from(rng.next() % 600).unwrap() + 100;
+    let mut tasks = Vec::new();
+    for i in 0..1_000 {
+        if lower_during_race && i == lower_after {
+            let mut client = h.client.clone();
+            let customer = customer.clone();
+            let lowered = minor_to_eur(50 * amount_minor);
+            tasks.push(tokio::spawn(async move {
+                set_limit(&mut client, &customer, &lowered, ANALYST).await;
+                None
+            }));
+        }
+        let mut client = h.client.clone();
+        let customer = customer.clone();
+        let value = minor_to_eur(amount_minor);
+        tasks.push(tokio::spawn(async move {
+            Some(reserve(&mut client, &customer, &format!("order-{i}"), &value).await)
+        }));
+    }
+    let mut approved = 0i64;
+    for task in tasks {
+        if let Some(decision) = task.await.unwrap()
+            && decision.decision() == pb::Decision::Approve
+        {
+            approved += 1;
+        }
+    }
+    let e = assert_consistent(&mut h.client, &customer).await;
+    assert_eq!(
+        amount(&e.reserved),
+        minor_to_eur(approved * amount_minor),
+        "seed {seed}"
+    );
+    if lower_during_race {
+        assert!(approved <= 100, "seed {seed}: {approved} approvals");
+        // Every approval fitted the limit it was decided under.
+        let decisions = h
+            .client
+            .list_decisions(pb::ListDecisionsRequest {
+                tenant_id: TENANT.into(),
+                customer_id: customer.clone(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .decisions;
+        for d in decisions
+            .iter()
+            .filter(|d| d.decision() == pb::Decision::Approve)
+        {
+            let inputs: serde_json::Value = serde_json::from_str(&d.inputs).unwrap();
+            let used = inputs["reserved_minor"].as_i64().unwrap()
+                + inputs["receivable_minor"].as_i64().unwrap();
+            assert!(
+                used + amount_minor <= inputs["limit_minor"].as_i64().unwrap(),
+                "seed {seed}: {inputs}"
+            );
+        }
+        // Under the lowered limit nothing more is approved until exposure
+        // falls below it.
+        let after = reserve(
+            &mut h.client,
+            &customer,
+            "late-order",
+            &minor_to_eur(amount_minor),
+        )
+        .await;
+        assert_eq!(
+            after.decision() == pb::Decision::Approve,
+            approved < 50,
+            "seed {seed}"
+        );
+    } else {
+        assert_eq!(approved, 100, "seed {seed}");
+        assert_eq!(amount(&e.available), "0.00");
+    }
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_over_commit_with_1000_concurrent_reservations_sqlite() {
+    for seed in [7, 1_234, 99_991] {
+        race(Backend::Sqlite, seed, false).await;
+    }
+    race(Backend::Sqlite, 42, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_over_commit_with_1000_concurrent_reservations_postgres() {
+    for seed in [7, 1_234, 99_991] {
+        race(Backend::Postgres, seed, false).await;
+    }
+    race(Backend::Postgres, 42, true).await;
+}
+
+async fn every_reason(backend: Backend) {
+    let Some(mut h) = start(backend, "reasons").await else {
+        return;
+    };
+    let c = &mut h.client;
+    let customer = open_with_limit(c, "1000.00").await;
+
+    // An invoice due 40 days ago (policy: 30) makes items overdue.
+    let first = reserve(c, &customer, "o-1", "100.00").await;
+    let due = (h.clock.today() - chrono::Duration::days(40))
+        .format("%Y-%m-%d")
+        .to_string();
+    c.convert_reservation(pb::ConvertReservationRequest {
+        idempotency_key: key(),
+        tenant_id: TENANT.into(),
+        reservation_id: first.reservation_id.clone(),
+        invoice_id: uuid::Uuid::now_v7().to_string(),
+        invoice_amount: eur("100.00"),
+        due_date: due,
+    })
+    .await
+    .unwrap();
+    let overdue = reserve(c, &customer, "o-2", "10.00").await;
+    assert_eq!(overdue.decision(), pb::Decision::Hold);
+    assert_eq!(reasons(&overdue), [pb::ReasonCode::OverdueItems]);
+    assert!(!overdue.hold_id.is_empty());
+
+    // Limit valid until today; tomorrow it has expired.
+    c.set_credit_limit(pb::SetCreditLimitRequest {
+        idempotency_key: key(),
+        tenant_id: TENANT.into(),
+        customer_id: customer.clone(),
+        credit_limit: eur("1000.00"),
+        reason: "annual review".into(),
+        actor: ANALYST.into(),
+        valid_until: h.clock.today().format("%Y-%m-%d").to_string(),
+        next_review_date: String::new(),
+    })
+    .await
+    .unwrap();
+    h.clock.advance(chrono::Duration::days(1));
+    c.set_account_controls(pb::SetAccountControlsRequest {
+        idempotency_key: key(),
+        tenant_id: TENANT.into(),
+        customer_id: customer.clone(),
+        blocked: true,
+        max_order_value: eur("500.00"),
+        reason: "collections".into(),
+        actor: ANALYST.into(),
+    })
+    .await
+    .unwrap();
+    let blocked = reserve(c, &customer, "o-3", "2000.00").await;
+    assert_eq!(blocked.decision(), pb::Decision::Block);
+    assert_eq!(
+        reasons(&blocked),
+        [
+            pb::ReasonCode::AccountBlocked,
+            pb::ReasonCode::LimitExpired,
+            pb::ReasonCode::OverdueItems,
+            pb::ReasonCode::MaxOrderValue,
+            pb::ReasonCode::OverLimit,
+        ]
+    );
+    assert!(
+        blocked.hold_id.is_empty(),
+        "a block is not queued for analysts"
+    );
+
+    // Each decision is documented with its inputs and policy version and
+    // listable per order and per customer.
+    let for_order = c
+        .list_decisions(pb::ListDecisionsRequest {
+            tenant_id: TENANT.into(),
+            order_id: "o-3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .decisions;
+    assert_eq!(for_order.len(), 1);
+    let inputs: serde_json::Value = serde_json::from_str(&for_order[0].inputs).unwrap();
+    assert_eq!(inputs["blocked"], true);
+    assert_eq!(inputs["max_order_minor"], 50_000);
+    assert!(for_order[0].policy_version.starts_with("credit-policy/"));
+    let for_customer = c
+        .list_decisions(pb::ListDecisionsRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(for_customer.decisions.len(), 2);
+    assert_eq!(for_customer.decisions[0].order_id, "o-3", "newest first");
+    assert!(!for_customer.next_page_token.is_empty());
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reason_sqlite() {
+    every_reason(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reason_postgres() {
+    every_reason(Backend::Postgres).await;
+}
+
+async fn group_limits(backend: Backend) {
+    let Some(mut h) = start(backend, "group").await else {
+        return;
+    };
+    let c = &mut h.client;
+    let parent = open_with_limit(c, "1000.00").await;
+    let (a, b) = (
+        uuid::Uuid::now_v7().to_string(),
+        uuid::Uuid::now_v7().to_string(),
+    );
+    for child in [&a, &b] {
+        open(c, child, &parent).await.unwrap();
+        set_limit(c, child, "800.00", ANALYST).await;
+    }
+    assert_eq!(
+        reserve(c, &a, "a-1", "600.00").await.decision(),
+        pb::Decision::Approve
+    );
+    let over = reserve(c, &b, "b-1", "500.00").await;
+    assert_eq!(over.decision(), pb::Decision::Hold);
+    assert_eq!(reasons(&over), [pb::ReasonCode::GroupLimitExceeded]);
+    assert_eq!(
+        reserve(c, &b, "b-2", "400.00").await.decision(),
+        pb::Decision::Approve
+    );
+    // The parent's own orders count against the group too.
+    let own = reserve(c, &parent, "p-1", "1.00").await;
+    assert_eq!(reasons(&own), [pb::ReasonCode::GroupLimitExceeded]);
+    let group = c
+        .get_group_exposure(pb::GetGroupExposureRequest {
+            tenant_id: TENANT.into(),
+            customer_id: parent.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(amount(&group.total), "1000.00");
+    assert_eq!(group.members.len(), 3);
+    assert!(group.consistent);
+    // Groups are one level deep, in one currency.
+    let grandchild = open(c, &uuid::Uuid::now_v7().to_string(), &a)
+        .await
+        .unwrap_err();
+    assert_invalid(&grandchild, "parent_customer_id");
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_limits_sqlite() {
+    group_limits(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_limits_postgres() {
+    group_limits(Backend::Postgres).await;
+}
+
+async fn holds_and_alerts(backend: Backend) {
+    let Some(mut h) = start(backend, "holds").await else {
+        return;
+    };
+    let mut stream = h
+        .client
+        .stream_alerts(pb::StreamAlertsRequest {
+            tenant_id: TENANT.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = &mut h.client;
+    let customer = open_with_limit(c, "1000.00").await;
+    assert_eq!(
+        reserve(c, &customer, "o-1", "850.00").await.decision(),
+        pb::Decision::Approve
+    );
+    let held = reserve(c, &customer, "o-2", "300.00").await;
+    let rejected = reserve(c, &customer, "o-3", "400.00").await;
+    assert_eq!(held.decision(), pb::Decision::Hold);
+
+    // Live: the 80 % crossing, then the two holds.
+    let mut live = Vec::new();
+    while live.len() < 3 {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("alert before the deadline")
+            .unwrap()
+            .unwrap();
+        live.push(next.alert.unwrap());
+    }
+    assert_eq!(live[0].kind(), pb::AlertKind::ExposureThreshold);
+    assert_eq!(live[0].threshold_percent, 80);
+    assert_eq!(live[1].kind(), pb::AlertKind::HoldCreated);
+    assert_eq!(live[1].order_id, "o-2");
+
+    let queue = c
+        .list_holds(pb::ListHoldsRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            reason: pb::ReasonCode::OverLimit as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .holds;
+    assert_eq!(
+        queue
+            .iter()
+            .map(|h| h.order_id.as_str())
+            .collect::<Vec<_>>(),
+        ["o-2", "o-3"],
+        "oldest first"
+    );
+
+    // Releasing re-runs the check: still over the limit, so it stays.
+    let still = c
+        .release_hold(pb::ReleaseHoldRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            hold_id: held.hold_id.clone(),
+            actor: ANALYST.into(),
+            reason: "customer called".into(),
+            raise_limit_to: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(still.decision.unwrap().decision(), pb::Decision::Hold);
+    assert_eq!(still.hold.unwrap().state(), pb::HoldState::Open);
+    // With a raise within authority it passes.
+    let released = c
+        .release_hold(pb::ReleaseHoldRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            hold_id: held.hold_id.clone(),
+            actor: ANALYST.into(),
+            reason: "raise approved by sales".into(),
+            raise_limit_to: eur("1200.00"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hold = released.hold.unwrap();
+    assert_eq!(hold.state(), pb::HoldState::Released);
+    assert!(!hold.reservation_id.is_empty());
+    assert_eq!(hold.resolved_by, ANALYST);
+    // A raise above the analyst's authority is refused.
+    let too_much = c
+        .release_hold(pb::ReleaseHoldRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            hold_id: rejected.hold_id.clone(),
+            actor: ANALYST.into(),
+            reason: "big raise".into(),
+            raise_limit_to: eur("500000.00"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_much.code(), Code::FailedPrecondition);
+    let gone = c
+        .reject_hold(pb::RejectHoldRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            hold_id: rejected.hold_id.clone(),
+            actor: ANALYST.into(),
+            reason: "customer insolvent".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(gone.state(), pb::HoldState::Rejected);
+
+    // A payment makes room: the batch re-check releases what now passes.
+    let another = reserve(c, &customer, "o-4", "100.00").await;
+    assert_eq!(another.decision(), pb::Decision::Hold);
+    // 1,150.00 of 1,200.00 is used.
+    let o1 = reserve(c, &customer, "o-1b", "60.00").await;
+    assert_eq!(o1.decision(), pb::Decision::Hold);
+    c.release_reservation(pb::ReleaseReservationRequest {
+        idempotency_key: key(),
+        tenant_id: TENANT.into(),
+        reservation_id: hold.reservation_id.clone(),
+        reason: "order cancelled".into(),
+    })
+    .await
+    .unwrap();
+    let rechecked = c
+        .recheck_holds(pb::RecheckHoldsRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let orders: Vec<_> = rechecked
+        .released
+        .iter()
+        .map(|h| h.order_id.as_str())
+        .collect();
+    assert_eq!(orders, ["o-4", "o-1b"]);
+    assert_eq!(rechecked.still_held, 0);
+
+    // Listed, newest first, and acknowledgeable.
+    let alerts = c
+        .list_alerts(pb::ListAlertsRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            unacknowledged_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts;
+    assert!(alerts.len() >= 5, "{alerts:?}");
+    let acked = c
+        .acknowledge_alert(pb::AcknowledgeAlertRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            alert_id: alerts[0].alert_id.clone(),
+            actor: ANALYST.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .alert
+        .unwrap();
+    assert!(acked.acknowledged);
+    let unacked = c
+        .list_alerts(pb::ListAlertsRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            unacknowledged_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts;
+    assert_eq!(unacked.len(), alerts.len() - 1);
+    assert_consistent(c, &customer).await;
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_and_alerts_sqlite() {
+    holds_and_alerts(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_and_alerts_postgres() {
+    holds_and_alerts(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_alert_consumer_never_slows_checks() {
+    let Some(mut h) = start(Backend::Sqlite, "stall").await else {
+        return;
+    };
+    // Opened and never read.
+    let _stalled = h
+        .client
+        .stream_alerts(pb::StreamAlertsRequest {
+            tenant_id: TENANT.into(),
+        })
+        .await
+        .unwrap();
+    let customer = open_with_limit(&mut h.client, "0.00").await;
+    for i in 0..100 {
+        // Every one is held and raises an alert nobody reads.
+        let d = reserve(&mut h.client, &customer, &format!("o-{i}"), "1.00").await;
+        assert_eq!(d.decision(), pb::Decision::Hold);
+    }
+    // A consumer that falls behind is told how many it missed.
+    let mut late = h
+        .client
+        .stream_alerts(pb::StreamAlertsRequest {
+            tenant_id: TENANT.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    reserve(&mut h.client, &customer, "last", "1.00").await;
+    let next = tokio::time::timeout(Duration::from_secs(10), late.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.alert.unwrap().order_id, "last");
+    h.served.stop().await;
+}
+
+async fn limit_approvals(backend: Backend) {
+    let Some(mut h) = start(backend, "approvals").await else {
+        return;
+    };
+    let c = &mut h.client;
+    let customer = open_with_limit(c, "50000.00").await;
+    let requested = set_limit(c, &customer, "250000.00", ANALYST).await;
+    let change = requested.change.unwrap();
+    assert_eq!(change.status(), pb::LimitChangeStatus::PendingApproval);
+    assert_eq!(
+        amount(&exposure(c, &customer).await.credit_limit),
+        "50000.00",
+        "not applied yet"
+    );
+    let same_user = c
+        .decide_limit_change(pb::DecideLimitChangeRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            limit_change_id: change.limit_change_id.clone(),
+            approve: true,
+            reason: "ok".into(),
+            actor: ANALYST.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(same_user.code(), Code::FailedPrecondition);
+    let approved = c
+        .decide_limit_change(pb::DecideLimitChangeRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            limit_change_id: change.limit_change_id.clone(),
+            approve: true,
+            reason: "financials reviewed".into(),
+            actor: SUPERVISOR.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        approved.change.unwrap().status(),
+        pb::LimitChangeStatus::Applied
+    );
+    assert_eq!(
+        amount(&exposure(c, &customer).await.credit_limit),
+        "250000.00"
+    );
+    // Lowering never needs a second user.
+    let lowered = set_limit(c, &customer, "1000.00", ANALYST).await;
+    assert_eq!(
+        lowered.change.unwrap().status(),
+        pb::LimitChangeStatus::Applied
+    );
+    let audit = c
+        .list_limit_changes(pb::ListLimitChangesRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .changes;
+    let trail: Vec<_> = audit
+        .iter()
+        .map(|c| {
+            (
+                amount(&c.before).to_owned(),
+                amount(&c.after).to_owned(),
+                c.requested_by.clone(),
+                c.decided_by.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            (
+                "250000.00".into(),
+                "1000.00".into(),
+                ANALYST.to_owned(),
+                ANALYST.to_owned()
+            ),
+            (
+                "50000.00".into(),
+                "250000.00".into(),
+                ANALYST.to_owned(),
+                SUPERVISOR.to_owned()
+            ),
+            (
+                "0.00".into(),
+                "50000.00".into(),
+                ANALYST.to_owned(),
+                ANALYST.to_owned()
+            ),
+        ]
+    );
+    assert!(
+        audit
+            .iter()
+            .all(|c| !c.reason.is_empty() && !c.requested_at.is_empty())
+    );
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_approvals_sqlite() {
+    limit_approvals(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_approvals_postgres() {
+    limit_approvals(Backend::Postgres).await;
+}
+
+async fn amendments_and_expiry(backend: Backend) {
+    let settings = o2c_credit::CreditSettings {
+        reservation_ttl_ms: 3_600_000,
+        ..Default::default()
+    };
+    let Some(mut h) = start_with(backend, "amend", settings, None).await else {
+        return;
+    };
+    let c = &mut h.client;
+    let customer = open_with_limit(c, "1000.00").await;
+    let first = reserve(c, &customer, "o-1", "400.00").await;
+    let amend = |value: &str| pb::AmendReservationRequest {
+        idempotency_key: key(),
+        tenant_id: TENANT.into(),
+        reservation_id: first.reservation_id.clone(),
+        new_amount: eur(value),
+    };
+    let up = c
+        .amend_reservation(amend("900.00"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(up.decision.unwrap().decision(), pb::Decision::Approve);
+    let too_far = c
+        .amend_reservation(amend("1000.01"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(too_far.decision.unwrap().decision(), pb::Decision::Hold);
+    assert_eq!(
+        amount(&too_far.reservation.unwrap().amount),
+        "900.00",
+        "unchanged"
+    );
+    let down = c
+        .amend_reservation(amend("300.00"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(amount(&down.reservation.unwrap().amount), "300.00");
+    assert_eq!(amount(&exposure(c, &customer).await.reserved), "300.00");
+
+    // A review date within the notice period and an expiring limit raise
+    // one alert each; an unresolved reservation expires.
+    c.set_credit_limit(pb::SetCreditLimitRequest {
+        idempotency_key: key(),
+        tenant_id: TENANT.into(),
+        customer_id: customer.clone(),
+        credit_limit: eur("1000.00"),
+        reason: "review".into(),
+        actor: ANALYST.into(),
+        valid_until: h.clock.today().format("%Y-%m-%d").to_string(),
+        next_review_date: (h.clock.today() + chrono::Duration::days(7))
+            .format("%Y-%m-%d")
+            .to_string(),
+    })
+    .await
+    .unwrap();
+    h.clock.advance(chrono::Duration::days(2));
+    let (expired, alerts) = h.maintenance.run_once().await.unwrap();
+    assert_eq!((expired, alerts), (1, 2));
+    assert_eq!(
+        h.maintenance.run_once().await.unwrap(),
+        (0, 0),
+        "each alert once"
+    );
+    let e = assert_consistent(&mut h.client, &customer).await;
+    assert_eq!(amount(&e.reserved), "0.00");
+    let gone = h
+        .client
+        .amend_reservation(pb::AmendReservationRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            reservation_id: first.reservation_id.clone(),
+            new_amount: eur("1.00"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::FailedPrecondition);
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amendments_and_expiry_sqlite() {
+    amendments_and_expiry(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amendments_and_expiry_postgres() {
+    amendments_and_expiry(Backend::Postgres).await;
+}
+
+async fn risk_scoring(backend: Backend) {
+    let Some(mut h) = start(backend, "risk").await else {
+        return;
+    };
+    let c = &mut h.client;
+    let customer = open_with_limit(c, "1000.00").await;
+    let facts = c
+        .update_risk_facts(pb::UpdateRiskFactsRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            relationship_since: "2019-03-01".into(),
+            annual_volume: eur("400000.00"),
+            disputes: 1,
+            write_offs: 0,
+            broken_promises: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .score
+        .unwrap();
+    let mut last = facts.score;
+    for (days_to_pay, beyond) in [(30, 0), (28, -2), (25, -5), (26, -4)] {
+        let score = c
+            .record_payment_behaviour(pb::RecordPaymentBehaviourRequest {
+                idempotency_key: key(),
+                tenant_id: TENANT.into(),
+                customer_id: customer.clone(),
+                invoice_id: uuid::Uuid::now_v7().to_string(),
+                days_to_pay,
+                days_beyond_terms: beyond,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .score
+            .unwrap();
+        last = score.score;
+    }
+    assert!(
+        last > facts.score,
+        "punctual payments raise the score ({} -> {last})",
+        facts.score
+    );
+    let explained = c
+        .explain_score(pb::ExplainScoreRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .score
+        .unwrap();
+    assert_eq!(explained.score, last);
+    assert_eq!(
+        explained.score,
+        50 + explained.factors.iter().map(|f| f.points).sum::<i32>()
+    );
+    assert_eq!(explained.risk_class(), pb::RiskClass::A);
+    // Class A: 25 % of annual volume = 100,000.00, within authority.
+    let applied = c
+        .score_customer(pb::ScoreCustomerRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            apply_limit: true,
+            actor: ANALYST.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let change = applied.change.unwrap();
+    assert_eq!(change.status(), pb::LimitChangeStatus::Applied);
+    assert_eq!(change.source(), pb::LimitSource::Calculated);
+    let account = c
+        .get_credit_account(pb::GetCreditAccountRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .credit_account
+        .unwrap();
+    let limit = account.credit_limit.clone().unwrap();
+    assert_eq!(amount(&limit.amount), "100000.00");
+    assert_eq!(limit.source(), pb::LimitSource::Calculated);
+    assert_eq!(account.risk_class(), pb::RiskClass::A);
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn risk_scoring_sqlite() {
+    risk_scoring(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn risk_scoring_postgres() {
+    risk_scoring(Backend::Postgres).await;
+}
+
+/// A Redis of our own, so it can die mid-test.
+struct OwnRedis {
+    child: std::process::Child,
+    url: String,
+}
+
+async fn own_redis() -> Option<OwnRedis> {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+        listener.local_addr().ok()?.port()
+    };
+    let child = match std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(error) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "redis-server is required when CI=true: {error}"
+            );
+            eprintln!("SKIPPED: redis-server not installed ({error})");
+            return None;
+        }
+    };
+    let url = format!("redis://127.0.0.1:{port}");
+    let ready = o2c_testkit::eventually(Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            let client = redis::Client::open(url.as_str()).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .ok()
+        }
+    })
+    .await;
+    assert!(ready.is_some(), "our redis-server did not come up");
+    Some(OwnRedis { child, url })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_dead_reads_fall_back_and_nothing_fails() {
+    let Some(mut redis) = own_redis().await else {
+        return;
+    };
+    let Some(mut h) = start_with(
+        Backend::Sqlite,
+        "redis-dies",
+        Default::default(),
+        Some(redis.url.clone()),
+    )
+    .await
+    else {
+        return;
+    };
+    let customer = open_with_limit(&mut h.client, "1000.00").await;
+    reserve(&mut h.client, &customer, "o-1", "100.00").await;
+    let cached = exposure(&mut h.client, &customer).await;
+    redis.child.kill().unwrap();
+    redis.child.wait().unwrap();
+    // Reads and decisions go on against the database.
+    assert_eq!(exposure(&mut h.client, &customer).await, cached);
+    let next = reserve(&mut h.client, &customer, "o-2", "100.00").await;
+    assert_eq!(next.decision(), pb::Decision::Approve);
+    assert_eq!(
+        amount(&exposure(&mut h.client, &customer).await.reserved),
+        "200.00"
+    );
+    assert_consistent(&mut h.client, &customer).await;
+    h.served.stop().await;
+}
