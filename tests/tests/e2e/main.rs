@@ -14,16 +14,18 @@ use o2c_testkit::{Backend, TestDatabase, assert_invalid};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
-const TENANT: &str = "acme-eu";
+mod credit_desk;
 
-struct Running {
-    suite: Suite,
-    gateway: GatewayServiceClient<Channel>,
-    credit: CreditServiceClient<Channel>,
+pub const TENANT: &str = "acme-eu";
+
+pub struct Running {
+    pub suite: Suite,
+    pub gateway: GatewayServiceClient<Channel>,
+    pub credit: CreditServiceClient<Channel>,
     _databases: Vec<TestDatabase>,
 }
 
-async fn run_suite(backend: Backend) -> Option<Running> {
+pub async fn run_suite(backend: Backend) -> Option<Running> {
     let names = [
         "gateway",
         "customer",
@@ -68,14 +70,14 @@ async fn run_suite(backend: Backend) -> Option<Running> {
     })
 }
 
-fn eur(amount: &str) -> Option<Money> {
+pub fn eur(amount: &str) -> Option<Money> {
     Some(Money {
         amount: amount.into(),
         currency_code: "EUR".into(),
     })
 }
 
-fn as_tenant<T>(message: T) -> Request<T> {
+pub fn as_tenant<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
     request
         .metadata_mut()
@@ -86,16 +88,16 @@ fn as_tenant<T>(message: T) -> Request<T> {
     request
 }
 
-fn key() -> String {
+pub fn key() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-fn amount(m: &Option<Money>) -> &str {
+pub fn amount(m: &Option<Money>) -> &str {
     &m.as_ref().unwrap().amount
 }
 
 /// Creates a customer with a linked credit account and `limit`.
-async fn onboard(gateway: &mut GatewayServiceClient<Channel>, limit: &str) -> String {
+pub async fn onboard(gateway: &mut GatewayServiceClient<Channel>, limit: &str) -> String {
     let customer = gateway
         .create_customer(as_tenant(pb::CreateCustomerRequest {
             idempotency_key: key(),
@@ -136,7 +138,7 @@ async fn onboard(gateway: &mut GatewayServiceClient<Channel>, limit: &str) -> St
     customer.customer_id
 }
 
-async fn exposure(gateway: &mut GatewayServiceClient<Channel>, customer: &str) -> pb::Exposure {
+pub async fn exposure(gateway: &mut GatewayServiceClient<Channel>, customer: &str) -> pb::Exposure {
     gateway
         .get_customer_exposure(as_tenant(pb::GetCustomerExposureRequest {
             customer_id: customer.into(),
@@ -148,7 +150,7 @@ async fn exposure(gateway: &mut GatewayServiceClient<Channel>, customer: &str) -
         .unwrap()
 }
 
-async fn assert_ledger_consistent(credit: &mut CreditServiceClient<Channel>, customer: &str) {
+pub async fn assert_ledger_consistent(credit: &mut CreditServiceClient<Channel>, customer: &str) {
     let check = credit
         .recompute_exposure(credit_pb::RecomputeExposureRequest {
             tenant_id: TENANT.into(),
