@@ -262,12 +262,12 @@ mod tests {
     fn facts() -> Facts {
         Facts {
             relationship_since: NaiveDate::from_ymd_opt(2020, 1, 1),
-            annual_volume_minor: 1_200_000_00,
+            annual_volume_minor: 120_000_000,
             disputes: 0,
             write_offs: 0,
             broken_promises: 0,
             past_holds: 0,
-            open_receivables_minor: 100_000_00,
+            open_receivables_minor: 10_000_000,
             payments: vec![(28, -2), (30, 0), (25, -5)],
         }
     }
@@ -278,7 +278,7 @@ mod tests {
         // 50 + 20 (on time) + 5 (fast) + 10 (6 years) = 85.
         assert_eq!(s.points, 85);
         assert_eq!(s.class, RiskClass::A);
-        assert_eq!(s.calculated_limit_minor, 300_000_00);
+        assert_eq!(s.calculated_limit_minor, 30_000_000);
         assert_eq!(
             s.points,
             BASE_POINTS + s.factors.iter().map(|f| f.points).sum::<i32>(),

@@ -131,6 +131,9 @@ impl CreditApi {
 
     /// Commits `txn` with the response, then refreshes the cache with
     /// `exposures` and publishes `alerts`.
+    // The idempotency record (scope, key, request) travels as three values
+    // because that is how `kit::idempotency` takes it.
+    #[allow(clippy::too_many_arguments)]
     async fn finish<R: Message + Default>(
         &self,
         txn: DatabaseTransaction,
