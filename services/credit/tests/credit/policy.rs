@@ -988,3 +988,166 @@ async fn with_redis_dead_reads_fall_back_and_nothing_fails() {
     assert_consistent(&mut h.client, &customer).await;
     h.served.stop().await;
 }
+
+async fn desk_bad_input(backend: Backend) {
+    let Some(mut h) = start(backend, "desk-bad").await else {
+        return;
+    };
+    let c = &mut h.client;
+    let customer = open_with_limit(c, "100.00").await;
+    let held = reserve(c, &customer, "o-1", "500.00").await;
+    let release = pb::ReleaseHoldRequest {
+        idempotency_key: key(),
+        tenant_id: TENANT.into(),
+        hold_id: held.hold_id.clone(),
+        actor: ANALYST.into(),
+        reason: "check".into(),
+        raise_limit_to: None,
+    };
+    for (field, request) in [
+        (
+            "hold_id",
+            pb::ReleaseHoldRequest {
+                hold_id: "h-1".into(),
+                ..release.clone()
+            },
+        ),
+        (
+            "actor",
+            pb::ReleaseHoldRequest {
+                actor: String::new(),
+                ..release.clone()
+            },
+        ),
+        (
+            "reason",
+            pb::ReleaseHoldRequest {
+                reason: " ".into(),
+                ..release.clone()
+            },
+        ),
+        (
+            "raise_limit_to.amount",
+            pb::ReleaseHoldRequest {
+                raise_limit_to: eur("-1.00"),
+                ..release.clone()
+            },
+        ),
+        (
+            "raise_limit_to.currency_code",
+            pb::ReleaseHoldRequest {
+                raise_limit_to: Some(o2c_proto::common::v1::Money {
+                    amount: "900".into(),
+                    currency_code: "USD".into(),
+                }),
+                ..release.clone()
+            },
+        ),
+    ] {
+        assert_invalid(&c.release_hold(request).await.unwrap_err(), field);
+    }
+    let unknown = pb::ReleaseHoldRequest {
+        hold_id: uuid::Uuid::now_v7().to_string(),
+        ..release.clone()
+    };
+    assert_eq!(
+        c.release_hold(unknown).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // Refused requests changed nothing: the limit and the hold are as before.
+    assert_eq!(amount(&exposure(c, &customer).await.credit_limit), "100.00");
+    let holds = c
+        .list_holds(pb::ListHoldsRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .holds;
+    assert_eq!(holds.len(), 1);
+
+    let controls = c
+        .set_account_controls(pb::SetAccountControlsRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            blocked: true,
+            max_order_value: eur("0"),
+            reason: "x".into(),
+            actor: ANALYST.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&controls, "max_order_value.amount");
+    let facts = c
+        .update_risk_facts(pb::UpdateRiskFactsRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            relationship_since: "last year".into(),
+            disputes: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&facts, "relationship_since");
+    assert_invalid(&facts, "disputes");
+    let page = c
+        .list_holds(pb::ListHoldsRequest {
+            tenant_id: TENANT.into(),
+            page_size: 1_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&page, "page_size");
+    let limit = c
+        .set_credit_limit(pb::SetCreditLimitRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            credit_limit: eur("10.00"),
+            reason: "x".into(),
+            actor: String::new(),
+            valid_until: "31.12.2027".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&limit, "actor");
+    assert_invalid(&limit, "valid_until");
+    let decide = c
+        .decide_limit_change(pb::DecideLimitChangeRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            limit_change_id: uuid::Uuid::now_v7().to_string(),
+            approve: true,
+            reason: "x".into(),
+            actor: SUPERVISOR.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(decide.code(), Code::NotFound);
+    let explain = c
+        .explain_score(pb::ExplainScoreRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(explain.code(), Code::NotFound, "no score yet");
+    assert_eq!(amount(&exposure(c, &customer).await.credit_limit), "100.00");
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desk_bad_input_sqlite() {
+    desk_bad_input(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desk_bad_input_postgres() {
+    desk_bad_input(Backend::Postgres).await;
+}
