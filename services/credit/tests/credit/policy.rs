@@ -642,6 +642,31 @@ async fn limit_approvals(backend: Backend) {
         amount(&exposure(c, &customer).await.credit_limit),
         "250000.00"
     );
+    // A rejected request changes nothing but the audit.
+    let second = set_limit(c, &customer, "900000.00", ANALYST)
+        .await
+        .change
+        .unwrap();
+    let rejected = c
+        .decide_limit_change(pb::DecideLimitChangeRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            limit_change_id: second.limit_change_id.clone(),
+            approve: false,
+            reason: "not justified".into(),
+            actor: SUPERVISOR.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rejected.change.unwrap().status(),
+        pb::LimitChangeStatus::Rejected
+    );
+    assert_eq!(
+        amount(&exposure(c, &customer).await.credit_limit),
+        "250000.00"
+    );
     // Lowering never needs a second user.
     let lowered = set_limit(c, &customer, "1000.00", ANALYST).await;
     assert_eq!(
@@ -677,6 +702,12 @@ async fn limit_approvals(backend: Backend) {
                 "1000.00".into(),
                 ANALYST.to_owned(),
                 ANALYST.to_owned()
+            ),
+            (
+                "250000.00".into(),
+                "900000.00".into(),
+                ANALYST.to_owned(),
+                SUPERVISOR.to_owned()
             ),
             (
                 "50000.00".into(),
