@@ -19,6 +19,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod clock;
 pub mod db;
 pub mod error;
 pub mod fields;

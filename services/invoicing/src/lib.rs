@@ -33,12 +33,20 @@ pub fn default_settings() -> Settings {
 
 /// Connects to the database, applies migrations and returns the routes.
 pub async fn build(service: &ServiceSettings) -> anyhow::Result<Routes> {
+    build_with(service, o2c_kit::clock::system_clock()).await
+}
+
+/// As [`build`], reading the time from `clock` (tests move it).
+pub async fn build_with(
+    service: &ServiceSettings,
+    clock: o2c_kit::clock::Clock,
+) -> anyhow::Result<Routes> {
     let db =
         o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
             .await
             .map_err(|e| anyhow::anyhow!("invoicing database {}: {e}", service.database_url))?;
     Ok(Routes::new(InvoicingServiceServer::new(
-        grpc::InvoicingApi::new(db),
+        grpc::InvoicingApi::new(db, clock),
     )))
 }
 

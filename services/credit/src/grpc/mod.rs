@@ -38,13 +38,7 @@ pub const MAX_ACTOR_LENGTH: usize = 100;
 /// skips ahead and is told how many it missed.
 pub const DEFAULT_ALERT_STREAM_BUFFER: usize = 1_024;
 
-/// Where the service reads the time. Tests move it.
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
-
-/// The system clock.
-pub fn system_clock() -> Clock {
-    Arc::new(Utc::now)
-}
+pub use o2c_kit::clock::{Clock, system_clock};
 
 /// The credit policy and operating limits, validated at start.
 #[derive(Clone)]

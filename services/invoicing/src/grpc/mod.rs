@@ -2,9 +2,11 @@
 //! prost types.
 
 use chrono::NaiveDate;
+use o2c_kit::clock::Clock;
 use o2c_kit::fields::{self, Violations};
 use o2c_kit::idempotency::{self, Begun};
 use o2c_kit::{ApiError, proto_money};
+use o2c_money::Money;
 use o2c_money::ids::{CustomerId, InvoiceId, PaymentId};
 use o2c_proto::invoicing::v1 as pb;
 use o2c_proto::invoicing::v1::invoicing_service_server::InvoicingService;
@@ -12,7 +14,7 @@ use prost::Message;
 use sea_orm::DatabaseConnection;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{self, InvoiceError, Line, PaymentTerms};
+use crate::domain::{self, Due, InvoiceError, Line, PaymentTerms, Status as State};
 use crate::storage::{self, Invoice, NewInvoice};
 
 /// Longest order id and line description.
@@ -23,11 +25,20 @@ pub const MAX_DESCRIPTION_LENGTH: usize = 500;
 #[derive(Clone)]
 pub struct InvoicingApi {
     db: DatabaseConnection,
+    clock: Clock,
 }
 
 impl InvoicingApi {
-    pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+    pub fn new(db: DatabaseConnection, clock: Clock) -> Self {
+        Self { db, clock }
+    }
+
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        (self.clock)()
+    }
+
+    fn today(&self) -> NaiveDate {
+        self.now().date_naive()
     }
 }
 
@@ -39,9 +50,11 @@ fn missing() -> ApiError {
 fn field_error(field: &str, error: InvoiceError) -> ApiError {
     let message = error.to_string();
     match error {
-        InvoiceError::Quantity | InvoiceError::TaxRate | InvoiceError::NetDays => {
-            ApiError::invalid(field, message)
-        }
+        InvoiceError::Quantity
+        | InvoiceError::TaxRate
+        | InvoiceError::NetDays
+        | InvoiceError::Discount => ApiError::invalid(field, message),
+        InvoiceError::WrongState(_) => ApiError::FailedPrecondition(message),
         InvoiceError::Money(_) => ApiError::invalid(field, message),
         InvoiceError::OrderAlreadyInvoiced(_) | InvoiceError::PaymentAlreadyApplied(_) => {
             ApiError::AlreadyExists(message)
@@ -50,7 +63,39 @@ fn field_error(field: &str, error: InvoiceError) -> ApiError {
     }
 }
 
-fn validate_issue(request: &pb::IssueInvoiceRequest) -> Result<NewInvoice, ApiError> {
+fn terms_from_proto(terms: &pb::PaymentTerms) -> Result<PaymentTerms, ApiError> {
+    let due = match pb::PaymentTermsKind::try_from(terms.kind) {
+        Ok(pb::PaymentTermsKind::DueOnReceipt) => Due::OnReceipt,
+        Ok(pb::PaymentTermsKind::Net) => Due::Net(
+            domain::net_days(terms.net_days)
+                .map_err(|e| field_error("payment_terms.net_days", e))?,
+        ),
+        Ok(pb::PaymentTermsKind::EndOfMonthPlus) => Due::EndOfMonthPlus(
+            domain::net_days(terms.net_days)
+                .map_err(|e| field_error("payment_terms.net_days", e))?,
+        ),
+        _ => {
+            return Err(ApiError::invalid(
+                "payment_terms.kind",
+                "DUE_ON_RECEIPT, NET or END_OF_MONTH_PLUS",
+            ));
+        }
+    };
+    let discount = if terms.discount_percent.trim().is_empty() && terms.discount_days == 0 {
+        None
+    } else {
+        Some(
+            domain::discount(&terms.discount_percent, terms.discount_days)
+                .map_err(|e| field_error("payment_terms.discount_percent", e))?,
+        )
+    };
+    Ok(PaymentTerms { due, discount })
+}
+
+fn validate_issue(
+    request: &pb::IssueInvoiceRequest,
+    today: NaiveDate,
+) -> Result<NewInvoice, ApiError> {
     let mut v = Violations::default();
     let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
     let customer = v.check(fields::id::<CustomerId>(
@@ -120,20 +165,10 @@ fn validate_issue(request: &pb::IssueInvoiceRequest) -> Result<NewInvoice, ApiEr
     }
     let terms = match &request.payment_terms {
         None => v.check::<PaymentTerms>(Err(ApiError::invalid("payment_terms", "required"))),
-        Some(terms) => match pb::PaymentTermsKind::try_from(terms.kind) {
-            Ok(pb::PaymentTermsKind::DueOnReceipt) => Some(PaymentTerms::DueOnReceipt),
-            Ok(pb::PaymentTermsKind::Net) => v.check(
-                PaymentTerms::net(terms.net_days)
-                    .map_err(|e| field_error("payment_terms.net_days", e)),
-            ),
-            _ => v.check(Err(ApiError::invalid(
-                "payment_terms.kind",
-                "DUE_ON_RECEIPT or NET",
-            ))),
-        },
+        Some(terms) => v.check(terms_from_proto(terms)),
     };
     let issue_date = if request.issue_date.is_empty() {
-        Some(chrono::Utc::now().date_naive())
+        Some(today)
     } else {
         v.check(
             NaiveDate::parse_from_str(&request.issue_date, "%Y-%m-%d").map_err(|_| {
@@ -170,25 +205,64 @@ fn validate_issue(request: &pb::IssueInvoiceRequest) -> Result<NewInvoice, ApiEr
         total,
         issue_date,
         terms,
+        draft: request.draft,
     })
 }
 
-fn to_proto(invoice: &Invoice) -> Result<pb::Invoice, ApiError> {
-    let status = match invoice.status {
-        domain::Status::Open => pb::InvoiceStatus::Open,
-        domain::Status::PartiallyPaid => pb::InvoiceStatus::PartiallyPaid,
-        domain::Status::Paid => pb::InvoiceStatus::Paid,
+fn status_to_proto(status: State) -> pb::InvoiceStatus {
+    match status {
+        State::Draft => pb::InvoiceStatus::Draft,
+        State::Open => pb::InvoiceStatus::Open,
+        State::PartiallyPaid => pb::InvoiceStatus::PartiallyPaid,
+        State::Paid => pb::InvoiceStatus::Paid,
+        State::Cancelled => pb::InvoiceStatus::Cancelled,
+        State::WrittenOff => pb::InvoiceStatus::WrittenOff,
+    }
+}
+
+fn status_from_proto(status: i32) -> Result<Option<State>, ApiError> {
+    Ok(match pb::InvoiceStatus::try_from(status) {
+        Ok(pb::InvoiceStatus::Unspecified) => None,
+        Ok(pb::InvoiceStatus::Draft) => Some(State::Draft),
+        Ok(pb::InvoiceStatus::Open) => Some(State::Open),
+        Ok(pb::InvoiceStatus::PartiallyPaid) => Some(State::PartiallyPaid),
+        Ok(pb::InvoiceStatus::Paid) => Some(State::Paid),
+        Ok(pb::InvoiceStatus::Cancelled) => Some(State::Cancelled),
+        Ok(pb::InvoiceStatus::WrittenOff) => Some(State::WrittenOff),
+        Err(_) => return Err(ApiError::invalid("status", "unknown invoice status")),
+    })
+}
+
+fn date(d: NaiveDate) -> String {
+    d.format("%Y-%m-%d").to_string()
+}
+
+pub(crate) fn to_proto(invoice: &Invoice, today: NaiveDate) -> Result<pb::Invoice, ApiError> {
+    let (kind, net_days) = match invoice.terms.due {
+        Due::OnReceipt => (pb::PaymentTermsKind::DueOnReceipt, 0),
+        Due::Net(days) => (pb::PaymentTermsKind::Net, days),
+        Due::EndOfMonthPlus(days) => (pb::PaymentTermsKind::EndOfMonthPlus, days),
     };
-    let terms = match invoice.terms {
-        PaymentTerms::DueOnReceipt => pb::PaymentTerms {
-            kind: pb::PaymentTermsKind::DueOnReceipt as i32,
-            net_days: 0,
-        },
-        PaymentTerms::Net(days) => pb::PaymentTerms {
-            kind: pb::PaymentTermsKind::Net as i32,
-            net_days: i32::try_from(days).unwrap_or(i32::MAX),
-        },
+    let terms = pb::PaymentTerms {
+        kind: kind as i32,
+        net_days: i32::try_from(net_days).unwrap_or(i32::MAX),
+        discount_percent: invoice
+            .terms
+            .discount
+            .map(|d| d.percent.to_string())
+            .unwrap_or_default(),
+        discount_days: invoice
+            .terms
+            .discount
+            .map(|d| i32::try_from(d.days).unwrap_or(i32::MAX))
+            .unwrap_or_default(),
     };
+    let open = invoice.open()?;
+    let past_due = domain::days_past_due(invoice.due_date, today);
+    let overdue = invoice.status.is_open() && past_due > 0;
+    let discount_amount = invoice
+        .discount_available(today)?
+        .unwrap_or(Money::zero(invoice.currency));
     Ok(pb::Invoice {
         invoice_id: invoice.id.to_string(),
         tenant_id: invoice.tenant_id.clone(),
@@ -208,11 +282,26 @@ fn to_proto(invoice: &Invoice) -> Result<pb::Invoice, ApiError> {
             .collect(),
         total: Some(proto_money::to_proto(&invoice.total)),
         amount_paid: Some(proto_money::to_proto(&invoice.paid)),
-        amount_open: Some(proto_money::to_proto(&invoice.open()?)),
-        status: status as i32,
-        issue_date: invoice.issue_date.format("%Y-%m-%d").to_string(),
-        due_date: invoice.due_date.format("%Y-%m-%d").to_string(),
+        amount_open: Some(proto_money::to_proto(&open)),
+        status: status_to_proto(invoice.status) as i32,
+        issue_date: date(invoice.issue_date),
+        due_date: date(invoice.due_date),
         payment_terms: Some(terms),
+        discount_date: invoice
+            .terms
+            .discount_date(invoice.issue_date)
+            .map(date)
+            .unwrap_or_default(),
+        discount_amount: Some(proto_money::to_proto(&discount_amount)),
+        amount_credited: Some(proto_money::to_proto(&invoice.credited)),
+        amount_written_off: Some(proto_money::to_proto(&invoice.written_off)),
+        discount_taken: Some(proto_money::to_proto(&invoice.discount_taken)),
+        overdue,
+        days_past_due: if overdue {
+            i32::try_from(past_due).unwrap_or(i32::MAX)
+        } else {
+            0
+        },
     })
 }
 
@@ -223,7 +312,7 @@ impl InvoicingService for InvoicingApi {
         request: Request<pb::IssueInvoiceRequest>,
     ) -> Result<Response<pb::IssueInvoiceResponse>, Status> {
         let request = request.into_inner();
-        let new = validate_issue(&request)?;
+        let new = validate_issue(&request, self.today())?;
         let scope = format!("{}/invoicing.IssueInvoice", new.tenant_id);
         let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
         let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
@@ -232,7 +321,7 @@ impl InvoicingService for InvoicingApi {
         };
         let invoice = storage::insert(&txn, &new).await?;
         let response = pb::IssueInvoiceResponse {
-            invoice: Some(to_proto(&invoice)?),
+            invoice: Some(to_proto(&invoice, self.today())?),
         };
         let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
         Ok(Response::new(response))
@@ -252,7 +341,7 @@ impl InvoicingService for InvoicingApi {
         };
         let invoice = storage::get(&self.db, &tenant, id).await?;
         Ok(Response::new(pb::GetInvoiceResponse {
-            invoice: Some(to_proto(&invoice)?),
+            invoice: Some(to_proto(&invoice, self.today())?),
         }))
     }
 
@@ -281,12 +370,293 @@ impl InvoicingService for InvoicingApi {
             Begun::Replay(response) => return Ok(Response::new(response)),
             Begun::Fresh(txn) => txn,
         };
-        let invoice =
-            storage::apply_payment(&txn, &tenant, id, &payment.to_string(), amount).await?;
+        let today = self.today();
+        let (invoice, discount) =
+            storage::apply_payment(&txn, &tenant, id, &payment.to_string(), amount, today).await?;
         let response = pb::ApplyPaymentResponse {
-            invoice: Some(to_proto(&invoice)?),
+            invoice: Some(to_proto(&invoice, today)?),
+            discount_taken: Some(proto_money::to_proto(&discount)),
         };
         let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
         Ok(Response::new(response))
+    }
+
+    async fn finalize_invoice(
+        &self,
+        request: Request<pb::FinalizeInvoiceRequest>,
+    ) -> Result<Response<pb::FinalizeInvoiceResponse>, Status> {
+        let request = request.into_inner();
+        let (tenant, id) = tenant_and_invoice(
+            &request.tenant_id,
+            &request.invoice_id,
+            &request.idempotency_key,
+        )?;
+        let scope = format!("{tenant}/invoicing.FinalizeInvoice");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let today = self.today();
+        let invoice = storage::finalize(&txn, &tenant, id, today).await?;
+        let response = pb::FinalizeInvoiceResponse {
+            invoice: Some(to_proto(&invoice, today)?),
+        };
+        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn cancel_invoice(
+        &self,
+        request: Request<pb::CancelInvoiceRequest>,
+    ) -> Result<Response<pb::CancelInvoiceResponse>, Status> {
+        let request = request.into_inner();
+        let (tenant, id) = tenant_and_invoice(
+            &request.tenant_id,
+            &request.invoice_id,
+            &request.idempotency_key,
+        )?;
+        fields::text("reason", &request.reason, MAX_DESCRIPTION_LENGTH)?;
+        let scope = format!("{tenant}/invoicing.CancelInvoice");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let (invoice, released) = storage::cancel(&txn, &tenant, id).await?;
+        tracing::info!(invoice = %id, reason = %request.reason, "invoice cancelled");
+        let response = pb::CancelInvoiceResponse {
+            invoice: Some(to_proto(&invoice, self.today())?),
+            released: Some(proto_money::to_proto(&released)),
+        };
+        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn write_off_invoice(
+        &self,
+        request: Request<pb::WriteOffInvoiceRequest>,
+    ) -> Result<Response<pb::WriteOffInvoiceResponse>, Status> {
+        let request = request.into_inner();
+        let (tenant, id) = tenant_and_invoice(
+            &request.tenant_id,
+            &request.invoice_id,
+            &request.idempotency_key,
+        )?;
+        fields::text("reason", &request.reason, MAX_DESCRIPTION_LENGTH)?;
+        let scope = format!("{tenant}/invoicing.WriteOffInvoice");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let (invoice, written_off) = storage::write_off(&txn, &tenant, id).await?;
+        tracing::info!(invoice = %id, reason = %request.reason, "invoice written off");
+        let response = pb::WriteOffInvoiceResponse {
+            invoice: Some(to_proto(&invoice, self.today())?),
+            written_off: Some(proto_money::to_proto(&written_off)),
+        };
+        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn issue_credit_note(
+        &self,
+        request: Request<pb::IssueCreditNoteRequest>,
+    ) -> Result<Response<pb::IssueCreditNoteResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let invoice = if request.invoice_id.is_empty() {
+            Some(None)
+        } else {
+            v.check(fields::id::<InvoiceId>("invoice_id", &request.invoice_id).map(Some))
+        };
+        let amount = v.check(proto_money::parse_positive(
+            "amount",
+            request.amount.as_ref(),
+        ));
+        let reason = v.check(fields::text(
+            "reason",
+            &request.reason,
+            MAX_DESCRIPTION_LENGTH,
+        ));
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(invoice), Some(amount), Some(reason)) =
+            (tenant, customer, invoice, amount, reason)
+        else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/invoicing.IssueCreditNote");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let now = self.now();
+        let (note, invoice) =
+            storage::issue_credit_note(&txn, &tenant, customer, invoice, amount, &reason, now)
+                .await?;
+        let money = |minor: i64| {
+            Money::from_minor_units(minor, amount.currency())
+                .map(|m| proto_money::to_proto(&m))
+                .map_err(|e| ApiError::Internal(e.to_string()))
+        };
+        let response = pb::IssueCreditNoteResponse {
+            credit_note: Some(pb::CreditNote {
+                credit_note_id: note.id.clone(),
+                customer_id: note.customer_id.clone(),
+                invoice_id: note.invoice_id.clone().unwrap_or_default(),
+                amount: Some(money(note.amount_minor)?),
+                applied_to_invoice: Some(money(note.applied_minor)?),
+                account_credit: Some(money(note.account_credit_minor)?),
+                reason: note.reason.clone(),
+                issued_at: note
+                    .issued_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            }),
+            invoice: invoice
+                .as_ref()
+                .map(|i| to_proto(i, now.date_naive()))
+                .transpose()?,
+        };
+        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_invoices(
+        &self,
+        request: Request<pb::ListInvoicesRequest>,
+    ) -> Result<Response<pb::ListInvoicesResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = if request.customer_id.is_empty() {
+            Some(None)
+        } else {
+            v.check(fields::id::<CustomerId>("customer_id", &request.customer_id).map(Some))
+        };
+        let status = v.check(status_from_proto(request.status));
+        let size = v.check(fields::page_size("page_size", request.page_size));
+        let offset = if request.page_token.is_empty() {
+            Some(0)
+        } else {
+            v.check(
+                request
+                    .page_token
+                    .parse::<u64>()
+                    .map_err(|_| ApiError::invalid("page_token", "not a token from this list")),
+            )
+        };
+        v.finish()?;
+        let (Some(tenant), Some(customer_id), Some(status), Some(size), Some(offset)) =
+            (tenant, customer, status, size, offset)
+        else {
+            return Err(missing().into());
+        };
+        let today = self.today();
+        let filter = storage::InvoiceFilter {
+            customer_id,
+            status,
+            open_only: request.open_only,
+            due_before: request.overdue_only.then_some(today),
+        };
+        let page = storage::list(&self.db, &tenant, &filter, offset, size).await?;
+        let next_page_token = if page.len() as u64 == size {
+            (offset + size).to_string()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListInvoicesResponse {
+            invoices: page
+                .iter()
+                .map(|i| to_proto(i, today))
+                .collect::<Result<_, _>>()?,
+            next_page_token,
+        }))
+    }
+
+    async fn get_aging(
+        &self,
+        request: Request<pb::GetAgingRequest>,
+    ) -> Result<Response<pb::GetAgingResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = if request.customer_id.is_empty() {
+            Some(None)
+        } else {
+            v.check(fields::id::<CustomerId>("customer_id", &request.customer_id).map(Some))
+        };
+        v.finish()?;
+        let (Some(tenant), Some(customer)) = (tenant, customer) else {
+            return Err(missing().into());
+        };
+        let today = self.today();
+        let rows = storage::open_invoices(&self.db, &tenant, customer).await?;
+        // Per currency: five buckets of (minor units, count).
+        let mut by_currency: std::collections::BTreeMap<String, [(i64, i32); 5]> =
+            std::collections::BTreeMap::new();
+        for row in &rows {
+            let bucket = domain::Bucket::of(domain::days_past_due(row.due_date, today));
+            let index = domain::Bucket::ALL
+                .iter()
+                .position(|b| *b == bucket)
+                .unwrap_or(0);
+            let entry = by_currency.entry(row.currency_code.clone()).or_default();
+            entry[index].0 += storage::open_minor(row);
+            entry[index].1 += 1;
+        }
+        let names = ["current", "1-30", "31-60", "61-90", "90+"];
+        let mut currencies = Vec::new();
+        for (code, buckets) in by_currency {
+            let currency = o2c_money::Currency::from_code(&code)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let money = |minor: i64| {
+                Money::from_minor_units(minor, currency)
+                    .map(|m| proto_money::to_proto(&m))
+                    .map_err(|e| ApiError::Internal(e.to_string()))
+            };
+            currencies.push(pb::CurrencyAging {
+                currency_code: code.clone(),
+                buckets: buckets
+                    .iter()
+                    .zip(names)
+                    .map(|((minor, count), name)| {
+                        Ok(pb::AgingBucket {
+                            bucket: name.to_owned(),
+                            amount: Some(money(*minor)?),
+                            invoices: *count,
+                        })
+                    })
+                    .collect::<Result<_, ApiError>>()?,
+                total: Some(money(buckets.iter().map(|b| b.0).sum())?),
+            });
+        }
+        Ok(Response::new(pb::GetAgingResponse {
+            currencies,
+            as_of: date(today),
+        }))
+    }
+}
+
+fn tenant_and_invoice(
+    tenant: &str,
+    invoice: &str,
+    key: &str,
+) -> Result<(String, InvoiceId), ApiError> {
+    let mut v = Violations::default();
+    let tenant = v.check(fields::tenant_id("tenant_id", tenant));
+    let id = v.check(fields::id::<InvoiceId>("invoice_id", invoice));
+    v.check(idempotency::validate_key(key));
+    v.finish()?;
+    match (tenant, id) {
+        (Some(tenant), Some(id)) => Ok((tenant, id)),
+        _ => Err(missing()),
     }
 }

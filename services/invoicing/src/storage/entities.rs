@@ -18,12 +18,21 @@ pub mod invoice {
         pub currency_code: String,
         pub total_minor: i64,
         pub paid_minor: i64,
+        /// Credit notes applied to this invoice.
+        pub credited_minor: i64,
+        pub written_off_minor: i64,
+        /// Early-payment discount granted.
+        pub discount_taken_minor: i64,
+        #[sea_orm(indexed)]
         pub status: String,
         pub issue_date: Date,
         pub due_date: Date,
-        /// DUE_ON_RECEIPT or NET.
+        /// DUE_ON_RECEIPT, NET or END_OF_MONTH_PLUS.
         pub terms_kind: String,
         pub net_days: i32,
+        /// Early-payment discount percentage (exact decimal text), if any.
+        pub discount_percent: Option<String>,
+        pub discount_days: i32,
         pub created_at: DateTimeUtc,
     }
 
@@ -67,6 +76,32 @@ pub mod applied_payment {
         pub tenant_id: String,
         pub amount_minor: i64,
         pub applied_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod credit_note {
+    use sea_orm::entity::prelude::*;
+
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "invoice_credit_notes")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        #[sea_orm(indexed)]
+        pub customer_id: String,
+        pub invoice_id: Option<String>,
+        pub currency_code: String,
+        pub amount_minor: i64,
+        /// What reduced the invoice.
+        pub applied_minor: i64,
+        /// What became account credit (never lost).
+        pub account_credit_minor: i64,
+        pub reason: String,
+        pub issued_at: DateTimeUtc,
     }
 
     impl ActiveModelBehavior for ActiveModel {}

@@ -2,7 +2,7 @@
 
 use sea_orm_migration::prelude::*;
 
-use super::entities::{applied_payment, invoice, line};
+use super::entities::{applied_payment, credit_note, invoice, line};
 
 pub struct Migrator;
 
@@ -30,6 +30,7 @@ impl MigrationTrait for CreateInvoices {
         o2c_kit::db::create_table_for(manager, invoice::Entity).await?;
         o2c_kit::db::create_table_for(manager, line::Entity).await?;
         o2c_kit::db::create_table_for(manager, applied_payment::Entity).await?;
+        o2c_kit::db::create_table_for(manager, credit_note::Entity).await?;
         // One invoice per order (NULL order ids, standalone invoices, are
         // distinct on both databases).
         manager
@@ -47,6 +48,7 @@ impl MigrationTrait for CreateInvoices {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::drop_table_for(manager, credit_note::Entity).await?;
         o2c_kit::db::drop_table_for(manager, applied_payment::Entity).await?;
         o2c_kit::db::drop_table_for(manager, line::Entity).await?;
         o2c_kit::db::drop_table_for(manager, invoice::Entity).await
