@@ -100,6 +100,13 @@ pub async fn seed(gateway: SocketAddr) -> anyhow::Result<Seeded> {
             idempotency_key: "demo-invoice-1".into(),
             order_id: order.order_id,
             net_days: 30,
+            // 2/10 net 30.
+            payment_terms: Some(o2c_proto::invoicing::v1::PaymentTerms {
+                kind: o2c_proto::invoicing::v1::PaymentTermsKind::Net as i32,
+                net_days: 30,
+                discount_percent: "2".into(),
+                discount_days: 10,
+            }),
         }))
         .await?
         .into_inner();

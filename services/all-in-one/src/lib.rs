@@ -29,6 +29,8 @@ pub struct Settings {
     pub common: CommonSettings,
     /// The credit policy (thresholds, authority, reservation time-to-live).
     pub credit_policy: o2c_credit::CreditSettings,
+    /// Payment limits (refunds).
+    pub payments_policy: o2c_payments::PaymentsSettings,
     /// Deadline of each internal call.
     pub call_timeout_ms: u64,
     /// Seed a demo tenant with a customer, an order, an invoice and a
@@ -47,6 +49,7 @@ impl Default for Settings {
             crm_sync: ServiceSettings::local("crm-sync", o2c_crm_sync::DEFAULT_PORT),
             common: CommonSettings::default(),
             credit_policy: o2c_credit::CreditSettings::default(),
+            payments_policy: o2c_payments::PaymentsSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             seed_demo: false,
         }
@@ -70,6 +73,7 @@ impl Settings {
             crm_sync: on("crm_sync"),
             common: CommonSettings::default(),
             credit_policy: o2c_credit::CreditSettings::default(),
+            payments_policy: o2c_payments::PaymentsSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             seed_demo: false,
         }
@@ -84,6 +88,7 @@ impl Settings {
         self.crm_sync.validate("crm_sync.")?;
         self.common.validate()?;
         o2c_kit::standalone::Extra::validate(&self.credit_policy)?;
+        o2c_kit::standalone::Extra::validate(&self.payments_policy)?;
         o2c_kit::settings::validate_call_timeout("call_timeout_ms", self.call_timeout_ms)
     }
 }
@@ -185,7 +190,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         (
             "payments",
             o2c_payments::SERVICE_NAME,
-            o2c_payments::build(&settings.payments).await?,
+            o2c_payments::build(&settings.payments, &settings.payments_policy).await?,
             &settings.payments,
         ),
         (

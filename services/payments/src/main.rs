@@ -5,7 +5,9 @@ async fn main() -> anyhow::Result<()> {
     o2c_kit::standalone::main(
         "o2c-payments",
         o2c_payments::default_settings(),
-        |settings, listener, shutdown| o2c_payments::run(settings.service, listener, shutdown),
+        |settings, listener, shutdown| {
+            o2c_payments::run(settings.service, settings.extra, listener, shutdown)
+        },
     )
     .await
 }

@@ -22,7 +22,9 @@ async fn start(backend: Backend) -> Option<Harness> {
     let db = o2c_testkit::database(backend, "payments").await?;
     let mut service = o2c_kit::settings::ServiceSettings::local("payments", 0);
     service.database_url = db.url.clone();
-    let routes = o2c_payments::build(&service).await.unwrap();
+    let routes = o2c_payments::build(&service, &o2c_payments::PaymentsSettings::default())
+        .await
+        .unwrap();
     let served = o2c_testkit::serve(o2c_payments::SERVICE_NAME, routes).await;
     let client = PaymentsServiceClient::new(served.channel().await);
     Some(Harness { client, served, db })

@@ -220,6 +220,7 @@ async fn spine(backend: Backend) {
             idempotency_key: key(),
             order_id: held.order_id.clone(),
             net_days: 30,
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -231,6 +232,7 @@ async fn spine(backend: Backend) {
             idempotency_key: key(),
             order_id: order.order_id.clone(),
             net_days: 30,
+            ..Default::default()
         }))
         .await
         .unwrap()
@@ -603,6 +605,7 @@ async fn bad_input(backend: Backend) {
         idempotency_key: key(),
         order_id: order.order_id.clone(),
         net_days: 30,
+        ..Default::default()
     };
     for (field, change) in [
         (

@@ -41,6 +41,9 @@ pub fn invoice(i: invoicing_pb::Invoice) -> pb::Invoice {
         Ok(invoicing_pb::InvoiceStatus::Open) => pb::InvoiceStatus::Open,
         Ok(invoicing_pb::InvoiceStatus::PartiallyPaid) => pb::InvoiceStatus::PartiallyPaid,
         Ok(invoicing_pb::InvoiceStatus::Paid) => pb::InvoiceStatus::Paid,
+        Ok(invoicing_pb::InvoiceStatus::Draft) => pb::InvoiceStatus::Draft,
+        Ok(invoicing_pb::InvoiceStatus::Cancelled) => pb::InvoiceStatus::Cancelled,
+        Ok(invoicing_pb::InvoiceStatus::WrittenOff) => pb::InvoiceStatus::WrittenOff,
         _ => pb::InvoiceStatus::Unspecified,
     };
     pb::Invoice {
@@ -53,6 +56,12 @@ pub fn invoice(i: invoicing_pb::Invoice) -> pb::Invoice {
         status: status as i32,
         issue_date: i.issue_date,
         due_date: i.due_date,
+        overdue: i.overdue,
+        days_past_due: i.days_past_due,
+        discount_date: i.discount_date,
+        discount_amount: i.discount_amount,
+        amount_credited: i.amount_credited,
+        amount_written_off: i.amount_written_off,
     }
 }
 

@@ -526,15 +526,18 @@ impl GatewayService for GatewayApi {
             let reservation_id = order.reservation_id.clone().ok_or_else(|| {
                 ApiError::Internal(format!("approved order {} has no reservation", order.id))
             })?;
-            let terms = if request.net_days == 0 {
+            let terms = if let Some(terms) = request.payment_terms.clone() {
+                terms
+            } else if request.net_days == 0 {
                 invoicing_pb::PaymentTerms {
                     kind: invoicing_pb::PaymentTermsKind::DueOnReceipt as i32,
-                    net_days: 0,
+                    ..Default::default()
                 }
             } else {
                 invoicing_pb::PaymentTerms {
                     kind: invoicing_pb::PaymentTermsKind::Net as i32,
                     net_days: request.net_days,
+                    ..Default::default()
                 }
             };
             let description = if order.client_reference.is_empty() {
@@ -561,6 +564,7 @@ impl GatewayService for GatewayApi {
                     }],
                     payment_terms: Some(terms),
                     issue_date: String::new(),
+                    draft: false,
                 })
                 .await
                 .map_err(upstream("invoicing"))?;
@@ -628,34 +632,11 @@ impl GatewayService for GatewayApi {
                 "BANK_TRANSFER, CARD or DIRECT_DEBIT",
             )));
         }
-        if request.allocations.len() > MAX_ALLOCATIONS {
-            v.check::<()>(Err(ApiError::invalid(
-                "allocations",
-                format!("at most {MAX_ALLOCATIONS}"),
-            )));
-        }
-        let mut allocations: Vec<(InvoiceId, Money)> = Vec::new();
-        for (index, allocation) in request.allocations.iter().enumerate() {
-            let invoice = v.check(fields::id::<InvoiceId>(
-                &format!("allocations[{index}].invoice_id"),
-                &allocation.invoice_id,
-            ));
-            let value = v.check(proto_money::parse_positive(
-                &format!("allocations[{index}].amount"),
-                allocation.amount.as_ref(),
-            ));
-            if let (Some(invoice), Some(value)) = (invoice, value) {
-                if allocations.iter().any(|(id, _)| *id == invoice) {
-                    v.check::<()>(Err(ApiError::invalid(
-                        format!("allocations[{index}].invoice_id"),
-                        "each invoice at most once",
-                    )));
-                }
-                allocations.push((invoice, value));
-            }
-        }
+        let allocations = v.check(allocations(&request.allocations));
         v.finish()?;
-        let (Some(customer_id), Some(amount)) = (customer_id, amount) else {
+        let (Some(customer_id), Some(amount), Some(instructed)) =
+            (customer_id, amount, allocations)
+        else {
             return Err(missing().into());
         };
         let scope = format!("{tenant}/gateway.RecordPayment");
@@ -669,31 +650,9 @@ impl GatewayService for GatewayApi {
         let result = async {
             if fresh {
                 self.customer(&tenant, customer_id).await.map_err(refused)?;
-                for (index, (invoice_id, value)) in allocations.iter().enumerate() {
-                    let field = format!("allocations[{index}]");
-                    let invoice = self.invoice(&tenant, *invoice_id).await.map_err(|e| match e {
-                        ApiError::NotFound(m) => refused(ApiError::NotFound(format!("{field}.invoice_id: {m}"))),
-                        other => refused(other),
-                    })?;
-                    if invoice.customer_id != customer_id.to_string() {
-                        return Err(refused(ApiError::NotFound(format!(
-                            "{field}.invoice_id: invoice {invoice_id} not found for customer {customer_id}"
-                        ))));
-                    }
-                    let open = proto_money::parse(&format!("{field}.amount"), invoice.amount_open.as_ref())
-                        .map_err(|e| ApiError::Internal(format!("invoice open amount: {e}")))?;
-                    if open.currency() != value.currency() {
-                        return Err(refused(ApiError::invalid(
-                            format!("{field}.amount.currency_code"),
-                            format!("must be the invoice currency {}", open.currency()),
-                        )));
-                    }
-                    if value.minor_units() > open.minor_units() {
-                        return Err(refused(ApiError::FailedPrecondition(format!(
-                            "{field}: {value} exceeds the open amount {open} of invoice {invoice_id}"
-                        ))));
-                    }
-                }
+                self.precheck(&tenant, customer_id, &instructed)
+                    .await
+                    .map_err(refused)?;
             }
             let recorded = self
                 .up
@@ -706,13 +665,7 @@ impl GatewayService for GatewayApi {
                     amount: Some(proto_money::to_proto(&amount)),
                     method: request.method,
                     reference: request.reference.clone(),
-                    allocations: allocations
-                        .iter()
-                        .map(|(invoice, value)| payments_pb::Allocation {
-                            invoice_id: invoice.to_string(),
-                            amount: Some(proto_money::to_proto(value)),
-                        })
-                        .collect(),
+                    allocations: to_payment_allocations(&instructed),
                 })
                 .await
                 .map_err(|status| {
@@ -723,60 +676,345 @@ impl GatewayService for GatewayApi {
                     }
                 })?;
             let payment = present(recorded.into_inner().payment, "payment")?;
-            let mut invoices = Vec::new();
-            for (invoice_id, value) in &allocations {
-                let applied = self
-                    .up
-                    .invoicing
-                    .clone()
-                    .apply_payment(invoicing_pb::ApplyPaymentRequest {
-                        idempotency_key: derived(key, &format!("apply:{invoice_id}")),
-                        tenant_id: tenant.clone(),
-                        invoice_id: invoice_id.to_string(),
-                        payment_id: payment.payment_id.clone(),
-                        amount: Some(proto_money::to_proto(value)),
-                    })
-                    .await
-                    .map_err(upstream("invoicing"))?;
-                self.up
-                    .credit
-                    .clone()
-                    .settle_receivable(credit_pb::SettleReceivableRequest {
-                        idempotency_key: derived(key, &format!("settle:{invoice_id}")),
-                        tenant_id: tenant.clone(),
-                        invoice_id: invoice_id.to_string(),
-                        amount: Some(proto_money::to_proto(value)),
-                    })
-                    .await
-                    .map_err(upstream("credit"))?;
-                let applied = present(applied.into_inner().invoice, "invoice")?;
-                if applied.status() == invoicing_pb::InvoiceStatus::Paid {
-                    self.record_behaviour(&tenant, key, customer_id, &applied).await?;
-                }
-                invoices.push(convert::invoice(applied));
-            }
+            let applied = if instructed.is_empty() {
+                self.auto_apply(&tenant, key, customer_id, &payment).await?
+            } else {
+                instructed
+            };
+            let (invoices, discount) = self
+                .apply_allocations(
+                    &tenant,
+                    key,
+                    customer_id,
+                    &payment.payment_id,
+                    &applied,
+                    amount.currency(),
+                )
+                .await?;
             // Money came in: holds that now pass are released.
             self.recheck_holds(&tenant, key, customer_id).await?;
-            let exposure = self
-                .up
-                .credit
-                .clone()
-                .get_exposure(credit_pb::GetExposureRequest {
-                    tenant_id: tenant.clone(),
-                    customer_id: customer_id.to_string(),
-                })
-                .await;
-            // A customer without a credit account has no exposure to show.
-            let exposure = match exposure {
-                Ok(response) => response.into_inner().exposure.map(convert::exposure),
-                Err(status) if status.code() == Code::NotFound => None,
-                Err(status) => return Err(from_upstream("credit", status).into()),
-            };
+            let unapplied = self.unapplied(&tenant, &payment.payment_id).await?;
             Ok(pb::RecordPaymentResponse {
                 payment_id: payment.payment_id,
                 invoices,
-                unapplied: payment.unapplied,
-                exposure,
+                unapplied,
+                exposure: self.exposure_of(&tenant, customer_id).await?,
+                discount_taken: Some(proto_money::to_proto(&discount)),
+            })
+        }
+        .await;
+        Ok(Response::new(self.finish(&scope, key, result).await?))
+    }
+
+    async fn apply_unapplied_cash(
+        &self,
+        request: Request<pb::ApplyUnappliedCashRequest>,
+    ) -> Result<Response<pb::ApplyUnappliedCashResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        v.check(client_key(&request.idempotency_key));
+        let payment_id = v.check(fields::id::<o2c_money::ids::PaymentId>(
+            "payment_id",
+            &request.payment_id,
+        ));
+        let allocations = v.check(allocations(&request.allocations));
+        if request.allocations.is_empty() {
+            v.check::<()>(Err(ApiError::invalid("allocations", "at least one")));
+        }
+        v.finish()?;
+        let (Some(payment_id), Some(allocations)) = (payment_id, allocations) else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/gateway.ApplyUnappliedCash");
+        let key = &request.idempotency_key;
+        let claim = self.claim(&scope, key, &request.encode_to_vec()).await?;
+        let fresh = match claim {
+            Claim::Done(response) => return Ok(Response::new(response)),
+            Claim::Fresh => true,
+            Claim::Resumed => false,
+        };
+        let result = async {
+            let payment = self
+                .payment(&tenant, &payment_id.to_string())
+                .await
+                .map_err(refused)?;
+            let customer_id: CustomerId = payment
+                .customer_id
+                .parse()
+                .map_err(|_| ApiError::Internal("payments sent an invalid customer id".into()))?;
+            if fresh {
+                self.precheck(&tenant, customer_id, &allocations)
+                    .await
+                    .map_err(refused)?;
+            }
+            self.up
+                .payments
+                .clone()
+                .apply_unapplied_cash(payments_pb::ApplyUnappliedCashRequest {
+                    idempotency_key: derived(key, "unapplied"),
+                    tenant_id: tenant.clone(),
+                    payment_id: payment.payment_id.clone(),
+                    allocations: to_payment_allocations(&allocations),
+                })
+                .await
+                .map_err(|status| {
+                    let error = from_upstream("payments", status);
+                    match error {
+                        ApiError::InvalidArgument(_) | ApiError::FailedPrecondition(_) if fresh => {
+                            Failure::Refused(error)
+                        }
+                        other => Failure::Interrupted(other),
+                    }
+                })?;
+            let currency = allocations
+                .first()
+                .map(|(_, m)| m.currency())
+                .ok_or_else(missing)?;
+            let (invoices, _) = self
+                .apply_allocations(
+                    &tenant,
+                    key,
+                    customer_id,
+                    &payment.payment_id,
+                    &allocations,
+                    currency,
+                )
+                .await?;
+            self.recheck_holds(&tenant, key, customer_id).await?;
+            Ok(pb::ApplyUnappliedCashResponse {
+                invoices,
+                unapplied: self.unapplied(&tenant, &payment.payment_id).await?,
+                exposure: self.exposure_of(&tenant, customer_id).await?,
+            })
+        }
+        .await;
+        Ok(Response::new(self.finish(&scope, key, result).await?))
+    }
+
+    async fn refund_payment(
+        &self,
+        request: Request<pb::RefundPaymentRequest>,
+    ) -> Result<Response<pb::RefundPaymentResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let actor = user(&request)?;
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let refunded = self
+            .up
+            .payments
+            .clone()
+            .refund_payment(payments_pb::RefundPaymentRequest {
+                idempotency_key: derived(&request.idempotency_key, "refund"),
+                tenant_id: tenant,
+                payment_id: request.payment_id,
+                amount: request.amount,
+                reason: request.reason,
+                actor,
+            })
+            .await
+            .map_err(upstream("payments"))?
+            .into_inner();
+        Ok(Response::new(pb::RefundPaymentResponse {
+            refund: refunded.refund,
+            unapplied: refunded.payment.and_then(|p| p.unapplied),
+        }))
+    }
+
+    async fn list_invoices(
+        &self,
+        request: Request<pb::ListInvoicesRequest>,
+    ) -> Result<Response<pb::ListInvoicesResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let listed = self
+            .up
+            .invoicing
+            .clone()
+            .list_invoices(invoicing_pb::ListInvoicesRequest {
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+                status: request.status,
+                open_only: request.open_only,
+                overdue_only: request.overdue_only,
+                page_size: request.page_size,
+                page_token: request.page_token,
+            })
+            .await
+            .map_err(upstream("invoicing"))?
+            .into_inner();
+        Ok(Response::new(pb::ListInvoicesResponse {
+            invoices: listed.invoices.into_iter().map(convert::invoice).collect(),
+            next_page_token: listed.next_page_token,
+        }))
+    }
+
+    async fn get_aging(
+        &self,
+        request: Request<pb::GetAgingRequest>,
+    ) -> Result<Response<pb::GetAgingResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let aging = self
+            .up
+            .invoicing
+            .clone()
+            .get_aging(invoicing_pb::GetAgingRequest {
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+            })
+            .await
+            .map_err(upstream("invoicing"))?
+            .into_inner();
+        Ok(Response::new(pb::GetAgingResponse { aging: Some(aging) }))
+    }
+
+    async fn issue_credit_note(
+        &self,
+        request: Request<pb::IssueCreditNoteRequest>,
+    ) -> Result<Response<pb::IssueCreditNoteResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        v.check(client_key(&request.idempotency_key));
+        let customer_id = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        v.finish()?;
+        let Some(customer_id) = customer_id else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/gateway.IssueCreditNote");
+        let key = &request.idempotency_key;
+        if let Claim::Done(response) = self.claim(&scope, key, &request.encode_to_vec()).await? {
+            return Ok(Response::new(response));
+        }
+        let result = async {
+            let issued = self
+                .up
+                .invoicing
+                .clone()
+                .issue_credit_note(invoicing_pb::IssueCreditNoteRequest {
+                    idempotency_key: derived(key, "note"),
+                    tenant_id: tenant.clone(),
+                    customer_id: customer_id.to_string(),
+                    invoice_id: request.invoice_id.clone(),
+                    amount: request.amount.clone(),
+                    reason: request.reason.clone(),
+                })
+                .await
+                .map_err(|status| Failure::Refused(from_upstream("invoicing", status)))?
+                .into_inner();
+            let note = present(issued.credit_note.clone(), "credit note")?;
+            self.lower_receivable(
+                &tenant,
+                key,
+                &note.invoice_id,
+                note.applied_to_invoice.as_ref(),
+            )
+            .await?;
+            self.recheck_holds(&tenant, key, customer_id).await?;
+            Ok(pb::IssueCreditNoteResponse {
+                credit_note: Some(note),
+                invoice: issued.invoice.map(convert::invoice),
+                exposure: self.exposure_of(&tenant, customer_id).await?,
+            })
+        }
+        .await;
+        Ok(Response::new(self.finish(&scope, key, result).await?))
+    }
+
+    async fn write_off_invoice(
+        &self,
+        request: Request<pb::WriteOffInvoiceRequest>,
+    ) -> Result<Response<pb::WriteOffInvoiceResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let scope = format!("{tenant}/gateway.WriteOffInvoice");
+        let key = &request.idempotency_key;
+        if let Claim::Done(response) = self.claim(&scope, key, &request.encode_to_vec()).await? {
+            return Ok(Response::new(response));
+        }
+        let result = async {
+            let written = self
+                .up
+                .invoicing
+                .clone()
+                .write_off_invoice(invoicing_pb::WriteOffInvoiceRequest {
+                    idempotency_key: derived(key, "write-off"),
+                    tenant_id: tenant.clone(),
+                    invoice_id: request.invoice_id.clone(),
+                    reason: request.reason.clone(),
+                })
+                .await
+                .map_err(|status| Failure::Refused(from_upstream("invoicing", status)))?
+                .into_inner();
+            let invoice = present(written.invoice, "invoice")?;
+            self.lower_receivable(
+                &tenant,
+                key,
+                &invoice.invoice_id,
+                written.written_off.as_ref(),
+            )
+            .await?;
+            let customer_id: CustomerId = invoice
+                .customer_id
+                .parse()
+                .map_err(|_| ApiError::Internal("invoicing sent an invalid customer id".into()))?;
+            Ok(pb::WriteOffInvoiceResponse {
+                exposure: self.exposure_of(&tenant, customer_id).await?,
+                invoice: Some(convert::invoice(invoice)),
+                written_off: written.written_off,
+            })
+        }
+        .await;
+        Ok(Response::new(self.finish(&scope, key, result).await?))
+    }
+
+    async fn cancel_invoice(
+        &self,
+        request: Request<pb::CancelInvoiceRequest>,
+    ) -> Result<Response<pb::CancelInvoiceResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let scope = format!("{tenant}/gateway.CancelInvoice");
+        let key = &request.idempotency_key;
+        if let Claim::Done(response) = self.claim(&scope, key, &request.encode_to_vec()).await? {
+            return Ok(Response::new(response));
+        }
+        let result = async {
+            let cancelled = self
+                .up
+                .invoicing
+                .clone()
+                .cancel_invoice(invoicing_pb::CancelInvoiceRequest {
+                    idempotency_key: derived(key, "cancel"),
+                    tenant_id: tenant.clone(),
+                    invoice_id: request.invoice_id.clone(),
+                    reason: request.reason.clone(),
+                })
+                .await
+                .map_err(|status| Failure::Refused(from_upstream("invoicing", status)))?
+                .into_inner();
+            let invoice = present(cancelled.invoice, "invoice")?;
+            self.lower_receivable(
+                &tenant,
+                key,
+                &invoice.invoice_id,
+                cancelled.released.as_ref(),
+            )
+            .await?;
+            let customer_id: CustomerId = invoice
+                .customer_id
+                .parse()
+                .map_err(|_| ApiError::Internal("invoicing sent an invalid customer id".into()))?;
+            self.recheck_holds(&tenant, key, customer_id).await?;
+            Ok(pb::CancelInvoiceResponse {
+                exposure: self.exposure_of(&tenant, customer_id).await?,
+                invoice: Some(convert::invoice(invoice)),
             })
         }
         .await;
@@ -1340,7 +1578,319 @@ impl GatewayService for GatewayApi {
     }
 }
 
+/// Validates payment allocations: invoice ids, positive amounts, each
+/// invoice once, at most MAX_ALLOCATIONS.
+fn allocations(requested: &[pb::PaymentAllocation]) -> Result<Vec<(InvoiceId, Money)>, ApiError> {
+    let mut v = Violations::default();
+    if requested.len() > MAX_ALLOCATIONS {
+        v.check::<()>(Err(ApiError::invalid(
+            "allocations",
+            format!("at most {MAX_ALLOCATIONS}"),
+        )));
+    }
+    let mut allocations: Vec<(InvoiceId, Money)> = Vec::new();
+    for (index, allocation) in requested.iter().enumerate() {
+        let invoice = v.check(fields::id::<InvoiceId>(
+            &format!("allocations[{index}].invoice_id"),
+            &allocation.invoice_id,
+        ));
+        let value = v.check(proto_money::parse_positive(
+            &format!("allocations[{index}].amount"),
+            allocation.amount.as_ref(),
+        ));
+        if let (Some(invoice), Some(value)) = (invoice, value) {
+            if allocations.iter().any(|(id, _)| *id == invoice) {
+                v.check::<()>(Err(ApiError::invalid(
+                    format!("allocations[{index}].invoice_id"),
+                    "each invoice at most once",
+                )));
+            }
+            allocations.push((invoice, value));
+        }
+    }
+    v.finish()?;
+    Ok(allocations)
+}
+
+fn to_payment_allocations(allocations: &[(InvoiceId, Money)]) -> Vec<payments_pb::Allocation> {
+    allocations
+        .iter()
+        .map(|(invoice, value)| payments_pb::Allocation {
+            invoice_id: invoice.to_string(),
+            amount: Some(proto_money::to_proto(value)),
+        })
+        .collect()
+}
+
 impl GatewayApi {
+    /// Checks instructed allocations against the invoices: the customer's,
+    /// same currency, at most what is open.
+    async fn precheck(
+        &self,
+        tenant: &str,
+        customer_id: CustomerId,
+        allocations: &[(InvoiceId, Money)],
+    ) -> Result<(), ApiError> {
+        for (index, (invoice_id, value)) in allocations.iter().enumerate() {
+            let field = format!("allocations[{index}]");
+            let invoice = self
+                .invoice(tenant, *invoice_id)
+                .await
+                .map_err(|e| match e {
+                    ApiError::NotFound(m) => ApiError::NotFound(format!("{field}.invoice_id: {m}")),
+                    other => other,
+                })?;
+            if invoice.customer_id != customer_id.to_string() {
+                return Err(ApiError::NotFound(format!(
+                    "{field}.invoice_id: invoice {invoice_id} not found for customer {customer_id}"
+                )));
+            }
+            let open = proto_money::parse(&format!("{field}.amount"), invoice.amount_open.as_ref())
+                .map_err(|e| ApiError::Internal(format!("invoice open amount: {e}")))?;
+            if open.currency() != value.currency() {
+                return Err(ApiError::invalid(
+                    format!("{field}.amount.currency_code"),
+                    format!("must be the invoice currency {}", open.currency()),
+                ));
+            }
+            if value.minor_units() > open.minor_units() {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "{field}: {value} exceeds the open amount {open} of invoice {invoice_id}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn payment(
+        &self,
+        tenant: &str,
+        payment_id: &str,
+    ) -> Result<payments_pb::Payment, ApiError> {
+        let found = self
+            .up
+            .payments
+            .clone()
+            .get_payment(payments_pb::GetPaymentRequest {
+                tenant_id: tenant.to_owned(),
+                payment_id: payment_id.to_owned(),
+            })
+            .await
+            .map_err(|status| match status.code() {
+                Code::NotFound => ApiError::not_found("payment", payment_id),
+                _ => from_upstream("payments", status),
+            })?;
+        present(found.into_inner().payment, "payment")
+    }
+
+    async fn unapplied(
+        &self,
+        tenant: &str,
+        payment_id: &str,
+    ) -> Result<Option<o2c_proto::common::v1::Money>, ApiError> {
+        Ok(self.payment(tenant, payment_id).await?.unapplied)
+    }
+
+    async fn exposure_of(
+        &self,
+        tenant: &str,
+        customer_id: CustomerId,
+    ) -> Result<Option<pb::Exposure>, ApiError> {
+        let exposure = self
+            .up
+            .credit
+            .clone()
+            .get_exposure(credit_pb::GetExposureRequest {
+                tenant_id: tenant.to_owned(),
+                customer_id: customer_id.to_string(),
+            })
+            .await;
+        // A customer without a credit account has no exposure to show.
+        match exposure {
+            Ok(response) => Ok(response.into_inner().exposure.map(convert::exposure)),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(from_upstream("credit", status)),
+        }
+    }
+
+    /// Allocates an unallocated payment to the customer's open invoices,
+    /// oldest due first. A retry reuses what an earlier attempt allocated.
+    async fn auto_apply(
+        &self,
+        tenant: &str,
+        key: &str,
+        customer_id: CustomerId,
+        payment: &payments_pb::Payment,
+    ) -> Result<Vec<(InvoiceId, Money)>, ApiError> {
+        let current = self.payment(tenant, &payment.payment_id).await?;
+        let parse = |a: &payments_pb::Allocation| -> Result<(InvoiceId, Money), ApiError> {
+            Ok((
+                a.invoice_id.parse().map_err(|_| {
+                    ApiError::Internal("payments sent an invalid invoice id".into())
+                })?,
+                proto_money::parse("amount", a.amount.as_ref())
+                    .map_err(|e| ApiError::Internal(format!("payments sent {e}")))?,
+            ))
+        };
+        if !current.allocations.is_empty() {
+            return current.allocations.iter().map(parse).collect();
+        }
+        let mut remaining = proto_money::parse("unapplied", current.unapplied.as_ref())
+            .map_err(|e| ApiError::Internal(format!("payments sent {e}")))?;
+        let open = self
+            .up
+            .invoicing
+            .clone()
+            .list_invoices(invoicing_pb::ListInvoicesRequest {
+                tenant_id: tenant.to_owned(),
+                customer_id: customer_id.to_string(),
+                open_only: true,
+                page_size: i32::try_from(MAX_ALLOCATIONS).unwrap_or(100),
+                ..Default::default()
+            })
+            .await
+            .map_err(|status| from_upstream("invoicing", status))?
+            .into_inner()
+            .invoices;
+        let mut chosen = Vec::new();
+        for invoice in open {
+            if !remaining.is_positive() {
+                break;
+            }
+            let Ok(owed) = proto_money::parse("amount_open", invoice.amount_open.as_ref()) else {
+                continue;
+            };
+            if owed.currency() != remaining.currency() || !owed.is_positive() {
+                continue;
+            }
+            let take = if owed.minor_units() < remaining.minor_units() {
+                owed
+            } else {
+                remaining
+            };
+            remaining = remaining
+                .checked_sub(&take)
+                .map_err(|e| ApiError::Internal(format!("allocation arithmetic: {e}")))?;
+            let id = invoice
+                .invoice_id
+                .parse()
+                .map_err(|_| ApiError::Internal("invoicing sent an invalid invoice id".into()))?;
+            chosen.push((id, take));
+        }
+        if chosen.is_empty() {
+            return Ok(chosen);
+        }
+        self.up
+            .payments
+            .clone()
+            .apply_unapplied_cash(payments_pb::ApplyUnappliedCashRequest {
+                idempotency_key: derived(key, "auto"),
+                tenant_id: tenant.to_owned(),
+                payment_id: payment.payment_id.clone(),
+                allocations: to_payment_allocations(&chosen),
+            })
+            .await
+            .map_err(|status| from_upstream("payments", status))?;
+        Ok(chosen)
+    }
+
+    /// Applies a payment's allocations to the invoices and lowers the
+    /// receivables in credit (the discount earned counts as settled too).
+    async fn apply_allocations(
+        &self,
+        tenant: &str,
+        key: &str,
+        customer_id: CustomerId,
+        payment_id: &str,
+        allocations: &[(InvoiceId, Money)],
+        currency: o2c_money::Currency,
+    ) -> Result<(Vec<pb::Invoice>, Money), ApiError> {
+        let mut invoices = Vec::new();
+        let mut discount_total = Money::zero(currency);
+        for (invoice_id, value) in allocations {
+            let applied = self
+                .up
+                .invoicing
+                .clone()
+                .apply_payment(invoicing_pb::ApplyPaymentRequest {
+                    idempotency_key: derived(key, &format!("apply:{invoice_id}")),
+                    tenant_id: tenant.to_owned(),
+                    invoice_id: invoice_id.to_string(),
+                    payment_id: payment_id.to_owned(),
+                    amount: Some(proto_money::to_proto(value)),
+                })
+                .await
+                .map_err(upstream("invoicing"))?
+                .into_inner();
+            let discount = match &applied.discount_taken {
+                Some(m) => proto_money::parse("discount_taken", Some(m))
+                    .map_err(|e| ApiError::Internal(format!("invoicing sent {e}")))?,
+                None => Money::zero(value.currency()),
+            };
+            let settled = value
+                .checked_add(&discount)
+                .map_err(|e| ApiError::Internal(format!("settlement arithmetic: {e}")))?;
+            discount_total = discount_total
+                .checked_add(&discount)
+                .map_err(|e| ApiError::Internal(format!("discount arithmetic: {e}")))?;
+            self.lower_receivable_by(tenant, key, &invoice_id.to_string(), &settled, "settle")
+                .await?;
+            let invoice = present(applied.invoice, "invoice")?;
+            if invoice.status() == invoicing_pb::InvoiceStatus::Paid {
+                self.record_behaviour(tenant, key, customer_id, &invoice)
+                    .await?;
+            }
+            invoices.push(convert::invoice(invoice));
+        }
+        Ok((invoices, discount_total))
+    }
+
+    /// Lowers the credit receivable of `invoice_id` by `amount` (if any).
+    async fn lower_receivable(
+        &self,
+        tenant: &str,
+        key: &str,
+        invoice_id: &str,
+        amount: Option<&o2c_proto::common::v1::Money>,
+    ) -> Result<(), ApiError> {
+        let Some(amount) = amount else { return Ok(()) };
+        let amount = proto_money::parse("amount", Some(amount))
+            .map_err(|e| ApiError::Internal(format!("upstream sent {e}")))?;
+        if invoice_id.is_empty() || !amount.is_positive() {
+            return Ok(());
+        }
+        self.lower_receivable_by(tenant, key, invoice_id, &amount, "reduce")
+            .await
+    }
+
+    async fn lower_receivable_by(
+        &self,
+        tenant: &str,
+        key: &str,
+        invoice_id: &str,
+        amount: &Money,
+        step: &str,
+    ) -> Result<(), ApiError> {
+        let settled = self
+            .up
+            .credit
+            .clone()
+            .settle_receivable(credit_pb::SettleReceivableRequest {
+                idempotency_key: derived(key, &format!("{step}:{invoice_id}")),
+                tenant_id: tenant.to_owned(),
+                invoice_id: invoice_id.to_owned(),
+                amount: Some(proto_money::to_proto(amount)),
+            })
+            .await;
+        match settled {
+            Ok(_) => Ok(()),
+            // An invoice issued outside the order flow has no receivable
+            // in credit.
+            Err(status) if status.code() == Code::NotFound => Ok(()),
+            Err(status) => Err(from_upstream("credit", status)),
+        }
+    }
+
     /// Mirrors a resolved hold on its order: released → approved with the
     /// reservation; rejected → rejected.
     async fn apply_hold(

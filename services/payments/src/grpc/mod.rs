@@ -18,11 +18,20 @@ use crate::storage::{self, Method, NewPayment, Payment};
 #[derive(Clone)]
 pub struct PaymentsApi {
     db: DatabaseConnection,
+    /// Largest single refund without further approval, per currency code
+    /// (minor units); currencies not listed cannot be refunded here.
+    refund_limits: std::sync::Arc<std::collections::HashMap<&'static str, i64>>,
 }
 
 impl PaymentsApi {
-    pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+    pub fn new(
+        db: DatabaseConnection,
+        refund_limits: std::collections::HashMap<&'static str, i64>,
+    ) -> Self {
+        Self {
+            db,
+            refund_limits: std::sync::Arc::new(refund_limits),
+        }
     }
 }
 
@@ -135,6 +144,26 @@ fn to_proto(payment: &Payment) -> pb::Payment {
         received_at: payment
             .received_at
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        refunds: payment
+            .refunds
+            .iter()
+            .map(|r| refund_to_proto(r, payment.amount.currency()))
+            .collect(),
+    }
+}
+
+fn refund_to_proto(refund: &storage::Refund, currency: o2c_money::Currency) -> pb::Refund {
+    pb::Refund {
+        refund_id: refund.id.clone(),
+        payment_id: refund.payment_id.clone(),
+        amount: o2c_money::Money::from_minor_units(refund.amount_minor, currency)
+            .ok()
+            .map(|m| proto_money::to_proto(&m)),
+        reason: refund.reason.clone(),
+        actor: refund.actor.clone(),
+        refunded_at: refund
+            .refunded_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     }
 }
 
@@ -176,5 +205,115 @@ impl PaymentsService for PaymentsApi {
         Ok(Response::new(pb::GetPaymentResponse {
             payment: Some(to_proto(&payment)),
         }))
+    }
+
+    async fn apply_unapplied_cash(
+        &self,
+        request: Request<pb::ApplyUnappliedCashRequest>,
+    ) -> Result<Response<pb::ApplyUnappliedCashResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let id = v.check(fields::id::<PaymentId>("payment_id", &request.payment_id));
+        if request.allocations.is_empty() || request.allocations.len() > domain::MAX_ALLOCATIONS {
+            v.check::<()>(Err(ApiError::invalid(
+                "allocations",
+                format!("1 to {}", domain::MAX_ALLOCATIONS),
+            )));
+        }
+        let mut allocations = Vec::new();
+        for (index, allocation) in request.allocations.iter().enumerate() {
+            let invoice = v.check(fields::id::<InvoiceId>(
+                &format!("allocations[{index}].invoice_id"),
+                &allocation.invoice_id,
+            ));
+            let value = v.check(proto_money::parse_positive(
+                &format!("allocations[{index}].amount"),
+                allocation.amount.as_ref(),
+            ));
+            if let (Some(invoice_id), Some(amount)) = (invoice, value) {
+                allocations.push(Allocation { invoice_id, amount });
+            }
+        }
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(id)) = (tenant, id) else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/payments.ApplyUnappliedCash");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let payment = storage::get(&txn, &tenant, id).await?;
+        // Same currency, each invoice once: the same rule as at receipt.
+        domain::unapplied(payment.unapplied, &allocations).map_err(payment_error)?;
+        let payment = storage::apply_unapplied(&txn, &payment, &allocations).await?;
+        let response = pb::ApplyUnappliedCashResponse {
+            payment: Some(to_proto(&payment)),
+        };
+        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn refund_payment(
+        &self,
+        request: Request<pb::RefundPaymentRequest>,
+    ) -> Result<Response<pb::RefundPaymentResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let id = v.check(fields::id::<PaymentId>("payment_id", &request.payment_id));
+        let amount = v.check(proto_money::parse_positive(
+            "amount",
+            request.amount.as_ref(),
+        ));
+        let reason = v.check(fields::text(
+            "reason",
+            &request.reason,
+            domain::MAX_REFERENCE_LENGTH,
+        ));
+        let actor = v.check(fields::text("actor", &request.actor, 100));
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(id), Some(amount), Some(reason), Some(actor)) =
+            (tenant, id, amount, reason, actor)
+        else {
+            return Err(missing().into());
+        };
+        let limit = self
+            .refund_limits
+            .get(amount.currency().code())
+            .copied()
+            .unwrap_or(0);
+        if amount.minor_units() > limit {
+            return Err(ApiError::FailedPrecondition(format!(
+                "refunds of {amount} are above the configured limit for {}",
+                amount.currency()
+            ))
+            .into());
+        }
+        let scope = format!("{tenant}/payments.RefundPayment");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let payment = storage::get(&txn, &tenant, id).await?;
+        if payment.amount.currency() != amount.currency() {
+            return Err(
+                ApiError::invalid("amount.currency_code", "must be the payment currency").into(),
+            );
+        }
+        let (refund, payment) =
+            storage::refund(&txn, &payment, amount, &reason, &actor, chrono::Utc::now()).await?;
+        tracing::info!(payment = %payment.id, refund = %refund.id, actor = %actor, "refund");
+        let response = pb::RefundPaymentResponse {
+            refund: Some(refund_to_proto(&refund, payment.amount.currency())),
+            payment: Some(to_proto(&payment)),
+        };
+        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
+        Ok(Response::new(response))
     }
 }

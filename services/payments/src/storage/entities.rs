@@ -41,3 +41,25 @@ pub mod allocation {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod refund {
+    use sea_orm::entity::prelude::*;
+
+    /// Money paid back from a payment's unapplied cash (the audit).
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "payment_refunds")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        #[sea_orm(indexed)]
+        pub payment_id: String,
+        pub tenant_id: String,
+        pub amount_minor: i64,
+        pub reason: String,
+        pub actor: String,
+        pub refunded_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

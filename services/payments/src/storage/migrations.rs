@@ -2,7 +2,7 @@
 
 use sea_orm_migration::prelude::*;
 
-use super::entities::{allocation, payment};
+use super::entities::{allocation, payment, refund};
 
 pub struct Migrator;
 
@@ -28,10 +28,12 @@ impl MigrationName for CreatePayments {
 impl MigrationTrait for CreatePayments {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         o2c_kit::db::create_table_for(manager, payment::Entity).await?;
-        o2c_kit::db::create_table_for(manager, allocation::Entity).await
+        o2c_kit::db::create_table_for(manager, allocation::Entity).await?;
+        o2c_kit::db::create_table_for(manager, refund::Entity).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::drop_table_for(manager, refund::Entity).await?;
         o2c_kit::db::drop_table_for(manager, allocation::Entity).await?;
         o2c_kit::db::drop_table_for(manager, payment::Entity).await
     }

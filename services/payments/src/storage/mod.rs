@@ -11,7 +11,8 @@ use sea_orm::entity::prelude::*;
 use sea_orm::{ConnectionTrait, QueryOrder};
 
 use crate::domain::Allocation;
-use entities::{allocation, payment};
+use entities::{allocation, payment, refund};
+use sea_orm::sea_query::ExprTrait;
 
 /// How a payment arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +65,12 @@ pub struct Payment {
     pub method: Method,
     pub reference: String,
     pub allocations: Vec<Allocation>,
+    pub refunds: Vec<Refund>,
     pub received_at: chrono::DateTime<chrono::Utc>,
 }
+
+/// A stored refund.
+pub type Refund = refund::Model;
 
 fn corrupt(what: &str, value: &str) -> ApiError {
     ApiError::Internal(format!("stored {what} {value:?} is invalid"))
@@ -112,6 +117,11 @@ pub async fn get(
         .order_by_asc(allocation::Column::InvoiceId)
         .all(conn)
         .await?;
+    let refunds = refund::Entity::find()
+        .filter(refund::Column::PaymentId.eq(id.to_string()))
+        .order_by_asc(refund::Column::Id)
+        .all(conn)
+        .await?;
     let currency = Currency::from_code(&row.currency_code)
         .map_err(|_| corrupt("currency", &row.currency_code))?;
     let money = |minor: i64| {
@@ -139,7 +149,91 @@ pub async fn get(
                 })
             })
             .collect::<Result<_, ApiError>>()?,
+        refunds,
         received_at: row.received_at,
         tenant_id: row.tenant_id,
     })
+}
+
+/// Moves `allocations` out of the payment's unapplied cash, never below
+/// zero and never to an invoice this payment already went to.
+pub async fn apply_unapplied(
+    conn: &impl ConnectionTrait,
+    payment: &Payment,
+    allocations: &[Allocation],
+) -> Result<Payment, ApiError> {
+    let total: i64 = allocations.iter().map(|a| a.amount.minor_units()).sum();
+    let result = payment::Entity::update_many()
+        .col_expr(
+            payment::Column::UnappliedMinor,
+            Expr::col(payment::Column::UnappliedMinor).sub(total),
+        )
+        .filter(payment::Column::Id.eq(payment.id.to_string()))
+        .filter(payment::Column::UnappliedMinor.gte(total))
+        .exec(conn)
+        .await?;
+    if result.rows_affected != 1 {
+        return Err(ApiError::FailedPrecondition(format!(
+            "allocations exceed the unapplied cash {}",
+            payment.unapplied
+        )));
+    }
+    for a in allocations {
+        let inserted = allocation::Entity::insert(allocation::ActiveModel {
+            payment_id: Set(payment.id.to_string()),
+            invoice_id: Set(a.invoice_id.to_string()),
+            amount_minor: Set(a.amount.minor_units()),
+        })
+        .exec(conn)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(error) if o2c_kit::db::is_unique_violation(&error) => {
+                return Err(ApiError::AlreadyExists(format!(
+                    "payment {} already went to invoice {}",
+                    payment.id, a.invoice_id
+                )));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    get(conn, &payment.tenant_id, payment.id).await
+}
+
+/// Pays back `amount` of the payment's unapplied cash.
+pub async fn refund(
+    conn: &impl ConnectionTrait,
+    payment: &Payment,
+    amount: Money,
+    reason: &str,
+    actor: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(Refund, Payment), ApiError> {
+    let result = payment::Entity::update_many()
+        .col_expr(
+            payment::Column::UnappliedMinor,
+            Expr::col(payment::Column::UnappliedMinor).sub(amount.minor_units()),
+        )
+        .filter(payment::Column::Id.eq(payment.id.to_string()))
+        .filter(payment::Column::UnappliedMinor.gte(amount.minor_units()))
+        .exec(conn)
+        .await?;
+    if result.rows_affected != 1 {
+        return Err(ApiError::FailedPrecondition(format!(
+            "refund of {amount} exceeds the unapplied cash {}",
+            payment.unapplied
+        )));
+    }
+    let refund = refund::Entity::insert(refund::ActiveModel {
+        id: Set(uuid::Uuid::now_v7().to_string()),
+        payment_id: Set(payment.id.to_string()),
+        tenant_id: Set(payment.tenant_id.clone()),
+        amount_minor: Set(amount.minor_units()),
+        reason: Set(reason.to_owned()),
+        actor: Set(actor.to_owned()),
+        refunded_at: Set(now),
+    })
+    .exec_with_returning(conn)
+    .await?;
+    Ok((refund, get(conn, &payment.tenant_id, payment.id).await?))
 }
