@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 mod credit_desk;
+mod money;
 
 pub const TENANT: &str = "acme-eu";
 
