@@ -38,8 +38,8 @@ pub const DEFAULT_PORT: u16 = 50052;
 /// The credit policy and operating limits.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CreditSettings {
-    /// Open receivables more than this many days past due hold new orders.
-    pub overdue_days_max: i64,
+    /// The dunning ladder: days past due → reminder, hold or block.
+    pub dunning_levels: Vec<domain::DunningLevel>,
     /// Exposure shares of the limit (percent) that raise an alert when
     /// crossed upwards.
     pub alert_thresholds_percent: Vec<u32>,
@@ -70,7 +70,7 @@ impl Default for CreditSettings {
         .map(|(c, a)| (c.to_owned(), a.to_owned()))
         .collect();
         Self {
-            overdue_days_max: 30,
+            dunning_levels: domain::default_dunning_levels(),
             alert_thresholds_percent: vec![80, 100],
             review_notice_days: 14,
             reservation_ttl_ms: 7 * 24 * 3600 * 1000,
@@ -88,8 +88,20 @@ impl CreditSettings {
             key: key.to_owned(),
             reason,
         };
-        if !(0..=3650).contains(&self.overdue_days_max) {
-            return Err(invalid("overdue_days_max", "0 to 3650".into()));
+        let ascending = self
+            .dunning_levels
+            .windows(2)
+            .all(|pair| pair[0].days_past_due < pair[1].days_past_due);
+        if !ascending
+            || self
+                .dunning_levels
+                .iter()
+                .any(|l| !(1..=3650).contains(&l.days_past_due))
+        {
+            return Err(invalid(
+                "dunning_levels",
+                "days_past_due 1 to 3650, strictly ascending".into(),
+            ));
         }
         if !(0..=365).contains(&self.review_notice_days) {
             return Err(invalid("review_notice_days", "0 to 365".into()));
@@ -125,7 +137,7 @@ impl CreditSettings {
             .map_err(|_| invalid("reservation_ttl_ms", "too large".into()))?;
         Ok(grpc::Config {
             policy: domain::Policy {
-                overdue_days_max: self.overdue_days_max,
+                dunning_levels: self.dunning_levels.clone(),
                 alert_thresholds_percent: thresholds,
                 review_notice_days: self.review_notice_days,
             },

@@ -74,10 +74,11 @@ pub enum Reason {
     AccountBlocked,
     MaxOrderValue,
     GroupLimitExceeded,
+    DunningBlock,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::OverLimit,
         Reason::NoCreditAccount,
         Reason::OverdueItems,
@@ -85,6 +86,7 @@ impl Reason {
         Reason::AccountBlocked,
         Reason::MaxOrderValue,
         Reason::GroupLimitExceeded,
+        Reason::DunningBlock,
     ];
 
     pub fn code(self) -> &'static str {
@@ -96,6 +98,7 @@ impl Reason {
             Reason::AccountBlocked => "ACCOUNT_BLOCKED",
             Reason::MaxOrderValue => "MAX_ORDER_VALUE",
             Reason::GroupLimitExceeded => "GROUP_LIMIT_EXCEEDED",
+            Reason::DunningBlock => "DUNNING_BLOCK",
         }
     }
 
@@ -106,7 +109,10 @@ impl Reason {
     /// Whether the reason refuses the order outright (BLOCK) rather than
     /// putting it in the analysts' queue (HOLD).
     pub fn blocks(self) -> bool {
-        matches!(self, Reason::NoCreditAccount | Reason::AccountBlocked)
+        matches!(
+            self,
+            Reason::NoCreditAccount | Reason::AccountBlocked | Reason::DunningBlock
+        )
     }
 
     /// Comma-separated codes, the stored form.
@@ -207,12 +213,53 @@ impl Exposure {
     }
 }
 
+/// What reaching a dunning level does.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DunningAction {
+    /// Remind the customer (an alert operators and the CRM act on).
+    Reminder,
+    /// Hold new orders (OVERDUE_ITEMS).
+    Hold,
+    /// Block the account (DUNNING_BLOCK).
+    Block,
+}
+
+impl DunningAction {
+    pub fn code(self) -> &'static str {
+        match self {
+            DunningAction::Reminder => "reminder",
+            DunningAction::Hold => "hold",
+            DunningAction::Block => "block",
+        }
+    }
+}
+
+/// One rung of the dunning ladder: invoices this many days past due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DunningLevel {
+    pub days_past_due: i64,
+    pub action: DunningAction,
+}
+
+/// The dunning level (1-based) an invoice `days_past_due` has reached.
+pub fn dunning_level(levels: &[DunningLevel], days_past_due: i64) -> Option<(usize, DunningLevel)> {
+    levels
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, level)| days_past_due >= level.days_past_due)
+        .map(|(index, level)| (index + 1, *level))
+}
+
 /// The credit policy's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    /// An open receivable more than this many days past due holds new
-    /// orders (OVERDUE_ITEMS).
-    pub overdue_days_max: i64,
+    /// The dunning ladder, ascending by days past due; the oldest open
+    /// item's level decides whether orders are held or blocked.
+    pub dunning_levels: Vec<DunningLevel>,
     /// Shares of the limit (percent, ascending) whose upward crossing
     /// raises an alert.
     pub alert_thresholds_percent: Vec<u32>,
@@ -223,11 +270,27 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Self {
-            overdue_days_max: 30,
+            dunning_levels: default_dunning_levels(),
             alert_thresholds_percent: vec![80, 100],
             review_notice_days: 14,
         }
     }
+}
+
+/// Reminders at 1 and 15 days past due, hold from 31, block from 61.
+pub fn default_dunning_levels() -> Vec<DunningLevel> {
+    [
+        (1, DunningAction::Reminder),
+        (15, DunningAction::Reminder),
+        (31, DunningAction::Hold),
+        (61, DunningAction::Block),
+    ]
+    .into_iter()
+    .map(|(days_past_due, action)| DunningLevel {
+        days_past_due,
+        action,
+    })
+    .collect()
 }
 
 /// The group (parent) account an account belongs to, as the check sees it.
@@ -270,10 +333,11 @@ pub fn evaluate(
     if state.limit_valid_until.is_some_and(|until| until < today) {
         reasons.push(Reason::LimitExpired);
     }
-    if state
+    let dunning = state
         .oldest_open_due
-        .is_some_and(|due| (today - due).num_days() > policy.overdue_days_max)
-    {
+        .and_then(|due| dunning_level(&policy.dunning_levels, (today - due).num_days()))
+        .map(|(_, level)| level.action);
+    if dunning.is_some_and(|action| action >= DunningAction::Hold) {
         reasons.push(Reason::OverdueItems);
     }
     if state.max_order_minor.is_some_and(|max| amount_minor > max) {
@@ -286,6 +350,9 @@ pub fn evaluate(
         && group.limit_minor.saturating_sub(group.exposure_minor) < amount_minor
     {
         reasons.push(Reason::GroupLimitExceeded);
+    }
+    if dunning == Some(DunningAction::Block) {
+        reasons.push(Reason::DunningBlock);
     }
     let outcome = if reasons.iter().any(|r| r.blocks()) {
         Outcome::Block
@@ -374,14 +441,11 @@ mod tests {
 
     #[test]
     fn every_reason_that_applies_is_reported() {
-        let p = Policy {
-            overdue_days_max: 10,
-            ..Policy::default()
-        };
+        let p = Policy::default();
         let mut s = state(1_000, 900, 0);
         s.blocked = true;
         s.limit_valid_until = Some(day(3));
-        s.oldest_open_due = Some(chrono::NaiveDate::from_ymd_opt(2026, 11, 20).unwrap());
+        s.oldest_open_due = Some(chrono::NaiveDate::from_ymd_opt(2026, 9, 20).unwrap());
         s.max_order_minor = Some(100);
         s.group = Some(Group {
             limit_minor: 5_000,
@@ -397,14 +461,32 @@ mod tests {
                 Reason::OverdueItems,
                 Reason::MaxOrderValue,
                 Reason::OverLimit,
-                Reason::GroupLimitExceeded
+                Reason::GroupLimitExceeded,
+                Reason::DunningBlock
             ]
         );
-        // Exactly N days overdue and a limit valid through today still pass.
+        // 30 days past due is a reminder only; a limit valid through today
+        // still passes.
         let mut s = state(1_000, 0, 0);
-        s.oldest_open_due = Some(chrono::NaiveDate::from_ymd_opt(2026, 11, 24).unwrap());
+        s.oldest_open_due = Some(chrono::NaiveDate::from_ymd_opt(2026, 11, 4).unwrap());
         s.limit_valid_until = Some(day(4));
         assert_eq!(evaluate(&p, Some(&s), 10, day(4)).0, Outcome::Approve);
+    }
+
+    #[test]
+    fn dunning_levels_climb_with_days_past_due() {
+        let levels = default_dunning_levels();
+        assert_eq!(dunning_level(&levels, 0), None);
+        assert_eq!(dunning_level(&levels, 1).map(|l| l.0), Some(1));
+        assert_eq!(dunning_level(&levels, 20).map(|l| l.0), Some(2));
+        assert_eq!(
+            dunning_level(&levels, 31).map(|l| l.1.action),
+            Some(DunningAction::Hold)
+        );
+        assert_eq!(
+            dunning_level(&levels, 400).map(|l| (l.0, l.1.action)),
+            Some((4, DunningAction::Block))
+        );
     }
 
     #[test]

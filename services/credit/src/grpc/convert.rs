@@ -107,6 +107,7 @@ pub fn reason(r: Reason) -> pb::ReasonCode {
         Reason::AccountBlocked => pb::ReasonCode::AccountBlocked,
         Reason::MaxOrderValue => pb::ReasonCode::MaxOrderValue,
         Reason::GroupLimitExceeded => pb::ReasonCode::GroupLimitExceeded,
+        Reason::DunningBlock => pb::ReasonCode::DunningBlock,
     }
 }
 
@@ -205,6 +206,7 @@ pub fn alert(a: &Alert) -> pb::Alert {
         Some(AlertKind::LimitExpired) => pb::AlertKind::LimitExpired,
         Some(AlertKind::ReviewDue) => pb::AlertKind::ReviewDue,
         Some(AlertKind::LimitChangePending) => pb::AlertKind::LimitChangePending,
+        Some(AlertKind::Dunning) => pb::AlertKind::Dunning,
         None => pb::AlertKind::Unspecified,
     };
     pb::Alert {

@@ -1677,6 +1677,40 @@ impl Maintenance {
             storage::mark_date_alerts(&txn, &account, expiry_for, review_for).await?;
             txn.commit().await?;
         }
+        for row in storage::overdue_receivables(&api.db, today, MAINTENANCE_BATCH).await? {
+            let Some(due) = row.due_date else { continue };
+            let days = (today - due).num_days();
+            let Some((level, rung)) =
+                domain::dunning_level(&api.config.policy.dunning_levels, days)
+            else {
+                continue;
+            };
+            let level = i32::try_from(level).unwrap_or(i32::MAX);
+            if level <= row.dunning_level {
+                continue;
+            }
+            let txn = api.db.begin().await?;
+            if storage::raise_dunning_level(&txn, &row, level).await? {
+                let account = storage::account_by_id(&txn, &row.account_id).await?;
+                raised.push(
+                    storage::insert_alert(
+                        &txn,
+                        &account,
+                        AlertKind::Dunning,
+                        level,
+                        format!(
+                            "invoice {} is {days} days past due: dunning level {level} ({})",
+                            row.invoice_id,
+                            rung.action.code()
+                        ),
+                        None,
+                        now,
+                    )
+                    .await?,
+                );
+            }
+            txn.commit().await?;
+        }
         let count = raised.len();
         api.alerts.publish(raised);
         Ok((expired, count))

@@ -51,9 +51,7 @@ struct Inputs<'a> {
     oldest_open_due: Option<chrono::NaiveDate>,
     group_limit_minor: Option<i64>,
     group_exposure_minor: Option<i64>,
-    overdue_days_max: i64,
-    #[serde(skip)]
-    _state: std::marker::PhantomData<&'a ()>,
+    dunning_levels: &'a [domain::DunningLevel],
 }
 
 fn inputs_json(state: &AccountState, amount_minor: i64, ctx: &Context<'_>) -> String {
@@ -69,8 +67,7 @@ fn inputs_json(state: &AccountState, amount_minor: i64, ctx: &Context<'_>) -> St
         oldest_open_due: state.oldest_open_due,
         group_limit_minor: state.group.map(|g| g.limit_minor),
         group_exposure_minor: state.group.map(|g| g.exposure_minor),
-        overdue_days_max: ctx.policy.overdue_days_max,
-        _state: std::marker::PhantomData,
+        dunning_levels: &ctx.policy.dunning_levels,
     };
     serde_json::to_string(&inputs).unwrap_or_else(|_| "{}".into())
 }

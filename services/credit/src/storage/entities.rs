@@ -91,6 +91,9 @@ pub mod receivable {
         pub amount_minor: i64,
         pub open_minor: i64,
         pub due_date: Option<Date>,
+        /// The dunning level last reached (0: none), so each level is
+        /// announced once.
+        pub dunning_level: i32,
         pub created_at: DateTimeUtc,
     }
 

@@ -758,6 +758,7 @@ pub async fn convert(
         amount_minor: Set(invoice_minor),
         open_minor: Set(invoice_minor),
         due_date: Set(due_date),
+        dunning_level: Set(0),
         created_at: Set(now),
     })
     .exec(conn)
@@ -1134,6 +1135,7 @@ pub enum AlertKind {
     LimitExpired,
     ReviewDue,
     LimitChangePending,
+    Dunning,
 }
 
 impl AlertKind {
@@ -1144,6 +1146,7 @@ impl AlertKind {
             AlertKind::LimitExpired => "LIMIT_EXPIRED",
             AlertKind::ReviewDue => "REVIEW_DUE",
             AlertKind::LimitChangePending => "LIMIT_CHANGE_PENDING",
+            AlertKind::Dunning => "DUNNING",
         }
     }
 
@@ -1154,6 +1157,7 @@ impl AlertKind {
             AlertKind::LimitExpired,
             AlertKind::ReviewDue,
             AlertKind::LimitChangePending,
+            AlertKind::Dunning,
         ]
         .into_iter()
         .find(|k| k.code() == code)
@@ -1328,4 +1332,36 @@ pub async fn recompute(
         receivable_minor: receivables.iter().map(|r| r.open_minor).sum(),
         ..account.exposure
     })
+}
+
+/// Open receivables past due, with the dunning level they were last
+/// alerted at, at most `limit`.
+pub async fn overdue_receivables(
+    conn: &impl ConnectionTrait,
+    today: NaiveDate,
+    limit: u64,
+) -> Result<Vec<receivable::Model>, ApiError> {
+    Ok(receivable::Entity::find()
+        .filter(receivable::Column::OpenMinor.gt(0))
+        .filter(receivable::Column::DueDate.lt(today))
+        .order_by_asc(receivable::Column::DueDate)
+        .limit(limit)
+        .all(conn)
+        .await?)
+}
+
+/// Records that a receivable reached dunning `level` (only upwards).
+pub async fn raise_dunning_level(
+    conn: &impl ConnectionTrait,
+    row: &receivable::Model,
+    level: i32,
+) -> Result<bool, ApiError> {
+    let result = receivable::Entity::update_many()
+        .col_expr(receivable::Column::DunningLevel, Expr::value(level))
+        .filter(receivable::Column::TenantId.eq(row.tenant_id.clone()))
+        .filter(receivable::Column::InvoiceId.eq(row.invoice_id.clone()))
+        .filter(receivable::Column::DunningLevel.lt(level))
+        .exec(conn)
+        .await?;
+    Ok(result.rows_affected == 1)
 }

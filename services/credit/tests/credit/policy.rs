@@ -1182,3 +1182,99 @@ async fn desk_bad_input_sqlite() {
 async fn desk_bad_input_postgres() {
     desk_bad_input(Backend::Postgres).await;
 }
+
+async fn dunning(backend: Backend) {
+    let Some(mut h) = start(backend, "dunning").await else {
+        return;
+    };
+    let customer = open_with_limit(&mut h.client, "10000.00").await;
+    let first = reserve(&mut h.client, &customer, "o-1", "100.00").await;
+    let invoice = uuid::Uuid::now_v7().to_string();
+    let due = (h.clock.today() - chrono::Duration::days(20))
+        .format("%Y-%m-%d")
+        .to_string();
+    h.client
+        .convert_reservation(pb::ConvertReservationRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            reservation_id: first.reservation_id.clone(),
+            invoice_id: invoice.clone(),
+            invoice_amount: eur("100.00"),
+            due_date: due,
+        })
+        .await
+        .unwrap();
+    let dunning_alerts = |h: &mut super::Harness| {
+        let mut client = h.client.clone();
+        let customer = customer.clone();
+        async move {
+            client
+                .list_alerts(pb::ListAlertsRequest {
+                    tenant_id: TENANT.into(),
+                    customer_id: customer,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .alerts
+                .into_iter()
+                .filter(|a| a.kind() == pb::AlertKind::Dunning)
+                .map(|a| a.threshold_percent)
+                .collect::<Vec<_>>()
+        }
+    };
+    // 20 days: the second reminder; orders still pass.
+    h.maintenance.run_once().await.unwrap();
+    assert_eq!(dunning_alerts(&mut h).await, [2]);
+    h.maintenance.run_once().await.unwrap();
+    assert_eq!(dunning_alerts(&mut h).await, [2], "each level once");
+    assert_eq!(
+        reserve(&mut h.client, &customer, "o-2", "1.00")
+            .await
+            .decision(),
+        pb::Decision::Approve
+    );
+    // 35 days: hold.
+    h.clock.advance(chrono::Duration::days(15));
+    h.maintenance.run_once().await.unwrap();
+    assert_eq!(dunning_alerts(&mut h).await, [3, 2]);
+    let held = reserve(&mut h.client, &customer, "o-3", "1.00").await;
+    assert_eq!(reasons(&held), [pb::ReasonCode::OverdueItems]);
+    // 65 days: block.
+    h.clock.advance(chrono::Duration::days(30));
+    h.maintenance.run_once().await.unwrap();
+    let blocked = reserve(&mut h.client, &customer, "o-4", "1.00").await;
+    assert_eq!(blocked.decision(), pb::Decision::Block);
+    assert_eq!(
+        reasons(&blocked),
+        [pb::ReasonCode::OverdueItems, pb::ReasonCode::DunningBlock]
+    );
+    // Paid: the ladder no longer applies.
+    h.client
+        .settle_receivable(pb::SettleReceivableRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            invoice_id: invoice.clone(),
+            amount: eur("100.00"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        reserve(&mut h.client, &customer, "o-5", "1.00")
+            .await
+            .decision(),
+        pb::Decision::Approve
+    );
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dunning_sqlite() {
+    dunning(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dunning_postgres() {
+    dunning(Backend::Postgres).await;
+}
