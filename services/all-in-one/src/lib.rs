@@ -157,6 +157,12 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         customer_url: url(addresses.customer),
         call_timeout_ms,
     };
+    let payments_policy = o2c_payments::PaymentsSettings {
+        invoicing_url: url(addresses.invoicing),
+        credit_url: url(addresses.credit),
+        call_timeout_ms,
+        ..settings.payments_policy.clone()
+    };
     let routes: [(&'static str, &'static str, Routes, &ServiceSettings); 6] = [
         (
             "gateway",
@@ -190,7 +196,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         (
             "payments",
             o2c_payments::SERVICE_NAME,
-            o2c_payments::build(&settings.payments, &settings.payments_policy).await?,
+            o2c_payments::build(&settings.payments, &payments_policy).await?,
             &settings.payments,
         ),
         (

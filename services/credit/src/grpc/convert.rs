@@ -207,6 +207,7 @@ pub fn alert(a: &Alert) -> pb::Alert {
         Some(AlertKind::ReviewDue) => pb::AlertKind::ReviewDue,
         Some(AlertKind::LimitChangePending) => pb::AlertKind::LimitChangePending,
         Some(AlertKind::Dunning) => pb::AlertKind::Dunning,
+        Some(AlertKind::CollectionFailed) => pb::AlertKind::CollectionFailed,
         None => pb::AlertKind::Unspecified,
     };
     pb::Alert {

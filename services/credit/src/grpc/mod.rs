@@ -1478,6 +1478,61 @@ impl CreditService for CreditApi {
             score: Some(convert::score(&stored, &factors, &account.exposure)?),
         }))
     }
+
+    async fn report_collection_failure(
+        &self,
+        request: Request<pb::ReportCollectionFailureRequest>,
+    ) -> Result<Response<pb::ReportCollectionFailureResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        v.check(fields::id::<InvoiceId>("invoice_id", &request.invoice_id));
+        v.check(fields::id::<uuid::Uuid>("session_id", &request.session_id));
+        let reason = v.check(fields::text("reason", &request.reason, MAX_REASON_LENGTH));
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(reason)) = (tenant, customer, reason) else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/credit.ReportCollectionFailure");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match self.begin(&scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let account = storage::require_account(&txn, &tenant, customer).await?;
+        let alert = storage::insert_alert(
+            &txn,
+            &account,
+            AlertKind::CollectionFailed,
+            0,
+            format!(
+                "automated collection {} for invoice {} failed: {reason}",
+                request.session_id, request.invoice_id
+            ),
+            None,
+            self.now(),
+        )
+        .await?;
+        let response = pb::ReportCollectionFailureResponse {
+            alert: Some(convert::alert(&alert)),
+        };
+        self.finish(
+            txn,
+            &scope,
+            key,
+            &bytes,
+            response,
+            &tenant,
+            &[],
+            vec![alert],
+        )
+        .await
+    }
 }
 
 fn tenant_and_customer(tenant: &str, customer: &str) -> Result<(String, CustomerId), ApiError> {

@@ -1136,6 +1136,7 @@ pub enum AlertKind {
     ReviewDue,
     LimitChangePending,
     Dunning,
+    CollectionFailed,
 }
 
 impl AlertKind {
@@ -1147,6 +1148,7 @@ impl AlertKind {
             AlertKind::ReviewDue => "REVIEW_DUE",
             AlertKind::LimitChangePending => "LIMIT_CHANGE_PENDING",
             AlertKind::Dunning => "DUNNING",
+            AlertKind::CollectionFailed => "COLLECTION_FAILED",
         }
     }
 
@@ -1158,6 +1160,7 @@ impl AlertKind {
             AlertKind::ReviewDue,
             AlertKind::LimitChangePending,
             AlertKind::Dunning,
+            AlertKind::CollectionFailed,
         ]
         .into_iter()
         .find(|k| k.code() == code)

@@ -1,6 +1,8 @@
 //! Payment rules: how a receipt may be allocated, and what must never be
 //! stored. No I/O.
 
+pub mod processor;
+
 use o2c_money::ids::InvoiceId;
 use o2c_money::{Money, MoneyError};
 
@@ -51,6 +53,12 @@ pub fn unapplied(amount: Money, allocations: &[Allocation]) -> Result<Money, Pay
         return Err(PaymentError::OverAllocated { allocated, amount });
     }
     Ok(rest)
+}
+
+/// Retry delays after each declined attempt of a collection; after the
+/// last one the session fails.
+pub fn next_attempt_delay(schedule_ms: &[u64], attempts_so_far: usize) -> Option<u64> {
+    schedule_ms.get(attempts_so_far.saturating_sub(1)).copied()
 }
 
 /// True when `text` holds a run of 13 to 19 digits (spaces and dashes

@@ -18,6 +18,7 @@ use crate::storage::{self, Method, NewPayment, Payment};
 #[derive(Clone)]
 pub struct PaymentsApi {
     db: DatabaseConnection,
+    clock: o2c_kit::clock::Clock,
     /// Largest single refund without further approval, per currency code
     /// (minor units); currencies not listed cannot be refunded here.
     refund_limits: std::sync::Arc<std::collections::HashMap<&'static str, i64>>,
@@ -27,9 +28,11 @@ impl PaymentsApi {
     pub fn new(
         db: DatabaseConnection,
         refund_limits: std::collections::HashMap<&'static str, i64>,
+        clock: o2c_kit::clock::Clock,
     ) -> Self {
         Self {
             db,
+            clock,
             refund_limits: std::sync::Arc::new(refund_limits),
         }
     }
@@ -316,4 +319,305 @@ impl PaymentsService for PaymentsApi {
         let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
         Ok(Response::new(response))
     }
+
+    async fn create_mandate(
+        &self,
+        request: Request<pb::CreateMandateRequest>,
+    ) -> Result<Response<pb::CreateMandateResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let method = match pb::PaymentMethod::try_from(request.method) {
+            Ok(pb::PaymentMethod::DirectDebit) => Some(Method::DirectDebit),
+            Ok(pb::PaymentMethod::Card) => Some(Method::Card),
+            _ => v.check(Err(ApiError::invalid("method", "DIRECT_DEBIT or CARD"))),
+        };
+        let token = v.check(fields::text(
+            "processor_token",
+            &request.processor_token,
+            200,
+        ));
+        if domain::contains_card_number(&request.processor_token) {
+            v.check::<()>(Err(ApiError::invalid(
+                "processor_token",
+                "must be the processor's token, never a card number",
+            )));
+        }
+        if request.last4.len() != 4 || !request.last4.bytes().all(|b| b.is_ascii_digit()) {
+            v.check::<()>(Err(ApiError::invalid("last4", "exactly four digits")));
+        }
+        let currency = v.check(proto_money::parse_currency(
+            "currency_code",
+            &request.currency_code,
+        ));
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(method), Some(token), Some(currency)) =
+            (tenant, customer, method, token, currency)
+        else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/payments.CreateMandate");
+        // The stored request must not keep the token in clear.
+        let mut pinned = request.clone();
+        pinned.processor_token = format!("{:x}", sha_like(&request.processor_token));
+        let (key, bytes) = (&request.idempotency_key, pinned.encode_to_vec());
+        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let mandate = storage::collection::insert_mandate(
+            &txn,
+            &storage::collection::NewMandate {
+                tenant_id: &tenant,
+                customer_id: &customer.to_string(),
+                method: method.code(),
+                token: &token,
+                last4: &request.last4,
+                currency: currency.code(),
+            },
+            (self.clock)(),
+        )
+        .await?;
+        let response = pb::CreateMandateResponse {
+            mandate: Some(mandate_to_proto(&mandate)),
+        };
+        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn revoke_mandate(
+        &self,
+        request: Request<pb::RevokeMandateRequest>,
+    ) -> Result<Response<pb::RevokeMandateResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let id = v.check(fields::id::<uuid::Uuid>("mandate_id", &request.mandate_id));
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(id)) = (tenant, id) else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/payments.RevokeMandate");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let mandate = storage::collection::get_mandate(&txn, &tenant, &id.to_string()).await?;
+        let mandate = storage::collection::revoke_mandate(&txn, &mandate).await?;
+        let response = pb::RevokeMandateResponse {
+            mandate: Some(mandate_to_proto(&mandate)),
+        };
+        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn schedule_collection(
+        &self,
+        request: Request<pb::ScheduleCollectionRequest>,
+    ) -> Result<Response<pb::ScheduleCollectionResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let invoice = v.check(fields::id::<InvoiceId>("invoice_id", &request.invoice_id));
+        let amount = v.check(proto_money::parse_positive(
+            "amount",
+            request.amount.as_ref(),
+        ));
+        let due = v.check(
+            fields::optional_date("due_date", &request.due_date)
+                .and_then(|d| d.ok_or_else(|| ApiError::invalid("due_date", "required"))),
+        );
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(invoice), Some(amount), Some(due)) =
+            (tenant, customer, invoice, amount, due)
+        else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/payments.ScheduleCollection");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let mandate = storage::collection::active_mandate(
+            &txn,
+            &tenant,
+            &customer.to_string(),
+            amount.currency().code(),
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("active mandate of customer", customer))?;
+        let session = storage::collection::schedule(
+            &txn,
+            &mandate,
+            &invoice.to_string(),
+            amount,
+            due,
+            (self.clock)(),
+        )
+        .await?;
+        let response = pb::ScheduleCollectionResponse {
+            session: Some(session_to_proto(&session, &[])?),
+        };
+        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_payment_session(
+        &self,
+        request: Request<pb::GetPaymentSessionRequest>,
+    ) -> Result<Response<pb::GetPaymentSessionResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let id = v.check(fields::id::<uuid::Uuid>("session_id", &request.session_id));
+        v.finish()?;
+        let (Some(tenant), Some(id)) = (tenant, id) else {
+            return Err(missing().into());
+        };
+        let (session, attempts) =
+            storage::collection::get_session(&self.db, &tenant, &id.to_string()).await?;
+        Ok(Response::new(pb::GetPaymentSessionResponse {
+            session: Some(session_to_proto(&session, &attempts)?),
+        }))
+    }
+
+    async fn list_payment_sessions(
+        &self,
+        request: Request<pb::ListPaymentSessionsRequest>,
+    ) -> Result<Response<pb::ListPaymentSessionsResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let size = v.check(fields::page_size("page_size", request.page_size));
+        let token = if request.page_token.is_empty() {
+            Some(None)
+        } else {
+            v.check(
+                fields::id::<uuid::Uuid>("page_token", &request.page_token)
+                    .map(|t| Some(t.to_string())),
+            )
+        };
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(size), Some(token)) =
+            (tenant, customer, size, token)
+        else {
+            return Err(missing().into());
+        };
+        let page = storage::collection::list_sessions(
+            &self.db,
+            &tenant,
+            &customer.to_string(),
+            token,
+            size,
+        )
+        .await?;
+        let mut sessions = Vec::new();
+        for session in &page {
+            let (_, attempts) =
+                storage::collection::get_session(&self.db, &tenant, &session.id).await?;
+            sessions.push(session_to_proto(session, &attempts)?);
+        }
+        let next_page_token = if page.len() as u64 == size {
+            page.last().map(|s| s.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListPaymentSessionsResponse {
+            sessions,
+            next_page_token,
+        }))
+    }
+}
+
+/// A one-way digest for pinning idempotent requests without keeping a
+/// token in clear (FNV-1a; collisions only weaken replay detection).
+fn sha_like(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn mandate_to_proto(mandate: &storage::collection::Mandate) -> pb::Mandate {
+    let method = match mandate.method.as_str() {
+        "CARD" => pb::PaymentMethod::Card,
+        "DIRECT_DEBIT" => pb::PaymentMethod::DirectDebit,
+        _ => pb::PaymentMethod::Unspecified,
+    };
+    let status = match mandate.status.as_str() {
+        storage::collection::MANDATE_ACTIVE => pb::MandateStatus::Active,
+        storage::collection::MANDATE_REVOKED => pb::MandateStatus::Revoked,
+        _ => pb::MandateStatus::Unspecified,
+    };
+    pb::Mandate {
+        mandate_id: mandate.id.clone(),
+        customer_id: mandate.customer_id.clone(),
+        method: method as i32,
+        last4: mandate.last4.clone(),
+        status: status as i32,
+        currency_code: mandate.currency_code.clone(),
+        created_at: mandate
+            .created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    }
+}
+
+pub(crate) fn session_to_proto(
+    session: &storage::collection::Session,
+    attempts: &[storage::collection::Attempt],
+) -> Result<pb::PaymentSession, ApiError> {
+    use storage::collection as c;
+    let state = match session.state.as_str() {
+        c::SCHEDULED => pb::SessionState::Scheduled,
+        c::RETRYING => pb::SessionState::Retrying,
+        c::COLLECTED => pb::SessionState::Collected,
+        c::SUCCEEDED => pb::SessionState::Succeeded,
+        c::FAILED => pb::SessionState::Failed,
+        _ => pb::SessionState::Unspecified,
+    };
+    let currency = o2c_money::Currency::from_code(&session.currency_code)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let amount = o2c_money::Money::from_minor_units(session.amount_minor, currency)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(pb::PaymentSession {
+        session_id: session.id.clone(),
+        customer_id: session.customer_id.clone(),
+        mandate_id: session.mandate_id.clone(),
+        invoice_id: session.invoice_id.clone(),
+        amount: Some(proto_money::to_proto(&amount)),
+        state: state as i32,
+        scheduled_for: session.scheduled_for.format("%Y-%m-%d").to_string(),
+        next_attempt_at: session
+            .next_attempt_at
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default(),
+        attempts: attempts
+            .iter()
+            .map(|a| pb::PaymentAttempt {
+                number: a.number,
+                attempted_at: a
+                    .attempted_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                succeeded: a.succeeded,
+                failure_reason: a.failure_reason.clone().unwrap_or_default(),
+            })
+            .collect(),
+        payment_id: session.payment_id.clone().unwrap_or_default(),
+    })
 }

@@ -2,7 +2,7 @@
 
 use sea_orm_migration::prelude::*;
 
-use super::entities::{allocation, payment, refund};
+use super::entities::{allocation, attempt, mandate, payment, refund, session};
 
 pub struct Migrator;
 
@@ -29,10 +29,29 @@ impl MigrationTrait for CreatePayments {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         o2c_kit::db::create_table_for(manager, payment::Entity).await?;
         o2c_kit::db::create_table_for(manager, allocation::Entity).await?;
-        o2c_kit::db::create_table_for(manager, refund::Entity).await
+        o2c_kit::db::create_table_for(manager, refund::Entity).await?;
+        o2c_kit::db::create_table_for(manager, mandate::Entity).await?;
+        o2c_kit::db::create_table_for(manager, session::Entity).await?;
+        o2c_kit::db::create_table_for(manager, attempt::Entity).await?;
+        // One collection per invoice.
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_payment_sessions_tenant_invoice")
+                    .table(session::Entity)
+                    .col(session::Column::TenantId)
+                    .col(session::Column::InvoiceId)
+                    .unique()
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::drop_table_for(manager, attempt::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, session::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, mandate::Entity).await?;
         o2c_kit::db::drop_table_for(manager, refund::Entity).await?;
         o2c_kit::db::drop_table_for(manager, allocation::Entity).await?;
         o2c_kit::db::drop_table_for(manager, payment::Entity).await

@@ -1,5 +1,6 @@
 //! The payments service's own database: receipts and their allocations.
 
+pub mod collection;
 pub mod entities;
 pub mod migrations;
 
