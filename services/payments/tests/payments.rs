@@ -181,3 +181,380 @@ async fn bad_input_sqlite() {
 async fn bad_input_postgres() {
     bad_input(Backend::Postgres).await;
 }
+
+mod collections {
+    use super::*;
+    use o2c_proto::credit::v1 as credit_pb;
+    use o2c_proto::credit::v1::credit_service_client::CreditServiceClient;
+    use o2c_proto::invoicing::v1 as invoicing_pb;
+    use o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient;
+    use std::sync::{Arc, Mutex};
+
+    struct World {
+        payments: PaymentsServiceClient<Channel>,
+        credit: CreditServiceClient<Channel>,
+        invoicing: InvoicingServiceClient<Channel>,
+        collector: o2c_payments::collector::Collector,
+        clock: Arc<Mutex<chrono::DateTime<chrono::Utc>>>,
+        _served: Vec<Served>,
+        _dbs: Vec<TestDatabase>,
+    }
+
+    impl World {
+        fn advance_days(&self, days: i64) {
+            *self.clock.lock().unwrap() += chrono::Duration::days(days);
+        }
+        fn today(&self) -> chrono::NaiveDate {
+            self.clock.lock().unwrap().date_naive()
+        }
+    }
+
+    async fn world(backend: Backend) -> Option<World> {
+        let (credit_db, invoicing_db, payments_db) = (
+            o2c_testkit::database(backend, "credit").await?,
+            o2c_testkit::database(backend, "invoicing").await?,
+            o2c_testkit::database(backend, "payments").await?,
+        );
+        let settings = |url: &str| {
+            let mut s = o2c_kit::settings::ServiceSettings::local("svc", 0);
+            s.database_url = url.to_owned();
+            s
+        };
+        let credit = o2c_testkit::serve(
+            o2c_credit::SERVICE_NAME,
+            o2c_credit::build(
+                &settings(&credit_db.url),
+                None,
+                &o2c_credit::CreditSettings::default(),
+            )
+            .await
+            .unwrap(),
+        )
+        .await;
+        let invoicing = o2c_testkit::serve(
+            o2c_invoicing::SERVICE_NAME,
+            o2c_invoicing::build(&settings(&invoicing_db.url))
+                .await
+                .unwrap(),
+        )
+        .await;
+        let clock = Arc::new(Mutex::new(chrono::Utc::now()));
+        let reader = clock.clone();
+        let policy = o2c_payments::PaymentsSettings {
+            invoicing_url: invoicing.url(),
+            credit_url: credit.url(),
+            ..Default::default()
+        };
+        let built = o2c_payments::build_with(
+            &settings(&payments_db.url),
+            &policy,
+            Arc::new(move || *reader.lock().unwrap()),
+            Arc::new(o2c_payments::domain::processor::Simulated::new(
+                Default::default(),
+            )),
+        )
+        .await
+        .unwrap();
+        let payments = o2c_testkit::serve(o2c_payments::SERVICE_NAME, built.routes).await;
+        Some(World {
+            payments: PaymentsServiceClient::new(payments.channel().await),
+            credit: CreditServiceClient::new(credit.channel().await),
+            invoicing: InvoicingServiceClient::new(invoicing.channel().await),
+            collector: built.collector,
+            clock,
+            _served: vec![credit, invoicing, payments],
+            _dbs: vec![credit_db, invoicing_db, payments_db],
+        })
+    }
+
+    /// A customer with credit, an invoiced order of 100.00 due in 30 days,
+    /// and a mandate with `token`.
+    async fn sold(w: &mut World, token: &str) -> (String, String) {
+        let customer = uuid::Uuid::now_v7().to_string();
+        w.credit
+            .open_credit_account(credit_pb::OpenCreditAccountRequest {
+                idempotency_key: key(),
+                tenant_id: TENANT.into(),
+                customer_id: customer.clone(),
+                currency_code: "EUR".into(),
+                parent_customer_id: String::new(),
+            })
+            .await
+            .unwrap();
+        w.credit
+            .set_credit_limit(credit_pb::SetCreditLimitRequest {
+                idempotency_key: key(),
+                tenant_id: TENANT.into(),
+                customer_id: customer.clone(),
+                credit_limit: eur("1000.00"),
+                reason: "test".into(),
+                actor: "analyst".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let order = uuid::Uuid::now_v7().to_string();
+        let decision = w
+            .credit
+            .check_and_reserve(credit_pb::CheckAndReserveRequest {
+                idempotency_key: key(),
+                tenant_id: TENANT.into(),
+                customer_id: customer.clone(),
+                order_id: order.clone(),
+                amount: eur("100.00"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .decision
+            .unwrap();
+        let invoice = w
+            .invoicing
+            .issue_invoice(invoicing_pb::IssueInvoiceRequest {
+                idempotency_key: key(),
+                tenant_id: TENANT.into(),
+                customer_id: customer.clone(),
+                order_id: order,
+                currency_code: "EUR".into(),
+                lines: vec![invoicing_pb::InvoiceLine {
+                    description: "goods".into(),
+                    quantity: "1".into(),
+                    unit_price: eur("100.00"),
+                    tax_rate_percent: "0".into(),
+                    line_total: None,
+                }],
+                payment_terms: Some(invoicing_pb::PaymentTerms {
+                    kind: invoicing_pb::PaymentTermsKind::Net as i32,
+                    net_days: 30,
+                    ..Default::default()
+                }),
+                issue_date: w.today().format("%Y-%m-%d").to_string(),
+                draft: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .invoice
+            .unwrap();
+        w.credit
+            .convert_reservation(credit_pb::ConvertReservationRequest {
+                idempotency_key: key(),
+                tenant_id: TENANT.into(),
+                reservation_id: decision.reservation_id,
+                invoice_id: invoice.invoice_id.clone(),
+                invoice_amount: eur("100.00"),
+                due_date: invoice.due_date.clone(),
+            })
+            .await
+            .unwrap();
+        w.payments
+            .create_mandate(pb::CreateMandateRequest {
+                idempotency_key: key(),
+                tenant_id: TENANT.into(),
+                customer_id: customer.clone(),
+                method: pb::PaymentMethod::DirectDebit as i32,
+                processor_token: token.into(),
+                last4: "4242".into(),
+                currency_code: "EUR".into(),
+            })
+            .await
+            .unwrap();
+        let session = w
+            .payments
+            .schedule_collection(pb::ScheduleCollectionRequest {
+                idempotency_key: key(),
+                tenant_id: TENANT.into(),
+                customer_id: customer.clone(),
+                invoice_id: invoice.invoice_id.clone(),
+                amount: eur("100.00"),
+                due_date: invoice.due_date,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .session
+            .unwrap();
+        assert_eq!(session.state(), pb::SessionState::Scheduled);
+        (customer, session.session_id)
+    }
+
+    async fn session(w: &mut World, id: &str) -> pb::PaymentSession {
+        w.payments
+            .get_payment_session(pb::GetPaymentSessionRequest {
+                tenant_id: TENANT.into(),
+                session_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .session
+            .unwrap()
+    }
+
+    async fn receivables(w: &mut World, customer: &str) -> String {
+        w.credit
+            .get_exposure(credit_pb::GetExposureRequest {
+                tenant_id: TENANT.into(),
+                customer_id: customer.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .exposure
+            .unwrap()
+            .receivables
+            .unwrap()
+            .amount
+    }
+
+    async fn retried_then_collected(backend: Backend) {
+        let Some(mut w) = world(backend).await else {
+            return;
+        };
+        let (customer, id) = sold(&mut w, "tok_retry2_acme").await;
+        // Nothing happens before the due date.
+        assert_eq!(w.collector.run_once().await.unwrap().attempted, 0);
+        w.advance_days(30);
+        w.collector.run_once().await.unwrap();
+        assert_eq!(
+            session(&mut w, &id).await.state(),
+            pb::SessionState::Retrying
+        );
+        w.advance_days(1);
+        w.collector.run_once().await.unwrap();
+        w.advance_days(3);
+        let pass = w.collector.run_once().await.unwrap();
+        assert_eq!((pass.collected, pass.applied), (1, 1));
+        let done = session(&mut w, &id).await;
+        assert_eq!(done.state(), pb::SessionState::Succeeded);
+        let outcomes: Vec<_> = done.attempts.iter().map(|a| a.succeeded).collect();
+        assert_eq!(outcomes, [false, false, true]);
+        assert!(!done.payment_id.is_empty());
+        assert_eq!(
+            receivables(&mut w, &customer).await,
+            "0.00",
+            "credit follows"
+        );
+        // A further pass changes nothing.
+        assert_eq!(w.collector.run_once().await.unwrap(), Default::default());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retried_then_collected_sqlite() {
+        retried_then_collected(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retried_then_collected_postgres() {
+        retried_then_collected(Backend::Postgres).await;
+    }
+
+    async fn final_failure_alerts(backend: Backend) {
+        let Some(mut w) = world(backend).await else {
+            return;
+        };
+        let (customer, id) = sold(&mut w, "tok_fail_globex").await;
+        for days in [30, 1, 3, 7] {
+            w.advance_days(days);
+            w.collector.run_once().await.unwrap();
+        }
+        let failed = session(&mut w, &id).await;
+        assert_eq!(failed.state(), pb::SessionState::Failed);
+        assert_eq!(
+            failed.attempts.len(),
+            4,
+            "the first attempt and three retries"
+        );
+        assert_eq!(receivables(&mut w, &customer).await, "100.00");
+        let alerts = w
+            .credit
+            .list_alerts(credit_pb::ListAlertsRequest {
+                tenant_id: TENANT.into(),
+                customer_id: customer.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .alerts;
+        assert_eq!(
+            alerts
+                .iter()
+                .filter(|a| a.kind() == credit_pb::AlertKind::CollectionFailed)
+                .count(),
+            1
+        );
+        // Reported once.
+        w.collector.run_once().await.unwrap();
+        let again = w
+            .credit
+            .list_alerts(credit_pb::ListAlertsRequest {
+                tenant_id: TENANT.into(),
+                customer_id: customer.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .alerts;
+        assert_eq!(again.len(), alerts.len());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn final_failure_alerts_sqlite() {
+        final_failure_alerts(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn final_failure_alerts_postgres() {
+        final_failure_alerts(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mandates_never_take_card_numbers() {
+        let Some(mut w) = world(Backend::Sqlite).await else {
+            return;
+        };
+        let request = pb::CreateMandateRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: uuid::Uuid::now_v7().to_string(),
+            method: pb::PaymentMethod::Card as i32,
+            processor_token: "4111 1111 1111 1111".into(),
+            last4: "1111".into(),
+            currency_code: "EUR".into(),
+        };
+        let status = w
+            .payments
+            .create_mandate(request.clone())
+            .await
+            .unwrap_err();
+        assert_invalid(&status, "processor_token");
+        let status = w
+            .payments
+            .create_mandate(pb::CreateMandateRequest {
+                processor_token: "tok_ok".into(),
+                last4: "11a1".into(),
+                ..request.clone()
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&status, "last4");
+        let mandate = w
+            .payments
+            .create_mandate(pb::CreateMandateRequest {
+                processor_token: "tok_secret_abc".into(),
+                ..request
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .mandate
+            .unwrap();
+        assert_eq!(mandate.last4, "1111");
+        assert!(
+            !format!("{mandate:?}").contains("tok_secret"),
+            "the token is never echoed"
+        );
+    }
+}

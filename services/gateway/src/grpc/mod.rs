@@ -584,9 +584,13 @@ impl GatewayService for GatewayApi {
                 .map_err(upstream("credit"))?;
             let order =
                 storage::record_invoice(&self.db, &tenant, order.id, &invoice.invoice_id).await?;
+            let collection = self
+                .schedule_collection(&tenant, key, order.customer_id, &invoice)
+                .await?;
             Ok(pb::InvoiceOrderResponse {
                 order: Some(convert::order(&order)),
                 invoice: Some(convert::invoice(invoice)),
+                collection,
             })
         }
         .await;
@@ -971,6 +975,69 @@ impl GatewayService for GatewayApi {
         }
         .await;
         Ok(Response::new(self.finish(&scope, key, result).await?))
+    }
+
+    async fn create_mandate(
+        &self,
+        request: Request<pb::CreateMandateRequest>,
+    ) -> Result<Response<pb::CreateMandateResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        v.check(client_key(&request.idempotency_key));
+        let customer_id = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        v.finish()?;
+        let Some(customer_id) = customer_id else {
+            return Err(missing().into());
+        };
+        let customer = self.customer(&tenant, customer_id).await?;
+        let created = self
+            .up
+            .payments
+            .clone()
+            .create_mandate(payments_pb::CreateMandateRequest {
+                idempotency_key: derived(&request.idempotency_key, "mandate"),
+                tenant_id: tenant,
+                customer_id: customer_id.to_string(),
+                method: request.method,
+                processor_token: request.processor_token,
+                last4: request.last4,
+                currency_code: customer.currency_code,
+            })
+            .await
+            .map_err(upstream("payments"))?
+            .into_inner();
+        Ok(Response::new(pb::CreateMandateResponse {
+            mandate: created.mandate,
+        }))
+    }
+
+    async fn list_payment_sessions(
+        &self,
+        request: Request<pb::ListPaymentSessionsRequest>,
+    ) -> Result<Response<pb::ListPaymentSessionsResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let listed = self
+            .up
+            .payments
+            .clone()
+            .list_payment_sessions(payments_pb::ListPaymentSessionsRequest {
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+                page_size: request.page_size,
+                page_token: request.page_token,
+            })
+            .await
+            .map_err(upstream("payments"))?
+            .into_inner();
+        Ok(Response::new(pb::ListPaymentSessionsResponse {
+            sessions: listed.sessions,
+            next_page_token: listed.next_page_token,
+        }))
     }
 
     async fn cancel_invoice(
@@ -1623,6 +1690,35 @@ fn to_payment_allocations(allocations: &[(InvoiceId, Money)]) -> Vec<payments_pb
 }
 
 impl GatewayApi {
+    /// Schedules the invoice's collection when the customer has an active
+    /// mandate (none: nothing to do).
+    async fn schedule_collection(
+        &self,
+        tenant: &str,
+        key: &str,
+        customer_id: CustomerId,
+        invoice: &invoicing_pb::Invoice,
+    ) -> Result<Option<payments_pb::PaymentSession>, ApiError> {
+        let scheduled = self
+            .up
+            .payments
+            .clone()
+            .schedule_collection(payments_pb::ScheduleCollectionRequest {
+                idempotency_key: derived(key, "collect"),
+                tenant_id: tenant.to_owned(),
+                customer_id: customer_id.to_string(),
+                invoice_id: invoice.invoice_id.clone(),
+                amount: invoice.total.clone(),
+                due_date: invoice.due_date.clone(),
+            })
+            .await;
+        match scheduled {
+            Ok(response) => Ok(response.into_inner().session),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(from_upstream("payments", status)),
+        }
+    }
+
     /// Checks instructed allocations against the invoices: the customer's,
     /// same currency, at most what is open.
     async fn precheck(
