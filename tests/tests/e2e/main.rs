@@ -53,6 +53,8 @@ pub async fn run_suite(backend: Backend) -> Option<Running> {
     if backend == Backend::Postgres {
         settings.common.redis_url = Some(o2c_testkit::redis_url().await?);
     }
+    // Collect due payments promptly so tests can watch them happen.
+    settings.payments_policy.collection_interval_ms = 200;
     let suite = start(&settings).await.unwrap();
     let connect = |addr: std::net::SocketAddr| async move {
         Channel::from_shared(format!("http://{addr}"))

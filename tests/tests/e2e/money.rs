@@ -240,6 +240,77 @@ async fn money(backend: Backend) {
         .invoices;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].invoice_id, open_one.invoice_id);
+
+    // A mandate: the next invoice (due on receipt) is collected by itself.
+    let mandate = g
+        .create_mandate(as_tenant(pb::CreateMandateRequest {
+            idempotency_key: key(),
+            customer_id: customer.clone(),
+            method: pb::PaymentMethod::DirectDebit as i32,
+            processor_token: "tok_sepa_acme".into(),
+            last4: "4321".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .mandate
+        .unwrap();
+    assert_eq!(mandate.last4, "4321");
+    let order = g
+        .place_order(as_tenant(pb::PlaceOrderRequest {
+            idempotency_key: key(),
+            customer_id: customer.clone(),
+            client_reference: String::new(),
+            amount: eur("55.00"),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    let invoiced = g
+        .invoice_order(as_tenant(pb::InvoiceOrderRequest {
+            idempotency_key: key(),
+            order_id: order.order_id,
+            net_days: 0,
+            payment_terms: None,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let session = invoiced.collection.expect("a collection is scheduled");
+    let collected = o2c_testkit::eventually(std::time::Duration::from_secs(20), || {
+        let mut g = g.clone();
+        let customer = customer.clone();
+        let id = session.session_id.clone();
+        async move {
+            let sessions = g
+                .list_payment_sessions(as_tenant(pb::ListPaymentSessionsRequest {
+                    customer_id: customer,
+                    ..Default::default()
+                }))
+                .await
+                .ok()?
+                .into_inner()
+                .sessions;
+            sessions.into_iter().find(|s| {
+                s.session_id == id && s.state() == o2c_proto::payments::v1::SessionState::Succeeded
+            })
+        }
+    })
+    .await
+    .expect("the collection succeeds before the deadline");
+    assert_eq!(collected.attempts.len(), 1);
+    let paid = g
+        .get_invoice(as_tenant(pb::GetInvoiceRequest {
+            invoice_id: invoiced.invoice.unwrap().invoice_id,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .invoice
+        .unwrap();
+    assert_eq!(paid.status(), pb::InvoiceStatus::Paid);
     assert_ledger_consistent(&mut s.credit, &customer).await;
     s.suite.stop().await.unwrap();
 }
