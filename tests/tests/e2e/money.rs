@@ -241,6 +241,59 @@ async fn money(backend: Backend) {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].invoice_id, open_one.invoice_id);
 
+    // A standalone invoice is exposure too; a draft only once finalized.
+    let fee = |value: &str| invoicing_pb::InvoiceLine {
+        description: "service fee".into(),
+        quantity: "1".into(),
+        unit_price: eur(value),
+        tax_rate_percent: "19".into(),
+        line_total: None,
+    };
+    let net14 = Some(invoicing_pb::PaymentTerms {
+        kind: invoicing_pb::PaymentTermsKind::Net as i32,
+        net_days: 14,
+        ..Default::default()
+    });
+    let standalone = g
+        .issue_invoice(as_tenant(pb::IssueInvoiceRequest {
+            idempotency_key: key(),
+            customer_id: customer.clone(),
+            lines: vec![fee("100.00")],
+            payment_terms: net14.clone(),
+            draft: false,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(amount(&standalone.invoice.unwrap().total), "119.00");
+    assert_eq!(amount(&standalone.exposure.unwrap().receivables), "164.00");
+    let draft = g
+        .issue_invoice(as_tenant(pb::IssueInvoiceRequest {
+            idempotency_key: key(),
+            customer_id: customer.clone(),
+            lines: vec![fee("10.00")],
+            payment_terms: net14,
+            draft: true,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        amount(&draft.exposure.unwrap().receivables),
+        "164.00",
+        "a draft owes nothing"
+    );
+    let finalized = g
+        .finalize_invoice(as_tenant(pb::FinalizeInvoiceRequest {
+            idempotency_key: key(),
+            invoice_id: draft.invoice.unwrap().invoice_id,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(finalized.invoice.unwrap().status(), pb::InvoiceStatus::Open);
+    assert_eq!(amount(&finalized.exposure.unwrap().receivables), "175.90");
+
     // A mandate: the next invoice (due on receipt) is collected by itself.
     let mandate = g
         .create_mandate(as_tenant(pb::CreateMandateRequest {

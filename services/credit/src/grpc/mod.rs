@@ -1479,6 +1479,61 @@ impl CreditService for CreditApi {
         }))
     }
 
+    async fn record_receivable(
+        &self,
+        request: Request<pb::RecordReceivableRequest>,
+    ) -> Result<Response<pb::RecordReceivableResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let invoice = v.check(fields::id::<InvoiceId>("invoice_id", &request.invoice_id));
+        let amount = v.check(proto_money::parse_positive(
+            "amount",
+            request.amount.as_ref(),
+        ));
+        let due = v.check(fields::optional_date("due_date", &request.due_date));
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(invoice), Some(amount), Some(due)) =
+            (tenant, customer, invoice, amount, due)
+        else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/credit.RecordReceivable");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match self.begin(&scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let now = self.now();
+        let account = storage::require_account(&txn, &tenant, customer).await?;
+        same_currency("amount", &amount, &account)?;
+        let before = account.exposure;
+        let account = storage::record_receivable(
+            &txn,
+            &account,
+            &invoice.to_string(),
+            amount.minor_units(),
+            due,
+            now,
+        )
+        .await?;
+        let alerts =
+            check::alerts_after_change(&txn, &self.context(now), &account, &before).await?;
+        let response = pb::RecordReceivableResponse {
+            exposure: Some(convert::exposure(&account.exposure)?),
+        };
+        let exposures = self.touched(&txn, &account).await?;
+        self.finish(
+            txn, &scope, key, &bytes, response, &tenant, &exposures, alerts,
+        )
+        .await
+    }
+
     async fn report_collection_failure(
         &self,
         request: Request<pb::ReportCollectionFailureRequest>,

@@ -1368,3 +1368,35 @@ pub async fn raise_dunning_level(
         .await?;
     Ok(result.rows_affected == 1)
 }
+
+/// Records the receivable of a standalone invoice (no reservation).
+pub async fn record_receivable(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    invoice_id: &str,
+    amount_minor: i64,
+    due_date: Option<NaiveDate>,
+    now: DateTime<Utc>,
+) -> Result<Account, ApiError> {
+    let inserted = receivable::Entity::insert(receivable::ActiveModel {
+        tenant_id: Set(account.tenant_id.clone()),
+        invoice_id: Set(invoice_id.to_owned()),
+        account_id: Set(account.id.to_string()),
+        reservation_id: Set(None),
+        amount_minor: Set(amount_minor),
+        open_minor: Set(amount_minor),
+        due_date: Set(due_date),
+        dunning_level: Set(0),
+        created_at: Set(now),
+    })
+    .exec(conn)
+    .await;
+    match inserted {
+        Ok(_) => {}
+        Err(error) if o2c_kit::db::is_unique_violation(&error) => {
+            return Err(CreditError::ReceivableExists(invoice_id.to_owned()).into());
+        }
+        Err(error) => return Err(error.into()),
+    }
+    adjust(conn, &account.id.to_string(), 0, amount_minor, now).await
+}

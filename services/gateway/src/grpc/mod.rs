@@ -977,6 +977,111 @@ impl GatewayService for GatewayApi {
         Ok(Response::new(self.finish(&scope, key, result).await?))
     }
 
+    async fn issue_invoice(
+        &self,
+        request: Request<pb::IssueInvoiceRequest>,
+    ) -> Result<Response<pb::IssueInvoiceResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        v.check(client_key(&request.idempotency_key));
+        let customer_id = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        v.finish()?;
+        let Some(customer_id) = customer_id else {
+            return Err(missing().into());
+        };
+        let scope = format!("{tenant}/gateway.IssueInvoice");
+        let key = &request.idempotency_key;
+        let claim = self.claim(&scope, key, &request.encode_to_vec()).await?;
+        let fresh = match claim {
+            Claim::Done(response) => return Ok(Response::new(response)),
+            Claim::Fresh => true,
+            Claim::Resumed => false,
+        };
+        let result = async {
+            let customer = self.customer(&tenant, customer_id).await.map_err(refused)?;
+            let issued = self
+                .up
+                .invoicing
+                .clone()
+                .issue_invoice(invoicing_pb::IssueInvoiceRequest {
+                    idempotency_key: derived(key, "invoice"),
+                    tenant_id: tenant.clone(),
+                    customer_id: customer_id.to_string(),
+                    order_id: String::new(),
+                    currency_code: customer.currency_code.clone(),
+                    lines: request.lines.clone(),
+                    payment_terms: request.payment_terms.clone(),
+                    issue_date: String::new(),
+                    draft: request.draft,
+                })
+                .await
+                .map_err(|status| {
+                    let error = from_upstream("invoicing", status);
+                    match error {
+                        ApiError::InvalidArgument(_) if fresh => Failure::Refused(error),
+                        other => Failure::Interrupted(other),
+                    }
+                })?
+                .into_inner();
+            let invoice = present(issued.invoice, "invoice")?;
+            if !request.draft {
+                self.record_receivable(&tenant, key, customer_id, &invoice)
+                    .await?;
+            }
+            Ok(pb::IssueInvoiceResponse {
+                exposure: self.exposure_of(&tenant, customer_id).await?,
+                invoice: Some(convert::invoice(invoice)),
+            })
+        }
+        .await;
+        Ok(Response::new(self.finish(&scope, key, result).await?))
+    }
+
+    async fn finalize_invoice(
+        &self,
+        request: Request<pb::FinalizeInvoiceRequest>,
+    ) -> Result<Response<pb::FinalizeInvoiceResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let scope = format!("{tenant}/gateway.FinalizeInvoice");
+        let key = &request.idempotency_key;
+        if let Claim::Done(response) = self.claim(&scope, key, &request.encode_to_vec()).await? {
+            return Ok(Response::new(response));
+        }
+        let result = async {
+            let finalized = self
+                .up
+                .invoicing
+                .clone()
+                .finalize_invoice(invoicing_pb::FinalizeInvoiceRequest {
+                    idempotency_key: derived(key, "finalize"),
+                    tenant_id: tenant.clone(),
+                    invoice_id: request.invoice_id.clone(),
+                })
+                .await
+                .map_err(|status| Failure::Refused(from_upstream("invoicing", status)))?
+                .into_inner();
+            let invoice = present(finalized.invoice, "invoice")?;
+            let customer_id: CustomerId = invoice
+                .customer_id
+                .parse()
+                .map_err(|_| ApiError::Internal("invoicing sent an invalid customer id".into()))?;
+            self.record_receivable(&tenant, key, customer_id, &invoice)
+                .await?;
+            Ok(pb::FinalizeInvoiceResponse {
+                exposure: self.exposure_of(&tenant, customer_id).await?,
+                invoice: Some(convert::invoice(invoice)),
+            })
+        }
+        .await;
+        Ok(Response::new(self.finish(&scope, key, result).await?))
+    }
+
     async fn create_mandate(
         &self,
         request: Request<pb::CreateMandateRequest>,
@@ -1690,6 +1795,39 @@ fn to_payment_allocations(allocations: &[(InvoiceId, Money)]) -> Vec<payments_pb
 }
 
 impl GatewayApi {
+    /// Makes a standalone invoice exposure in credit, and schedules its
+    /// collection when the customer has a mandate.
+    async fn record_receivable(
+        &self,
+        tenant: &str,
+        key: &str,
+        customer_id: CustomerId,
+        invoice: &invoicing_pb::Invoice,
+    ) -> Result<(), ApiError> {
+        let recorded = self
+            .up
+            .credit
+            .clone()
+            .record_receivable(credit_pb::RecordReceivableRequest {
+                idempotency_key: derived(key, "receivable"),
+                tenant_id: tenant.to_owned(),
+                customer_id: customer_id.to_string(),
+                invoice_id: invoice.invoice_id.clone(),
+                amount: invoice.total.clone(),
+                due_date: invoice.due_date.clone(),
+            })
+            .await;
+        match recorded {
+            Ok(_) => {}
+            // No credit account: the customer buys without credit management.
+            Err(status) if status.code() == Code::NotFound => {}
+            Err(status) => return Err(from_upstream("credit", status)),
+        }
+        self.schedule_collection(tenant, key, customer_id, invoice)
+            .await?;
+        Ok(())
+    }
+
     /// Schedules the invoice's collection when the customer has an active
     /// mandate (none: nothing to do).
     async fn schedule_collection(
