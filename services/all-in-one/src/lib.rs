@@ -29,8 +29,10 @@ pub struct Settings {
     pub common: CommonSettings,
     /// The credit policy (thresholds, authority, reservation time-to-live).
     pub credit_policy: o2c_credit::CreditSettings,
-    /// Payment limits (refunds).
+    /// Payment limits (refunds) and automated collection.
     pub payments_policy: o2c_payments::PaymentsSettings,
+    /// Invoicing limits (payouts of account credit).
+    pub invoicing_policy: o2c_invoicing::InvoicingSettings,
     /// Deadline of each internal call.
     pub call_timeout_ms: u64,
     /// Seed a demo tenant with a customer, an order, an invoice and a
@@ -50,6 +52,7 @@ impl Default for Settings {
             common: CommonSettings::default(),
             credit_policy: o2c_credit::CreditSettings::default(),
             payments_policy: o2c_payments::PaymentsSettings::default(),
+            invoicing_policy: o2c_invoicing::InvoicingSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             seed_demo: false,
         }
@@ -74,6 +77,7 @@ impl Settings {
             common: CommonSettings::default(),
             credit_policy: o2c_credit::CreditSettings::default(),
             payments_policy: o2c_payments::PaymentsSettings::default(),
+            invoicing_policy: o2c_invoicing::InvoicingSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             seed_demo: false,
         }
@@ -89,6 +93,7 @@ impl Settings {
         self.common.validate()?;
         o2c_kit::standalone::Extra::validate(&self.credit_policy)?;
         o2c_kit::standalone::Extra::validate(&self.payments_policy)?;
+        o2c_kit::standalone::Extra::validate(&self.invoicing_policy)?;
         o2c_kit::settings::validate_call_timeout("call_timeout_ms", self.call_timeout_ms)
     }
 }
@@ -190,7 +195,12 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         (
             "invoicing",
             o2c_invoicing::SERVICE_NAME,
-            o2c_invoicing::build(&settings.invoicing).await?,
+            o2c_invoicing::build_configured(
+                &settings.invoicing,
+                &settings.invoicing_policy,
+                o2c_kit::clock::system_clock(),
+            )
+            .await?,
             &settings.invoicing,
         ),
         (

@@ -12,8 +12,8 @@ pub mod storage;
 
 use std::future::Future;
 
-use o2c_kit::settings::ServiceSettings;
-use o2c_kit::standalone::{BinarySettings, NoExtra};
+use o2c_kit::settings::{ServiceSettings, SettingsError};
+use o2c_kit::standalone::{BinarySettings, Extra};
 use o2c_proto::invoicing::v1::invoicing_service_server::InvoicingServiceServer;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -23,17 +23,77 @@ pub const SERVICE_NAME: &str = "o2c.invoicing.v1.InvoicingService";
 /// Port the service listens on by default.
 pub const DEFAULT_PORT: u16 = 50053;
 
+/// Invoicing operating limits.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct InvoicingSettings {
+    /// Largest single payout of account credit, per currency (major
+    /// units); currencies not listed cannot be paid out through the API.
+    pub payout_limit: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for InvoicingSettings {
+    fn default() -> Self {
+        Self {
+            payout_limit: [
+                ("EUR", "10000"),
+                ("USD", "10000"),
+                ("GBP", "10000"),
+                ("CHF", "10000"),
+            ]
+            .into_iter()
+            .map(|(c, a)| (c.to_owned(), a.to_owned()))
+            .collect(),
+        }
+    }
+}
+
+impl InvoicingSettings {
+    /// The payout limits in minor units, validated.
+    pub fn payout_limits(
+        &self,
+    ) -> Result<std::collections::HashMap<&'static str, i64>, SettingsError> {
+        let mut limits = std::collections::HashMap::new();
+        for (code, amount) in &self.payout_limit {
+            let key = format!("payout_limit.{code}");
+            let invalid = |reason: String| SettingsError::Invalid {
+                key: key.clone(),
+                reason,
+            };
+            let currency = o2c_money::Currency::from_code(&code.to_uppercase())
+                .map_err(|e| invalid(e.to_string()))?;
+            let amount =
+                o2c_money::Money::parse_in(amount, currency).map_err(|e| invalid(e.to_string()))?;
+            if amount.is_negative() {
+                return Err(invalid("must not be negative".into()));
+            }
+            limits.insert(currency.code(), amount.minor_units());
+        }
+        Ok(limits)
+    }
+}
+
+impl Extra for InvoicingSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        self.payout_limits().map(|_| ())
+    }
+}
+
 /// Settings of the standalone binary.
-pub type Settings = BinarySettings<NoExtra>;
+pub type Settings = BinarySettings<InvoicingSettings>;
 
 /// Defaults of the standalone binary.
 pub fn default_settings() -> Settings {
-    Settings::local("invoicing", DEFAULT_PORT, NoExtra {})
+    Settings::local("invoicing", DEFAULT_PORT, InvoicingSettings::default())
 }
 
 /// Connects to the database, applies migrations and returns the routes.
 pub async fn build(service: &ServiceSettings) -> anyhow::Result<Routes> {
-    build_with(service, o2c_kit::clock::system_clock()).await
+    build_configured(
+        service,
+        &InvoicingSettings::default(),
+        o2c_kit::clock::system_clock(),
+    )
+    .await
 }
 
 /// As [`build`], reading the time from `clock` (tests move it).
@@ -41,22 +101,33 @@ pub async fn build_with(
     service: &ServiceSettings,
     clock: o2c_kit::clock::Clock,
 ) -> anyhow::Result<Routes> {
+    build_configured(service, &InvoicingSettings::default(), clock).await
+}
+
+/// As [`build`], with `settings` and `clock`.
+pub async fn build_configured(
+    service: &ServiceSettings,
+    settings: &InvoicingSettings,
+    clock: o2c_kit::clock::Clock,
+) -> anyhow::Result<Routes> {
+    let limits = settings.payout_limits()?;
     let db =
         o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
             .await
             .map_err(|e| anyhow::anyhow!("invoicing database {}: {e}", service.database_url))?;
     Ok(Routes::new(InvoicingServiceServer::new(
-        grpc::InvoicingApi::new(db, clock),
+        grpc::InvoicingApi::new(db, clock, limits),
     )))
 }
 
 /// Serves on `listener` until `shutdown` resolves.
 pub async fn run(
     service: ServiceSettings,
+    settings: InvoicingSettings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let routes = build(&service).await?;
+    let routes = build_configured(&service, &settings, o2c_kit::clock::system_clock()).await?;
     o2c_kit::serve::run(SERVICE_NAME, &service, listener, routes, shutdown).await?;
     Ok(())
 }

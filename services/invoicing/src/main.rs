@@ -5,7 +5,9 @@ async fn main() -> anyhow::Result<()> {
     o2c_kit::standalone::main(
         "o2c-invoicing",
         o2c_invoicing::default_settings(),
-        |settings, listener, shutdown| o2c_invoicing::run(settings.service, listener, shutdown),
+        |settings, listener, shutdown| {
+            o2c_invoicing::run(settings.service, settings.extra, listener, shutdown)
+        },
     )
     .await
 }

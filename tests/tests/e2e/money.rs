@@ -176,6 +176,46 @@ async fn money(backend: Backend) {
     assert_eq!(amount(&note.applied_to_invoice), "190.00");
     assert_eq!(amount(&note.account_credit), "10.00");
     assert_eq!(amount(&noted.exposure.unwrap().receivables), "0.00");
+    // Account credit can be paid out, within the limit and never below zero.
+    let mut payout = as_tenant(pb::PayOutAccountCreditRequest {
+        idempotency_key: key(),
+        customer_id: customer.clone(),
+        amount: eur("6.00"),
+        reason: "customer asked".into(),
+    });
+    payout
+        .metadata_mut()
+        .insert("x-user-id", "analyst-1".parse().unwrap());
+    let paid_out = g.pay_out_account_credit(payout).await.unwrap().into_inner();
+    assert_eq!(amount(&paid_out.balance), "4.00");
+    let mut overdraw = as_tenant(pb::PayOutAccountCreditRequest {
+        idempotency_key: key(),
+        customer_id: customer.clone(),
+        amount: eur("4.01"),
+        reason: "too much".into(),
+    });
+    overdraw
+        .metadata_mut()
+        .insert("x-user-id", "analyst-1".parse().unwrap());
+    assert_eq!(
+        g.pay_out_account_credit(overdraw).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let balances = g
+        .get_account_credit(as_tenant(pb::GetAccountCreditRequest {
+            customer_id: customer.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .balances;
+    assert_eq!(
+        balances
+            .iter()
+            .map(|b| b.amount.as_str())
+            .collect::<Vec<_>>(),
+        ["4.00"]
+    );
 
     // A write-off and a cancellation lower it too.
     let doubtful = sold(g, &customer, "700.00", None).await;

@@ -1082,6 +1082,56 @@ impl GatewayService for GatewayApi {
         Ok(Response::new(self.finish(&scope, key, result).await?))
     }
 
+    async fn get_account_credit(
+        &self,
+        request: Request<pb::GetAccountCreditRequest>,
+    ) -> Result<Response<pb::GetAccountCreditResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let found = self
+            .up
+            .invoicing
+            .clone()
+            .get_account_credit(invoicing_pb::GetAccountCreditRequest {
+                tenant_id: tenant,
+                customer_id: request.into_inner().customer_id,
+            })
+            .await
+            .map_err(upstream("invoicing"))?
+            .into_inner();
+        Ok(Response::new(pb::GetAccountCreditResponse {
+            balances: found.balances,
+        }))
+    }
+
+    async fn pay_out_account_credit(
+        &self,
+        request: Request<pb::PayOutAccountCreditRequest>,
+    ) -> Result<Response<pb::PayOutAccountCreditResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let actor = user(&request)?;
+        let request = request.into_inner();
+        client_key(&request.idempotency_key)?;
+        let paid = self
+            .up
+            .invoicing
+            .clone()
+            .pay_out_account_credit(invoicing_pb::PayOutAccountCreditRequest {
+                idempotency_key: derived(&request.idempotency_key, "payout"),
+                tenant_id: tenant,
+                customer_id: request.customer_id,
+                amount: request.amount,
+                reason: request.reason,
+                actor,
+            })
+            .await
+            .map_err(upstream("invoicing"))?
+            .into_inner();
+        Ok(Response::new(pb::PayOutAccountCreditResponse {
+            payout_id: paid.payout_id,
+            balance: paid.balance,
+        }))
+    }
+
     async fn create_mandate(
         &self,
         request: Request<pb::CreateMandateRequest>,

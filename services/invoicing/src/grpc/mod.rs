@@ -26,11 +26,22 @@ pub const MAX_DESCRIPTION_LENGTH: usize = 500;
 pub struct InvoicingApi {
     db: DatabaseConnection,
     clock: Clock,
+    /// Largest single payout of account credit per currency (minor units);
+    /// currencies not listed cannot be paid out here.
+    payout_limits: std::sync::Arc<std::collections::HashMap<&'static str, i64>>,
 }
 
 impl InvoicingApi {
-    pub fn new(db: DatabaseConnection, clock: Clock) -> Self {
-        Self { db, clock }
+    pub fn new(
+        db: DatabaseConnection,
+        clock: Clock,
+        payout_limits: std::collections::HashMap<&'static str, i64>,
+    ) -> Self {
+        Self {
+            db,
+            clock,
+            payout_limits: std::sync::Arc::new(payout_limits),
+        }
     }
 
     fn now(&self) -> chrono::DateTime<chrono::Utc> {
@@ -642,6 +653,89 @@ impl InvoicingService for InvoicingApi {
             currencies,
             as_of: date(today),
         }))
+    }
+
+    async fn get_account_credit(
+        &self,
+        request: Request<pb::GetAccountCreditRequest>,
+    ) -> Result<Response<pb::GetAccountCreditResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        v.finish()?;
+        let (Some(tenant), Some(customer)) = (tenant, customer) else {
+            return Err(missing().into());
+        };
+        let mut balances = Vec::new();
+        for (code, minor) in storage::account_credit(&self.db, &tenant, customer).await? {
+            let currency = o2c_money::Currency::from_code(&code)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let money = Money::from_minor_units(minor, currency)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            balances.push(proto_money::to_proto(&money));
+        }
+        Ok(Response::new(pb::GetAccountCreditResponse { balances }))
+    }
+
+    async fn pay_out_account_credit(
+        &self,
+        request: Request<pb::PayOutAccountCreditRequest>,
+    ) -> Result<Response<pb::PayOutAccountCreditResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let customer = v.check(fields::id::<CustomerId>(
+            "customer_id",
+            &request.customer_id,
+        ));
+        let amount = v.check(proto_money::parse_positive(
+            "amount",
+            request.amount.as_ref(),
+        ));
+        let reason = v.check(fields::text(
+            "reason",
+            &request.reason,
+            MAX_DESCRIPTION_LENGTH,
+        ));
+        let actor = v.check(fields::text("actor", &request.actor, 100));
+        v.check(idempotency::validate_key(&request.idempotency_key));
+        v.finish()?;
+        let (Some(tenant), Some(customer), Some(amount), Some(reason), Some(actor)) =
+            (tenant, customer, amount, reason, actor)
+        else {
+            return Err(missing().into());
+        };
+        let limit = self
+            .payout_limits
+            .get(amount.currency().code())
+            .copied()
+            .unwrap_or(0);
+        if amount.minor_units() > limit {
+            return Err(ApiError::FailedPrecondition(format!(
+                "payouts of {amount} are above the configured limit for {}",
+                amount.currency()
+            ))
+            .into());
+        }
+        let scope = format!("{tenant}/invoicing.PayOutAccountCredit");
+        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
+        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+            Begun::Replay(response) => return Ok(Response::new(response)),
+            Begun::Fresh(txn) => txn,
+        };
+        let (payout_id, left) =
+            storage::pay_out(&txn, &tenant, customer, amount, &reason, &actor, self.now()).await?;
+        tracing::info!(customer = %customer, payout = %payout_id, actor = %actor, "account credit paid out");
+        let response = pb::PayOutAccountCreditResponse {
+            payout_id,
+            balance: Some(proto_money::to_proto(&left)),
+        };
+        let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
+        Ok(Response::new(response))
     }
 }
 

@@ -106,3 +106,47 @@ pub mod credit_note {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod credit_balance {
+    use sea_orm::entity::prelude::*;
+
+    /// A customer's account credit in one currency: credit notes add,
+    /// payouts subtract (never below zero).
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "invoice_account_credit")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub customer_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub currency_code: String,
+        pub balance_minor: i64,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod payout {
+    use sea_orm::entity::prelude::*;
+
+    /// Account credit paid out (the audit).
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "invoice_credit_payouts")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        #[sea_orm(indexed)]
+        pub customer_id: String,
+        pub currency_code: String,
+        pub amount_minor: i64,
+        pub reason: String,
+        pub actor: String,
+        pub paid_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -2,7 +2,7 @@
 
 use sea_orm_migration::prelude::*;
 
-use super::entities::{applied_payment, credit_note, invoice, line};
+use super::entities::{applied_payment, credit_balance, credit_note, invoice, line, payout};
 
 pub struct Migrator;
 
@@ -31,6 +31,8 @@ impl MigrationTrait for CreateInvoices {
         o2c_kit::db::create_table_for(manager, line::Entity).await?;
         o2c_kit::db::create_table_for(manager, applied_payment::Entity).await?;
         o2c_kit::db::create_table_for(manager, credit_note::Entity).await?;
+        o2c_kit::db::create_table_for(manager, credit_balance::Entity).await?;
+        o2c_kit::db::create_table_for(manager, payout::Entity).await?;
         // One invoice per order (NULL order ids, standalone invoices, are
         // distinct on both databases).
         manager
@@ -48,6 +50,8 @@ impl MigrationTrait for CreateInvoices {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::drop_table_for(manager, payout::Entity).await?;
+        o2c_kit::db::drop_table_for(manager, credit_balance::Entity).await?;
         o2c_kit::db::drop_table_for(manager, credit_note::Entity).await?;
         o2c_kit::db::drop_table_for(manager, applied_payment::Entity).await?;
         o2c_kit::db::drop_table_for(manager, line::Entity).await?;

@@ -19,7 +19,8 @@ use sea_orm::sea_query::ExprTrait;
 use sea_orm::{ConnectionTrait, QueryOrder, QuerySelect};
 
 use crate::domain::{self, Due, InvoiceError, Line, PaymentTerms, Status};
-use entities::{applied_payment, credit_note, invoice, line};
+use entities::{applied_payment, credit_balance, credit_note, invoice, line, payout};
+use sea_orm::sea_query::OnConflict;
 
 /// A validated invoice ready to be stored.
 #[derive(Debug, Clone)]
@@ -518,6 +519,29 @@ pub async fn issue_credit_note(
     let account_credit = amount
         .checked_sub(&applied)
         .map_err(|e| ApiError::Internal(format!("credit note amounts: {e}")))?;
+    if account_credit.is_positive() {
+        credit_balance::Entity::insert(credit_balance::ActiveModel {
+            tenant_id: Set(tenant_id.to_owned()),
+            customer_id: Set(customer_id.to_string()),
+            currency_code: Set(amount.currency().code().to_owned()),
+            balance_minor: Set(account_credit.minor_units()),
+        })
+        .on_conflict(
+            OnConflict::columns([
+                credit_balance::Column::TenantId,
+                credit_balance::Column::CustomerId,
+                credit_balance::Column::CurrencyCode,
+            ])
+            .value(
+                credit_balance::Column::BalanceMinor,
+                Expr::col((credit_balance::Entity, credit_balance::Column::BalanceMinor))
+                    .add(account_credit.minor_units()),
+            )
+            .to_owned(),
+        )
+        .exec(conn)
+        .await?;
+    }
     let note_id = uuid::Uuid::now_v7().to_string();
     let note = credit_note::Entity::insert(credit_note::ActiveModel {
         id: Set(note_id),
@@ -618,4 +642,72 @@ pub fn open_minor(row: &invoice::Model) -> i64 {
         - row.credited_minor
         - row.written_off_minor
         - row.discount_taken_minor
+}
+
+/// The customer's account credit balances (minor units, by currency).
+pub async fn account_credit(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    customer_id: CustomerId,
+) -> Result<Vec<(String, i64)>, ApiError> {
+    Ok(credit_balance::Entity::find()
+        .filter(credit_balance::Column::TenantId.eq(tenant_id))
+        .filter(credit_balance::Column::CustomerId.eq(customer_id.to_string()))
+        .order_by_asc(credit_balance::Column::CurrencyCode)
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(|b| (b.currency_code, b.balance_minor))
+        .collect())
+}
+
+/// Pays out `amount` of account credit, never below zero; returns the
+/// payout id and the balance left.
+pub async fn pay_out(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    customer_id: CustomerId,
+    amount: Money,
+    reason: &str,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> Result<(String, Money), ApiError> {
+    let currency = amount.currency().code();
+    let result = credit_balance::Entity::update_many()
+        .col_expr(
+            credit_balance::Column::BalanceMinor,
+            Expr::col(credit_balance::Column::BalanceMinor).sub(amount.minor_units()),
+        )
+        .filter(credit_balance::Column::TenantId.eq(tenant_id))
+        .filter(credit_balance::Column::CustomerId.eq(customer_id.to_string()))
+        .filter(credit_balance::Column::CurrencyCode.eq(currency))
+        .filter(credit_balance::Column::BalanceMinor.gte(amount.minor_units()))
+        .exec(conn)
+        .await?;
+    if result.rows_affected != 1 {
+        return Err(ApiError::FailedPrecondition(format!(
+            "a payout of {amount} exceeds the customer's account credit in {currency}"
+        )));
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    payout::Entity::insert(payout::ActiveModel {
+        id: Set(id.clone()),
+        tenant_id: Set(tenant_id.to_owned()),
+        customer_id: Set(customer_id.to_string()),
+        currency_code: Set(currency.to_owned()),
+        amount_minor: Set(amount.minor_units()),
+        reason: Set(reason.to_owned()),
+        actor: Set(actor.to_owned()),
+        paid_at: Set(now),
+    })
+    .exec(conn)
+    .await?;
+    let left = account_credit(conn, tenant_id, customer_id)
+        .await?
+        .into_iter()
+        .find(|(code, _)| code == currency)
+        .map_or(0, |(_, minor)| minor);
+    let left = Money::from_minor_units(left, amount.currency())
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((id, left))
 }
