@@ -76,3 +76,20 @@ pub fn init(
     }
     Ok(TelemetryGuard { provider })
 }
+
+/// Records a gauge through the global OpenTelemetry meter (a no-op until a
+/// meter provider is installed).
+pub fn gauge(
+    meter: &'static str,
+    name: &'static str,
+    value: u64,
+    attributes: &[(&'static str, String)],
+) {
+    use opentelemetry::KeyValue;
+    let gauge = opentelemetry::global::meter(meter).u64_gauge(name).build();
+    let attributes: Vec<KeyValue> = attributes
+        .iter()
+        .map(|(k, v)| KeyValue::new(*k, v.clone()))
+        .collect();
+    gauge.record(value, &attributes);
+}

@@ -35,6 +35,8 @@ pub struct Settings {
     pub invoicing_policy: o2c_invoicing::InvoicingSettings,
     /// Deadline of each internal call.
     pub call_timeout_ms: u64,
+    /// How often the gateway reconciles every tenant (0: only on request).
+    pub reconcile_interval_ms: u64,
     /// Seed a demo tenant with a customer, an order, an invoice and a
     /// payment once everything is up.
     pub seed_demo: bool,
@@ -54,6 +56,7 @@ impl Default for Settings {
             payments_policy: o2c_payments::PaymentsSettings::default(),
             invoicing_policy: o2c_invoicing::InvoicingSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
+            reconcile_interval_ms: 600_000,
             seed_demo: false,
         }
     }
@@ -79,6 +82,7 @@ impl Settings {
             payments_policy: o2c_payments::PaymentsSettings::default(),
             invoicing_policy: o2c_invoicing::InvoicingSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
+            reconcile_interval_ms: 600_000,
             seed_demo: false,
         }
     }
@@ -157,6 +161,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         invoicing_url: url(addresses.invoicing),
         payments_url: url(addresses.payments),
         call_timeout_ms,
+        reconcile_interval_ms: settings.reconcile_interval_ms,
     };
     let crm_upstreams = o2c_crm_sync::Upstreams {
         customer_url: url(addresses.customer),

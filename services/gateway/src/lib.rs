@@ -40,6 +40,8 @@ pub struct Upstreams {
     pub payments_url: String,
     /// Deadline of each call to another service.
     pub call_timeout_ms: u64,
+    /// How often every tenant is reconciled (0: only on request).
+    pub reconcile_interval_ms: u64,
 }
 
 impl Default for Upstreams {
@@ -50,6 +52,7 @@ impl Default for Upstreams {
             invoicing_url: "http://127.0.0.1:50053".into(),
             payments_url: "http://127.0.0.1:50054".into(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
+            reconcile_interval_ms: 600_000,
         }
     }
 }

@@ -34,6 +34,7 @@ async fn gateway_with_services_down(backend: Backend) {
         invoicing_url: down.clone(),
         payments_url: down,
         call_timeout_ms: 2_000,
+        reconcile_interval_ms: 0,
     };
     let routes = o2c_gateway::build(&service, &upstreams).await.unwrap();
     let served = o2c_testkit::serve(o2c_gateway::SERVICE_NAME, routes).await;

@@ -351,6 +351,7 @@ async fn desk(backend: Backend) {
         .unwrap();
     assert_eq!(acked.acknowledged_by, "analyst-1");
     assert_ledger_consistent(&mut s.credit, &customer).await;
+    super::assert_reconciled(&mut s.gateway, &customer).await;
     s.suite.stop().await.unwrap();
 }
 

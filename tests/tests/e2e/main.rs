@@ -23,6 +23,8 @@ pub struct Running {
     pub suite: Suite,
     pub gateway: GatewayServiceClient<Channel>,
     pub credit: CreditServiceClient<Channel>,
+    pub invoicing:
+        o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient<Channel>,
     _databases: Vec<TestDatabase>,
 }
 
@@ -65,10 +67,14 @@ pub async fn run_suite(backend: Backend) -> Option<Running> {
     };
     let gateway = GatewayServiceClient::new(connect(suite.addresses.gateway).await);
     let credit = CreditServiceClient::new(connect(suite.addresses.credit).await);
+    let invoicing = o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient::new(
+        connect(suite.addresses.invoicing).await,
+    );
     Some(Running {
         suite,
         gateway,
         credit,
+        invoicing,
         _databases: databases,
     })
 }
@@ -151,6 +157,19 @@ pub async fn exposure(gateway: &mut GatewayServiceClient<Channel>, customer: &st
         .into_inner()
         .exposure
         .unwrap()
+}
+
+/// Reconciliation across the services finds nothing for `customer`.
+pub async fn assert_reconciled(gateway: &mut GatewayServiceClient<Channel>, customer: &str) {
+    let report = gateway
+        .reconcile(as_tenant(pb::ReconcileRequest {
+            customer_id: customer.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.customers_checked, 1);
+    assert!(report.differences.is_empty(), "{:?}", report.differences);
 }
 
 pub async fn assert_ledger_consistent(credit: &mut CreditServiceClient<Channel>, customer: &str) {
@@ -303,6 +322,7 @@ async fn spine(backend: Backend) {
         "700.00"
     );
     assert_ledger_consistent(&mut s.credit, &customer).await;
+    assert_reconciled(&mut s.gateway, &customer).await;
     s.suite.stop().await.unwrap();
 }
 
@@ -787,6 +807,7 @@ async fn bad_input(backend: Backend) {
         Code::NotFound
     );
     assert_ledger_consistent(&mut s.credit, &customer).await;
+    assert_reconciled(&mut s.gateway, &customer).await;
     s.suite.stop().await.unwrap();
 }
 
@@ -798,4 +819,101 @@ async fn bad_input_changes_nothing_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_changes_nothing_on_postgres() {
     bad_input(Backend::Postgres).await;
+}
+
+/// Effects that bypass the workflow show up as differences.
+async fn reconciliation_finds_what_bypassed_the_flow(backend: Backend) {
+    let Some(mut s) = run_suite(backend).await else {
+        return;
+    };
+    let customer = onboard(&mut s.gateway, "1000.00").await;
+    let order = s
+        .gateway
+        .place_order(as_tenant(pb::PlaceOrderRequest {
+            idempotency_key: key(),
+            customer_id: customer.clone(),
+            client_reference: String::new(),
+            amount: eur("100.00"),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    let invoice = s
+        .gateway
+        .invoice_order(as_tenant(pb::InvoiceOrderRequest {
+            idempotency_key: key(),
+            order_id: order.order_id,
+            net_days: 30,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .invoice
+        .unwrap();
+    assert_reconciled(&mut s.gateway, &customer).await;
+    // A payment applied in invoicing only: credit never heard of it.
+    s.invoicing
+        .apply_payment(o2c_proto::invoicing::v1::ApplyPaymentRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            invoice_id: invoice.invoice_id.clone(),
+            payment_id: uuid::Uuid::now_v7().to_string(),
+            amount: eur("40.00"),
+        })
+        .await
+        .unwrap();
+    // A reservation made in credit only: no order stands behind it.
+    s.credit
+        .check_and_reserve(credit_pb::CheckAndReserveRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+            order_id: "phantom".into(),
+            amount: eur("5.00"),
+        })
+        .await
+        .unwrap();
+    let report = s
+        .gateway
+        .reconcile(as_tenant(pb::ReconcileRequest {
+            customer_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut found: Vec<_> = report
+        .differences
+        .iter()
+        .map(|d| (d.kind(), d.credit_value.clone(), d.owner_value.clone()))
+        .collect();
+    found.sort_by_key(|d| d.0 as i32);
+    assert_eq!(
+        found,
+        [
+            (
+                pb::DifferenceKind::Receivable,
+                "100.00".to_owned(),
+                "60.00".to_owned()
+            ),
+            (
+                pb::DifferenceKind::Reservation,
+                "5.00".to_owned(),
+                "no approved order".to_owned()
+            ),
+        ]
+    );
+    s.suite.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_finds_differences_on_sqlite() {
+    reconciliation_finds_what_bypassed_the_flow(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_finds_differences_on_postgres() {
+    reconciliation_finds_what_bypassed_the_flow(Backend::Postgres).await;
 }

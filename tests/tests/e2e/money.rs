@@ -405,6 +405,7 @@ async fn money(backend: Backend) {
         .unwrap();
     assert_eq!(paid.status(), pb::InvoiceStatus::Paid);
     assert_ledger_consistent(&mut s.credit, &customer).await;
+    super::assert_reconciled(&mut s.gateway, &customer).await;
     s.suite.stop().await.unwrap();
 }
 

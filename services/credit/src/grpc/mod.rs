@@ -1534,6 +1534,64 @@ impl CreditService for CreditApi {
         .await
     }
 
+    async fn list_credit_accounts(
+        &self,
+        request: Request<pb::ListCreditAccountsRequest>,
+    ) -> Result<Response<pb::ListCreditAccountsResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let size = v.check(fields::page_size("page_size", request.page_size));
+        let token = page_token(&mut v, &request.page_token);
+        v.finish()?;
+        let (Some(tenant), Some(size), Some(token)) = (tenant, size, token) else {
+            return Err(missing().into());
+        };
+        let page = storage::list_accounts(&self.db, &tenant, token, size).await?;
+        let mut accounts = Vec::new();
+        for account in &page {
+            accounts.push(self.account_proto(&self.db, account).await?);
+        }
+        Ok(Response::new(pb::ListCreditAccountsResponse {
+            credit_accounts: accounts,
+            next_page_token: next_token(&page, size, |a| a.id.to_string()),
+        }))
+    }
+
+    async fn get_ledger(
+        &self,
+        request: Request<pb::GetLedgerRequest>,
+    ) -> Result<Response<pb::GetLedgerResponse>, Status> {
+        let request = request.into_inner();
+        let (tenant, customer) = tenant_and_customer(&request.tenant_id, &request.customer_id)?;
+        // One transaction so the ledger and the sums are read at one instant.
+        let txn = self.db.begin().await.map_err(ApiError::from)?;
+        let account = storage::require_account(&txn, &tenant, customer).await?;
+        let (receivables, reservations) = storage::ledger(&txn, &account).await?;
+        let recomputed = storage::recompute(&txn, &account).await?;
+        txn.commit().await.map_err(ApiError::from)?;
+        let e = &account.exposure;
+        Ok(Response::new(pb::GetLedgerResponse {
+            receivables: receivables
+                .iter()
+                .map(|r| {
+                    Ok(pb::Receivable {
+                        invoice_id: r.invoice_id.clone(),
+                        amount: Some(convert::money(e, r.amount_minor)?),
+                        open: Some(convert::money(e, r.open_minor)?),
+                        due_date: convert::date(r.due_date),
+                    })
+                })
+                .collect::<Result<_, ApiError>>()?,
+            open_reservations: reservations
+                .iter()
+                .map(|r| convert::reservation(r, e))
+                .collect::<Result<_, _>>()?,
+            exposure: Some(convert::exposure(e)?),
+            consistent: recomputed == account.exposure,
+        }))
+    }
+
     async fn report_collection_failure(
         &self,
         request: Request<pb::ReportCollectionFailureRequest>,

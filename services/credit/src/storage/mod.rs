@@ -1400,3 +1400,46 @@ pub async fn record_receivable(
     }
     adjust(conn, &account.id.to_string(), 0, amount_minor, now).await
 }
+
+/// Accounts of a tenant by id, strictly after `after`.
+pub async fn list_accounts(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    after: Option<String>,
+    limit: u64,
+) -> Result<Vec<Account>, ApiError> {
+    let mut query = account::Entity::find().filter(account::Column::TenantId.eq(tenant_id));
+    if let Some(after) = after {
+        query = query.filter(account::Column::Id.gt(after));
+    }
+    query
+        .order_by_asc(account::Column::Id)
+        .limit(limit)
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(to_account)
+        .collect()
+}
+
+/// The account's receivables and open reservations.
+pub async fn ledger(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+) -> Result<(Vec<receivable::Model>, Vec<Reservation>), ApiError> {
+    let receivables = receivable::Entity::find()
+        .filter(receivable::Column::AccountId.eq(account.id.to_string()))
+        .order_by_asc(receivable::Column::InvoiceId)
+        .all(conn)
+        .await?;
+    let reservations = reservation::Entity::find()
+        .filter(reservation::Column::AccountId.eq(account.id.to_string()))
+        .filter(reservation::Column::State.eq(STATE_OPEN))
+        .order_by_asc(reservation::Column::Id)
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(to_reservation)
+        .collect::<Result<_, _>>()?;
+    Ok((receivables, reservations))
+}

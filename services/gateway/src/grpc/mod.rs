@@ -1132,6 +1132,23 @@ impl GatewayService for GatewayApi {
         }))
     }
 
+    async fn reconcile(
+        &self,
+        request: Request<pb::ReconcileRequest>,
+    ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let request = request.into_inner();
+        let only = if request.customer_id.is_empty() {
+            None
+        } else {
+            Some(fields::id::<CustomerId>(
+                "customer_id",
+                &request.customer_id,
+            )?)
+        };
+        Ok(Response::new(self.reconcile_tenant(&tenant, only).await?))
+    }
+
     async fn create_mandate(
         &self,
         request: Request<pb::CreateMandateRequest>,
@@ -1845,6 +1862,227 @@ fn to_payment_allocations(allocations: &[(InvoiceId, Money)]) -> Vec<payments_pb
 }
 
 impl GatewayApi {
+    /// Compares credit's ledger with invoicing's invoices and the gateway's
+    /// orders for one customer or every customer of the tenant.
+    pub async fn reconcile_tenant(
+        &self,
+        tenant: &str,
+        only: Option<CustomerId>,
+    ) -> Result<pb::ReconcileResponse, ApiError> {
+        let mut customers = Vec::new();
+        match only {
+            Some(customer) => customers.push(customer),
+            None => {
+                let mut token = String::new();
+                loop {
+                    let page = self
+                        .up
+                        .credit
+                        .clone()
+                        .list_credit_accounts(credit_pb::ListCreditAccountsRequest {
+                            tenant_id: tenant.to_owned(),
+                            page_size: 100,
+                            page_token: token.clone(),
+                        })
+                        .await
+                        .map_err(|status| from_upstream("credit", status))?
+                        .into_inner();
+                    for account in &page.credit_accounts {
+                        if let Ok(id) = account.customer_id.parse() {
+                            customers.push(id);
+                        }
+                    }
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    token = page.next_page_token;
+                }
+            }
+        }
+        let mut differences = Vec::new();
+        for customer in &customers {
+            differences.extend(self.reconcile_customer(tenant, *customer).await?);
+        }
+        o2c_kit::telemetry::gauge(
+            "o2c-gateway",
+            "o2c.reconciliation.differences",
+            differences.len() as u64,
+            &[("tenant", tenant.to_owned())],
+        );
+        if differences.is_empty() {
+            tracing::info!(tenant, customers = customers.len(), "reconciliation clean");
+        } else {
+            tracing::error!(
+                tenant,
+                customers = customers.len(),
+                differences = differences.len(),
+                "reconciliation found differences"
+            );
+        }
+        Ok(pb::ReconcileResponse {
+            customers_checked: i32::try_from(customers.len()).unwrap_or(i32::MAX),
+            differences,
+        })
+    }
+
+    async fn reconcile_customer(
+        &self,
+        tenant: &str,
+        customer: CustomerId,
+    ) -> Result<Vec<pb::Difference>, ApiError> {
+        let difference = |kind: pb::DifferenceKind,
+                          reference: &str,
+                          credit: String,
+                          owner: String| pb::Difference {
+            customer_id: customer.to_string(),
+            kind: kind as i32,
+            reference: reference.to_owned(),
+            credit_value: credit,
+            owner_value: owner,
+        };
+        let ledger = self
+            .up
+            .credit
+            .clone()
+            .get_ledger(credit_pb::GetLedgerRequest {
+                tenant_id: tenant.to_owned(),
+                customer_id: customer.to_string(),
+            })
+            .await
+            .map_err(|status| from_upstream("credit", status))?
+            .into_inner();
+        let mut found = Vec::new();
+        if !ledger.consistent {
+            let total = ledger
+                .exposure
+                .as_ref()
+                .and_then(|e| e.total.as_ref())
+                .map(|m| m.amount.clone())
+                .unwrap_or_default();
+            found.push(difference(
+                pb::DifferenceKind::ExposureLedger,
+                "",
+                total,
+                "ledger sum differs".into(),
+            ));
+        }
+        // Invoicing's open amounts, every invoice of the customer.
+        let mut open: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .up
+                .invoicing
+                .clone()
+                .list_invoices(invoicing_pb::ListInvoicesRequest {
+                    tenant_id: tenant.to_owned(),
+                    customer_id: customer.to_string(),
+                    page_size: 100,
+                    page_token: token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|status| from_upstream("invoicing", status))?
+                .into_inner();
+            for invoice in page.invoices {
+                if invoice.status() == invoicing_pb::InvoiceStatus::Draft {
+                    continue;
+                }
+                let amount = invoice.amount_open.map(|m| m.amount).unwrap_or_default();
+                open.insert(invoice.invoice_id, amount);
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let zero = |amount: &str| {
+            amount
+                .trim_start_matches('-')
+                .chars()
+                .all(|c| c == '0' || c == '.')
+        };
+        for receivable in &ledger.receivables {
+            let credit_open = receivable
+                .open
+                .as_ref()
+                .map(|m| m.amount.clone())
+                .unwrap_or_default();
+            match open.remove(&receivable.invoice_id) {
+                Some(owner_open) if owner_open == credit_open => {}
+                Some(owner_open) => found.push(difference(
+                    pb::DifferenceKind::Receivable,
+                    &receivable.invoice_id,
+                    credit_open,
+                    owner_open,
+                )),
+                None => found.push(difference(
+                    pb::DifferenceKind::Receivable,
+                    &receivable.invoice_id,
+                    credit_open,
+                    "no such invoice".into(),
+                )),
+            }
+        }
+        for (invoice, owner_open) in open {
+            if !zero(&owner_open) {
+                found.push(difference(
+                    pb::DifferenceKind::Receivable,
+                    &invoice,
+                    "no receivable".into(),
+                    owner_open,
+                ));
+            }
+        }
+        // Approved, not yet invoiced orders ↔ open reservations.
+        let approved =
+            storage::orders_in_status(&self.db, tenant, customer, OrderStatus::Approved).await?;
+        let mut reservations: std::collections::HashMap<String, String> = ledger
+            .open_reservations
+            .iter()
+            .map(|r| {
+                (
+                    r.reservation_id.clone(),
+                    r.amount
+                        .as_ref()
+                        .map(|m| m.amount.clone())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        for order in &approved {
+            let ordered = order.amount.amount_string();
+            match order
+                .reservation_id
+                .as_ref()
+                .and_then(|r| reservations.remove(r))
+            {
+                Some(reserved) if reserved == ordered => {}
+                Some(reserved) => found.push(difference(
+                    pb::DifferenceKind::Reservation,
+                    &order.id.to_string(),
+                    reserved,
+                    ordered,
+                )),
+                None => found.push(difference(
+                    pb::DifferenceKind::Reservation,
+                    &order.id.to_string(),
+                    "no open reservation".into(),
+                    ordered,
+                )),
+            }
+        }
+        for (reservation, reserved) in reservations {
+            found.push(difference(
+                pb::DifferenceKind::Reservation,
+                &reservation,
+                reserved,
+                "no approved order".into(),
+            ));
+        }
+        Ok(found)
+    }
+
     /// Makes a standalone invoice exposure in credit, and schedules its
     /// collection when the customer has a mandate.
     async fn record_receivable(

@@ -202,3 +202,34 @@ pub async fn set_amount(
         .await?;
     get(conn, tenant_id, id).await
 }
+
+/// A customer's orders in `status`.
+pub async fn orders_in_status(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    customer_id: CustomerId,
+    status: OrderStatus,
+) -> Result<Vec<Order>, ApiError> {
+    order::Entity::find()
+        .filter(order::Column::TenantId.eq(tenant_id))
+        .filter(order::Column::CustomerId.eq(customer_id.to_string()))
+        .filter(order::Column::Status.eq(status.code()))
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(to_domain)
+        .collect()
+}
+
+/// Tenants that placed orders (for the periodic reconciliation).
+pub async fn tenants(conn: &impl ConnectionTrait) -> Result<Vec<String>, ApiError> {
+    use sea_orm::QuerySelect;
+    let rows: Vec<String> = order::Entity::find()
+        .select_only()
+        .column(order::Column::TenantId)
+        .distinct()
+        .into_tuple()
+        .all(conn)
+        .await?;
+    Ok(rows)
+}
