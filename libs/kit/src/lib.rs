@@ -10,6 +10,7 @@
 //! - [`error`]: the one mapping from errors to `tonic::Status`.
 //! - [`db`]: database connection (SQLite or PostgreSQL) and migrations.
 //! - [`idempotency`]: replayable mutations keyed by idempotency key.
+//! - [`outbox`]: transactional outbox, relay and consumer inbox.
 //! - [`cache`]: optional Redis connection.
 //! - [`standalone`]: the `main` of every single-service binary.
 //! - [`client`]: channels to other services, with deadlines and trace
@@ -24,6 +25,7 @@ pub mod db;
 pub mod error;
 pub mod fields;
 pub mod idempotency;
+pub mod outbox;
 pub mod proto_money;
 pub mod serve;
 pub mod settings;

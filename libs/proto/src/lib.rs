@@ -38,6 +38,11 @@ pub mod o2c {
             tonic::include_proto!("o2c.crm_sync.v1");
         }
     }
+    pub mod events {
+        pub mod v1 {
+            tonic::include_proto!("o2c.events.v1");
+        }
+    }
     pub mod gateway {
         pub mod v1 {
             tonic::include_proto!("o2c.gateway.v1");
@@ -45,7 +50,7 @@ pub mod o2c {
     }
 }
 
-pub use o2c::{common, credit, crm_sync, customer, gateway, invoicing, payments};
+pub use o2c::{common, credit, crm_sync, customer, events, gateway, invoicing, payments};
 
 /// Encoded `FileDescriptorSet` of all O2C protos, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("o2c_descriptor");

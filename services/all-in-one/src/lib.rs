@@ -167,6 +167,10 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         customer_url: url(addresses.customer),
         call_timeout_ms,
     };
+    let mut credit_policy = settings.credit_policy.clone();
+    credit_policy.event_subscribers = [("crm-sync".to_owned(), url(addresses.crm_sync))]
+        .into_iter()
+        .collect();
     let payments_policy = o2c_payments::PaymentsSettings {
         invoicing_url: url(addresses.invoicing),
         credit_url: url(addresses.credit),
@@ -192,7 +196,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
             o2c_credit::build(
                 &settings.credit,
                 settings.common.redis_url.as_deref(),
-                &settings.credit_policy,
+                &credit_policy,
             )
             .await?,
             &settings.credit,

@@ -56,6 +56,11 @@ pub struct CreditSettings {
     /// Alerts buffered for live streams; a consumer further behind skips
     /// ahead and is told how many it missed.
     pub alert_stream_buffer: usize,
+    /// Services that receive credit events (name → address of their
+    /// `o2c.events.v1.EventsService`).
+    pub event_subscribers: BTreeMap<String, String>,
+    /// How often the outbox relay delivers.
+    pub relay_interval_ms: u64,
 }
 
 impl Default for CreditSettings {
@@ -77,6 +82,10 @@ impl Default for CreditSettings {
             maintenance_interval_ms: 60_000,
             limit_authority: authority,
             alert_stream_buffer: grpc::DEFAULT_ALERT_STREAM_BUFFER,
+            event_subscribers: [("crm-sync".to_owned(), "http://127.0.0.1:50055".to_owned())]
+                .into_iter()
+                .collect(),
+            relay_interval_ms: 250,
         }
     }
 }
@@ -162,10 +171,11 @@ pub fn default_settings() -> Settings {
     Settings::local("credit", DEFAULT_PORT, CreditSettings::default())
 }
 
-/// A built service: its routes and its maintenance.
+/// A built service: its routes, its maintenance and its event relay.
 pub struct Built {
     pub routes: Routes,
     pub maintenance: Maintenance,
+    pub relay: o2c_kit::outbox::Relay,
 }
 
 /// Connects to the database (and Redis when `redis_url` is set), applies
@@ -192,13 +202,20 @@ pub async fn build_with(
         },
         None => None,
     };
+    let relay = o2c_kit::outbox::Relay::new(
+        db.clone(),
+        &credit.event_subscribers,
+        Duration::from_millis(o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS),
+    )?;
     let api = grpc::CreditApi::new(
         db,
         ExposureCache::new(redis),
         config,
         grpc::AlertHub::new(credit.alert_stream_buffer),
+        relay.subscriber_names(),
     );
     Ok(Built {
+        relay,
         maintenance: Maintenance::new(api.clone()),
         routes: Routes::new(CreditServiceServer::new(api)),
     })
@@ -211,6 +228,10 @@ pub async fn build(
     credit: &CreditSettings,
 ) -> anyhow::Result<Routes> {
     let built = build_with(service, redis_url, credit, system_clock()).await?;
+    built
+        .relay
+        .clone()
+        .spawn(Duration::from_millis(credit.relay_interval_ms.max(10)));
     let interval = Duration::from_millis(credit.maintenance_interval_ms);
     let maintenance = built.maintenance;
     tokio::spawn(async move {

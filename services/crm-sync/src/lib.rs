@@ -67,9 +67,13 @@ pub async fn build(service: &ServiceSettings, upstreams: &Upstreams) -> anyhow::
     let timeout = Duration::from_millis(upstreams.call_timeout_ms);
     let customers =
         CustomerServiceClient::new(o2c_kit::client::channel(&upstreams.customer_url, timeout)?);
-    Ok(Routes::new(CrmSyncServiceServer::new(
-        grpc::CrmSyncApi::new(db, customers),
+    let events = o2c_proto::events::v1::events_service_server::EventsServiceServer::new(
+        grpc::events::EventsApi::new(db.clone()),
+    );
+    Ok(Routes::new(CrmSyncServiceServer::new(grpc::CrmSyncApi::new(
+        db, customers,
     )))
+    .add_service(events))
 }
 
 /// Serves on `listener` until `shutdown` resolves.

@@ -181,3 +181,93 @@ async fn sync_sqlite() {
 async fn sync_postgres() {
     sync(Backend::Postgres).await;
 }
+
+async fn events_apply_once_and_in_version_order(backend: Backend) {
+    let Some(mut h) = start(backend).await else {
+        return;
+    };
+    let customer = h
+        .client
+        .upsert_customer(upsert("hs-9"))
+        .await
+        .unwrap()
+        .into_inner()
+        .customer_id;
+    let mut events = o2c_proto::events::v1::events_service_client::EventsServiceClient::new(
+        h.crm.channel().await,
+    );
+    let event = |id: &str, version: i64, reserved: &str| o2c_proto::events::v1::Event {
+        event_id: id.into(),
+        tenant_id: TENANT.into(),
+        aggregate_type: "credit_account".into(),
+        aggregate_id: customer.clone(),
+        body: Some(o2c_proto::events::v1::event::Body::ExposureChanged(
+            o2c_proto::events::v1::ExposureChanged {
+                customer_id: customer.clone(),
+                credit_limit: Some(o2c_proto::common::v1::Money {
+                    amount: "100.00".into(),
+                    currency_code: "NOK".into(),
+                }),
+                reserved: Some(o2c_proto::common::v1::Money {
+                    amount: reserved.into(),
+                    currency_code: "NOK".into(),
+                }),
+                receivables: Some(o2c_proto::common::v1::Money {
+                    amount: "0.00".into(),
+                    currency_code: "NOK".into(),
+                }),
+                available: Some(o2c_proto::common::v1::Money {
+                    amount: "0.00".into(),
+                    currency_code: "NOK".into(),
+                }),
+                version,
+            },
+        )),
+        ..Default::default()
+    };
+    let newer = event(&uuid::Uuid::now_v7().to_string(), 5, "50.00");
+    let older = event(&uuid::Uuid::now_v7().to_string(), 3, "30.00");
+    // Delivered, redelivered, then a stale one: the view keeps version 5.
+    for batch in [vec![newer.clone()], vec![newer.clone(), older]] {
+        events
+            .deliver(o2c_proto::events::v1::DeliverRequest { events: batch })
+            .await
+            .unwrap();
+    }
+    let status = h
+        .client
+        .get_credit_status(pb::GetCreditStatusRequest {
+            tenant_id: TENANT.into(),
+            crm_system: "hubspot".into(),
+            external_id: "hs-9".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.version, 5);
+    assert_eq!(status.reserved.unwrap().amount, "50.00");
+    let unknown = h
+        .client
+        .get_credit_status(pb::GetCreditStatusRequest {
+            tenant_id: TENANT.into(),
+            crm_system: "hubspot".into(),
+            external_id: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    h.crm.stop().await;
+    h.customer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_apply_once_sqlite() {
+    events_apply_once_and_in_version_order(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_apply_once_postgres() {
+    events_apply_once_and_in_version_order(Backend::Postgres).await;
+}

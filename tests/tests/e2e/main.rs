@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 mod credit_desk;
+mod crm;
 mod money;
 
 pub const TENANT: &str = "acme-eu";
@@ -25,6 +26,7 @@ pub struct Running {
     pub credit: CreditServiceClient<Channel>,
     pub invoicing:
         o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient<Channel>,
+    pub crm: o2c_proto::crm_sync::v1::crm_sync_service_client::CrmSyncServiceClient<Channel>,
     _databases: Vec<TestDatabase>,
 }
 
@@ -70,11 +72,15 @@ pub async fn run_suite(backend: Backend) -> Option<Running> {
     let invoicing = o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient::new(
         connect(suite.addresses.invoicing).await,
     );
+    let crm = o2c_proto::crm_sync::v1::crm_sync_service_client::CrmSyncServiceClient::new(
+        connect(suite.addresses.crm_sync).await,
+    );
     Some(Running {
         suite,
         gateway,
         credit,
         invoicing,
+        crm,
         _databases: databases,
     })
 }

@@ -81,6 +81,8 @@ pub struct CreditApi {
     cache: ExposureCache,
     config: Arc<Config>,
     alerts: AlertHub,
+    /// Who gets an `ExposureChanged` event for every change.
+    subscribers: Arc<Vec<String>>,
 }
 
 impl CreditApi {
@@ -89,13 +91,45 @@ impl CreditApi {
         cache: ExposureCache,
         config: Config,
         alerts: AlertHub,
+        subscribers: Vec<String>,
     ) -> Self {
         Self {
             db,
             cache,
             config: Arc::new(config),
             alerts,
+            subscribers: Arc::new(subscribers),
         }
+    }
+
+    /// Records `ExposureChanged` for each exposure in the transaction of
+    /// the change.
+    async fn record_exposures(
+        &self,
+        conn: &impl sea_orm::ConnectionTrait,
+        tenant: &str,
+        exposures: &[Exposure],
+    ) -> Result<(), ApiError> {
+        for exposure in exposures {
+            let event = o2c_proto::events::v1::Event {
+                tenant_id: tenant.to_owned(),
+                aggregate_type: "credit_account".into(),
+                aggregate_id: exposure.customer_id.to_string(),
+                body: Some(o2c_proto::events::v1::event::Body::ExposureChanged(
+                    o2c_proto::events::v1::ExposureChanged {
+                        customer_id: exposure.customer_id.to_string(),
+                        credit_limit: Some(convert::money(exposure, exposure.limit_minor)?),
+                        reserved: Some(convert::money(exposure, exposure.reserved_minor)?),
+                        receivables: Some(convert::money(exposure, exposure.receivable_minor)?),
+                        available: Some(convert::money(exposure, exposure.available_minor())?),
+                        version: exposure.version,
+                    },
+                )),
+                ..Default::default()
+            };
+            o2c_kit::outbox::record(conn, &self.subscribers, event, self.now()).await?;
+        }
+        Ok(())
     }
 
     fn now(&self) -> DateTime<Utc> {
@@ -139,6 +173,7 @@ impl CreditApi {
         exposures: &[Exposure],
         alerts: Vec<Alert>,
     ) -> Result<Response<R>, Status> {
+        self.record_exposures(&txn, tenant, exposures).await?;
         let response = idempotency::commit(&self.db, txn, scope, key, bytes, response).await?;
         for exposure in exposures {
             self.cache.put(tenant, exposure).await;

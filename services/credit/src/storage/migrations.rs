@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
             Box::new(o2c_kit::idempotency::Migration),
+            Box::new(o2c_kit::outbox::Migration),
             Box::new(CreateLedger),
         ]
     }

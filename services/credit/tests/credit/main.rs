@@ -20,6 +20,7 @@ pub struct Harness {
     pub client: CreditServiceClient<Channel>,
     pub served: Served,
     pub maintenance: o2c_credit::Maintenance,
+    pub relay: o2c_kit::outbox::Relay,
     pub clock: ManualClock,
     _db: TestDatabase,
 }
@@ -78,6 +79,7 @@ pub async fn start_with(
         client,
         served,
         maintenance: built.maintenance,
+        relay: built.relay,
         clock,
         _db: db,
     })

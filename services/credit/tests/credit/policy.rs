@@ -1278,3 +1278,32 @@ async fn dunning_sqlite() {
 async fn dunning_postgres() {
     dunning(Backend::Postgres).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_wait_in_the_outbox_while_a_subscriber_is_down() {
+    let down = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let settings = o2c_credit::CreditSettings {
+        event_subscribers: [("crm-sync".to_owned(), down)].into_iter().collect(),
+        ..Default::default()
+    };
+    let Some(mut h) = start_with(Backend::Sqlite, "outbox", settings, None).await else {
+        return;
+    };
+    let customer = open_with_limit(&mut h.client, "100.00").await;
+    reserve(&mut h.client, &customer, "o-1", "10.00").await;
+    // Opened, limit set, reserved: three changes, three events.
+    assert_eq!(h.relay.pending("crm-sync").await.unwrap(), 3);
+    assert_eq!(h.relay.run_once().await.unwrap(), 0, "nothing delivered");
+    assert_eq!(
+        h.relay.pending("crm-sync").await.unwrap(),
+        3,
+        "nothing lost"
+    );
+    // Backing off: an immediate second pass does not hammer the subscriber.
+    assert_eq!(h.relay.run_once().await.unwrap(), 0);
+    assert_eq!(h.relay.pending("crm-sync").await.unwrap(), 3);
+    h.served.stop().await;
+}

@@ -2,6 +2,8 @@
 //! types. Customer master data is owned by the customer service; the
 //! connector calls it and keeps only its own links and interactions.
 
+pub mod events;
+
 use o2c_kit::ApiError;
 use o2c_kit::client::TracedChannel;
 use o2c_kit::error::from_upstream;
@@ -290,6 +292,44 @@ impl CrmSyncService for CrmSyncApi {
         Ok(Response::new(pb::ListInteractionsResponse {
             interactions: page.iter().map(to_proto).collect(),
             next_page_token,
+        }))
+    }
+
+    async fn get_credit_status(
+        &self,
+        request: Request<pb::GetCreditStatusRequest>,
+    ) -> Result<Response<pb::GetCreditStatusResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+        let system = v.check(fields::slug("crm_system", &request.crm_system));
+        let external = v.check(fields::text("external_id", &request.external_id, 200));
+        v.finish()?;
+        let (Some(tenant), Some(system), Some(external)) = (tenant, system, external) else {
+            return Err(missing().into());
+        };
+        let customer = storage::find_link(&self.db, &tenant, &system, &external)
+            .await?
+            .ok_or_else(|| ApiError::not_found("CRM record", format!("{system}:{external}")))?;
+        let status = storage::credit_status(&self.db, &tenant, customer)
+            .await?
+            .ok_or_else(|| ApiError::not_found("credit status of customer", customer))?;
+        let money = |amount: &str| o2c_proto::common::v1::Money {
+            amount: amount.to_owned(),
+            currency_code: status.currency_code.clone(),
+        };
+        Ok(Response::new(pb::GetCreditStatusResponse {
+            status: Some(pb::CreditStatus {
+                customer_id: status.customer_id.clone(),
+                credit_limit: Some(money(&status.credit_limit)),
+                reserved: Some(money(&status.reserved)),
+                receivables: Some(money(&status.receivables)),
+                available: Some(money(&status.available)),
+                version: status.version,
+                updated_at: status
+                    .updated_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            }),
         }))
     }
 }

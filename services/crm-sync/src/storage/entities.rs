@@ -43,3 +43,28 @@ pub mod interaction {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod credit_status {
+    use sea_orm::entity::prelude::*;
+
+    /// The latest credit status per customer, from credit's events.
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "crm_credit_status")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub customer_id: String,
+        pub currency_code: String,
+        pub credit_limit: String,
+        pub reserved: String,
+        pub receivables: String,
+        pub available: String,
+        /// Credit's account version: only a higher one replaces the row.
+        pub version: i64,
+        pub updated_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -2,7 +2,7 @@
 
 use sea_orm_migration::prelude::*;
 
-use super::entities::{interaction, link};
+use super::entities::{credit_status, interaction, link};
 
 pub struct Migrator;
 
@@ -11,6 +11,7 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
             Box::new(o2c_kit::idempotency::Migration),
+            Box::new(o2c_kit::outbox::Migration),
             Box::new(CreateCrmTables),
         ]
     }
@@ -28,10 +29,12 @@ impl MigrationName for CreateCrmTables {
 impl MigrationTrait for CreateCrmTables {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         o2c_kit::db::create_table_for(manager, link::Entity).await?;
-        o2c_kit::db::create_table_for(manager, interaction::Entity).await
+        o2c_kit::db::create_table_for(manager, interaction::Entity).await?;
+        o2c_kit::db::create_table_for(manager, credit_status::Entity).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::drop_table_for(manager, credit_status::Entity).await?;
         o2c_kit::db::drop_table_for(manager, interaction::Entity).await?;
         o2c_kit::db::drop_table_for(manager, link::Entity).await
     }

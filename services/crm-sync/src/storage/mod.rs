@@ -10,7 +10,8 @@ use sea_orm::entity::prelude::*;
 use sea_orm::{ConnectionTrait, QueryOrder, QuerySelect};
 
 use crate::domain::InteractionKind;
-use entities::{interaction, link};
+use entities::{credit_status, interaction, link};
+use sea_orm::sea_query::OnConflict;
 
 /// A stored interaction.
 #[derive(Debug, Clone)]
@@ -129,4 +130,67 @@ pub async fn list_interactions(
             })
         })
         .collect()
+}
+
+/// A credit status as received.
+pub type CreditStatus = credit_status::Model;
+
+/// Stores `status` unless a status of a higher or equal version is there.
+pub async fn upsert_credit_status(
+    conn: &impl ConnectionTrait,
+    status: CreditStatus,
+) -> Result<(), ApiError> {
+    let current =
+        credit_status::Entity::find_by_id((status.tenant_id.clone(), status.customer_id.clone()))
+            .one(conn)
+            .await?;
+    if current
+        .as_ref()
+        .is_some_and(|c| c.version >= status.version)
+    {
+        return Ok(());
+    }
+    let model = credit_status::ActiveModel {
+        tenant_id: Set(status.tenant_id),
+        customer_id: Set(status.customer_id),
+        currency_code: Set(status.currency_code),
+        credit_limit: Set(status.credit_limit),
+        reserved: Set(status.reserved),
+        receivables: Set(status.receivables),
+        available: Set(status.available),
+        version: Set(status.version),
+        updated_at: Set(status.updated_at),
+    };
+    credit_status::Entity::insert(model)
+        .on_conflict(
+            OnConflict::columns([
+                credit_status::Column::TenantId,
+                credit_status::Column::CustomerId,
+            ])
+            .update_columns([
+                credit_status::Column::CurrencyCode,
+                credit_status::Column::CreditLimit,
+                credit_status::Column::Reserved,
+                credit_status::Column::Receivables,
+                credit_status::Column::Available,
+                credit_status::Column::Version,
+                credit_status::Column::UpdatedAt,
+            ])
+            .to_owned(),
+        )
+        .exec(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn credit_status(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    customer_id: CustomerId,
+) -> Result<Option<CreditStatus>, ApiError> {
+    Ok(
+        credit_status::Entity::find_by_id((tenant_id.to_owned(), customer_id.to_string()))
+            .one(conn)
+            .await?,
+    )
 }

@@ -1,0 +1,313 @@
+//! The transactional outbox (producers) and inbox (consumers).
+//!
+//! A producer records its events with [`record`] in the same database
+//! transaction as the change, one row per subscriber, so the change and its
+//! events commit or vanish together. A [`Relay`] delivers them at least
+//! once over gRPC (`o2c.events.v1.EventsService/Deliver`), oldest first, so
+//! events of one aggregate arrive in order; a failed batch is retried with
+//! capped, jittered exponential backoff and nothing after it is sent
+//! meanwhile. A consumer applies each event exactly once by calling
+//! [`first_delivery`] in the transaction of its effect.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use o2c_proto::events::v1 as pb;
+use o2c_proto::events::v1::events_service_client::EventsServiceClient;
+use opentelemetry::propagation::{Extractor, Injector};
+use prost::Message;
+use sea_orm::ActiveValue::Set;
+use sea_orm::entity::prelude::*;
+use sea_orm::{ConnectionTrait, DatabaseConnection, QueryOrder, QuerySelect};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::ApiError;
+use crate::client::TracedChannel;
+use crate::db::is_unique_violation;
+
+/// Events sent per delivery call.
+pub const BATCH: u64 = 100;
+/// First and largest retry delay of a failed delivery.
+pub const RETRY_BASE_MS: i64 = 200;
+pub const RETRY_MAX_MS: i64 = 60_000;
+
+pub mod outbox_entity {
+    use sea_orm::entity::prelude::*;
+
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "outbox_events")]
+    pub struct Model {
+        /// The event id (UUID v7: creation order).
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub subscriber: String,
+        /// The encoded `o2c.events.v1.Event`.
+        pub payload: Vec<u8>,
+        pub attempts: i32,
+        #[sea_orm(indexed)]
+        pub next_attempt_at: DateTimeUtc,
+        pub created_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod inbox_entity {
+    use sea_orm::entity::prelude::*;
+
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "inbox_events")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub event_id: String,
+        pub received_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The migration creating `outbox_events` and `inbox_events`.
+pub struct Migration;
+
+impl sea_orm_migration::MigrationName for Migration {
+    fn name(&self) -> &str {
+        "m20261204_000002_outbox_inbox"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl sea_orm_migration::MigrationTrait for Migration {
+    async fn up(&self, manager: &sea_orm_migration::SchemaManager) -> Result<(), DbErr> {
+        crate::db::create_table_for(manager, outbox_entity::Entity).await?;
+        crate::db::create_table_for(manager, inbox_entity::Entity).await
+    }
+
+    async fn down(&self, manager: &sea_orm_migration::SchemaManager) -> Result<(), DbErr> {
+        crate::db::drop_table_for(manager, inbox_entity::Entity).await?;
+        crate::db::drop_table_for(manager, outbox_entity::Entity).await
+    }
+}
+
+struct MapInjector<'a>(&'a mut HashMap<String, String>);
+
+impl Injector for MapInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct EventExtractor<'a>(&'a pb::Event);
+
+impl Extractor for EventExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" if !self.0.traceparent.is_empty() => Some(&self.0.traceparent),
+            "tracestate" if !self.0.tracestate.is_empty() => Some(&self.0.tracestate),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
+    }
+}
+
+/// A span for applying `event` that continues the producer's trace.
+pub fn consumer_span(event: &pb::Event) -> tracing::Span {
+    let span = tracing::info_span!(
+        "event.consume",
+        otel.kind = "consumer",
+        event.id = %event.event_id,
+        aggregate = %event.aggregate_id,
+    );
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&EventExtractor(event)));
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// Records `event` for every subscriber in the caller's transaction.
+pub async fn record(
+    conn: &impl ConnectionTrait,
+    subscribers: &[String],
+    mut event: pb::Event,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    if subscribers.is_empty() {
+        return Ok(());
+    }
+    if event.event_id.is_empty() {
+        event.event_id = uuid::Uuid::now_v7().to_string();
+    }
+    event.occurred_at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut carrier = HashMap::new();
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&context, &mut MapInjector(&mut carrier))
+    });
+    event.traceparent = carrier.remove("traceparent").unwrap_or_default();
+    event.tracestate = carrier.remove("tracestate").unwrap_or_default();
+    let payload = event.encode_to_vec();
+    for subscriber in subscribers {
+        outbox_entity::Entity::insert(outbox_entity::ActiveModel {
+            id: Set(event.event_id.clone()),
+            subscriber: Set(subscriber.clone()),
+            payload: Set(payload.clone()),
+            attempts: Set(0),
+            next_attempt_at: Set(now),
+            created_at: Set(now),
+        })
+        .exec(conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Records the delivery of `event_id` in the consumer's transaction: true
+/// the first time, false for a redelivery (whose effect is already there).
+pub async fn first_delivery(
+    conn: &impl ConnectionTrait,
+    event_id: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, ApiError> {
+    let inserted = inbox_entity::Entity::insert(inbox_entity::ActiveModel {
+        event_id: Set(event_id.to_owned()),
+        received_at: Set(now),
+    })
+    .exec(conn)
+    .await;
+    match inserted {
+        Ok(_) => Ok(true),
+        Err(error) if is_unique_violation(&error) => Ok(false),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Whether `event_id` was applied before (read-only check before work).
+pub async fn seen(conn: &impl ConnectionTrait, event_id: &str) -> Result<bool, ApiError> {
+    Ok(inbox_entity::Entity::find_by_id(event_id.to_owned())
+        .one(conn)
+        .await?
+        .is_some())
+}
+
+/// Delivers recorded events to their subscribers.
+#[derive(Clone)]
+pub struct Relay {
+    db: DatabaseConnection,
+    subscribers: BTreeMap<String, EventsServiceClient<TracedChannel>>,
+}
+
+fn backoff(attempts: i32) -> chrono::Duration {
+    let exponent = u32::try_from(attempts.clamp(0, 16)).unwrap_or(16);
+    let delay = RETRY_BASE_MS
+        .saturating_mul(1i64 << exponent)
+        .min(RETRY_MAX_MS);
+    // Up to 50 % jitter so many producers do not retry in step.
+    let jitter = i64::try_from(uuid::Uuid::new_v4().as_u128() % 1_000).unwrap_or(0) * delay / 2_000;
+    chrono::Duration::milliseconds(delay + jitter)
+}
+
+impl Relay {
+    /// A relay for `subscribers` (name → address of its EventsService).
+    pub fn new(
+        db: DatabaseConnection,
+        subscribers: &BTreeMap<String, String>,
+        call_timeout: Duration,
+    ) -> Result<Self, crate::client::InvalidAddress> {
+        let mut clients = BTreeMap::new();
+        for (name, url) in subscribers {
+            clients.insert(
+                name.clone(),
+                EventsServiceClient::new(crate::client::channel(url, call_timeout)?),
+            );
+        }
+        Ok(Self {
+            db,
+            subscribers: clients,
+        })
+    }
+
+    /// The subscriber names events must be recorded for.
+    pub fn subscriber_names(&self) -> Vec<String> {
+        self.subscribers.keys().cloned().collect()
+    }
+
+    /// One pass: delivers due events to every subscriber; returns how many
+    /// were delivered.
+    pub async fn run_once(&self) -> Result<usize, ApiError> {
+        let now = Utc::now();
+        let mut delivered = 0;
+        for (name, client) in &self.subscribers {
+            // Oldest first; a subscriber that is backing off is skipped whole,
+            // so later events never overtake earlier ones.
+            let rows = outbox_entity::Entity::find()
+                .filter(outbox_entity::Column::Subscriber.eq(name.clone()))
+                .order_by_asc(outbox_entity::Column::Id)
+                .limit(BATCH)
+                .all(&self.db)
+                .await?;
+            let Some(first) = rows.first() else { continue };
+            if first.next_attempt_at > now {
+                continue;
+            }
+            let events = rows
+                .iter()
+                .map(|row| pb::Event::decode(row.payload.as_slice()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ApiError::Internal(format!("undecodable outbox event: {e}")))?;
+            let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+            match client.clone().deliver(pb::DeliverRequest { events }).await {
+                Ok(_) => {
+                    outbox_entity::Entity::delete_many()
+                        .filter(outbox_entity::Column::Subscriber.eq(name.clone()))
+                        .filter(outbox_entity::Column::Id.is_in(ids))
+                        .exec(&self.db)
+                        .await?;
+                    delivered += rows.len();
+                }
+                Err(status) => {
+                    let attempts = first.attempts + 1;
+                    tracing::warn!(subscriber = %name, attempts, %status, "event delivery failed; backing off");
+                    outbox_entity::Entity::update_many()
+                        .col_expr(outbox_entity::Column::Attempts, Expr::value(attempts))
+                        .col_expr(
+                            outbox_entity::Column::NextAttemptAt,
+                            Expr::value(now + backoff(attempts)),
+                        )
+                        .filter(outbox_entity::Column::Subscriber.eq(name.clone()))
+                        .filter(outbox_entity::Column::Id.is_in(ids))
+                        .exec(&self.db)
+                        .await?;
+                }
+            }
+        }
+        Ok(delivered)
+    }
+
+    /// Events waiting for `subscriber`.
+    pub async fn pending(&self, subscriber: &str) -> Result<u64, ApiError> {
+        Ok(outbox_entity::Entity::find()
+            .filter(outbox_entity::Column::Subscriber.eq(subscriber))
+            .count(&self.db)
+            .await?)
+    }
+
+    /// Runs passes every `interval` for the life of the process.
+    pub fn spawn(self, interval: Duration) {
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if let Err(error) = self.run_once().await {
+                    tracing::warn!(%error, "event relay pass failed; retrying next interval");
+                }
+            }
+        });
+    }
+}
