@@ -28,6 +28,7 @@ async fn gateway_with_services_down(backend: Backend) {
     let mut service = o2c_kit::settings::ServiceSettings::local("gateway", 0);
     service.database_url = db.url.clone();
     let down = closed_port().await;
+    let upstream_addr = down.trim_start_matches("http://").to_owned();
     let upstreams = o2c_gateway::Upstreams {
         customer_url: down.clone(),
         credit_url: down.clone(),
