@@ -85,6 +85,44 @@ async fn gateway_with_services_down(backend: Backend) {
     bad.metadata_mut()
         .insert("x-tenant-id", "t1".parse().unwrap());
     assert_invalid(&client.get_order(bad).await.unwrap_err(), "order_id");
+    // The service comes back on the same address: the gateway recovers by
+    // itself (lazy reconnect), no restart needed.
+    let addr: std::net::SocketAddr = upstream_addr.parse().unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let mut customer_settings = o2c_kit::settings::ServiceSettings::local("customer", 0);
+    let customer_db = o2c_testkit::database(backend, "customer").await.unwrap();
+    customer_settings.database_url = customer_db.url.clone();
+    let routes = o2c_customer::build(&customer_settings).await.unwrap();
+    let (stop_customer, stopped) = tokio::sync::oneshot::channel::<()>();
+    let customer_server = tokio::spawn(o2c_kit::serve::serve(
+        o2c_customer::SERVICE_NAME,
+        listener,
+        routes,
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(5),
+    ));
+    let recovered = o2c_testkit::eventually(Duration::from_secs(15), || {
+        let mut client = client.clone();
+        async move {
+            let mut get = Request::new(pb::GetCustomerRequest {
+                customer_id: uuid::Uuid::now_v7().to_string(),
+            });
+            get.metadata_mut()
+                .insert("x-tenant-id", "t1".parse().unwrap());
+            match client.get_customer(get).await {
+                Err(status) if status.code() == Code::Unavailable => None,
+                other => Some(other.map(|_| ()).map_err(|s| s.code())),
+            }
+        }
+    })
+    .await
+    .expect("the gateway reaches the service again");
+    assert_eq!(recovered, Err(Code::NotFound), "answered by the service");
+    let _ = stop_customer.send(());
+    customer_server.await.unwrap().unwrap();
+
     let mut bad_tenant = Request::new(pb::GetOrderRequest {
         order_id: "o-1".into(),
     });
