@@ -16,8 +16,9 @@ pub const DEFAULT_CALL_TIMEOUT_MS: u64 = 5_000;
 /// How long establishing a connection to another service may take.
 pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
 
-/// A channel to another service with trace propagation on every call.
-pub type TracedChannel = InterceptedService<Channel, TracePropagation>;
+/// A channel to another service with trace propagation on every call and
+/// retries of failed connections.
+pub type TracedChannel = InterceptedService<RetryChannel, TracePropagation>;
 
 /// The address of another service was not a valid URI.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +40,10 @@ pub fn channel(url: &str, call_timeout: Duration) -> Result<TracedChannel, Inval
         .timeout(call_timeout)
         .tcp_nodelay(true)
         .connect_lazy();
-    Ok(InterceptedService::new(channel, TracePropagation))
+    Ok(InterceptedService::new(
+        RetryChannel::new(channel),
+        TracePropagation,
+    ))
 }
 
 /// A channel for long-lived server streams: connect timeout, no per-call
@@ -55,7 +59,10 @@ pub fn streaming_channel(url: &str) -> Result<TracedChannel, InvalidAddress> {
         .keep_alive_while_idle(true)
         .tcp_nodelay(true)
         .connect_lazy();
-    Ok(InterceptedService::new(channel, TracePropagation))
+    Ok(InterceptedService::new(
+        RetryChannel::new(channel),
+        TracePropagation,
+    ))
 }
 
 /// Injects the current span's context as `traceparent`/`tracestate`.
@@ -85,5 +92,101 @@ impl Injector for MetadataInjector<'_> {
         ) {
             self.0.insert(key, value);
         }
+    }
+}
+
+/// Attempts of one call when the connection fails before an answer.
+pub const RETRY_ATTEMPTS: u32 = 3;
+/// First retry delay; each next one doubles, plus up to 100 % jitter.
+pub const RETRY_BASE_MS: u64 = 25;
+/// No retry starts after this much time has passed since the first try.
+pub const RETRY_BUDGET_MS: u64 = 1_000;
+
+/// A channel that retries a call whose connection failed (refused, reset,
+/// timed out connecting), with bounded, jittered backoff.
+///
+/// Only transport failures are retried, never an answer from the service;
+/// every internal call is a read or carries an idempotency key, so a retry
+/// of a request that did reach the service has no second effect.
+#[derive(Debug, Clone)]
+pub struct RetryChannel {
+    inner: Channel,
+}
+
+impl RetryChannel {
+    pub fn new(inner: Channel) -> Self {
+        Self { inner }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn jittered(attempt: u32) -> Duration {
+    let base = RETRY_BASE_MS.saturating_mul(1 << attempt.min(10));
+    let jitter =
+        u64::try_from(uuid::Uuid::new_v4().as_u128() % u128::from(base.max(1))).unwrap_or(0);
+    Duration::from_millis(base + jitter)
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for RetryChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // Readiness is awaited per attempt inside the call.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let channel = self.inner.clone();
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            // Unary requests are one small message: keep it to resend.
+            let bytes = body.collect().await.map_err(BoxError::from)?.to_bytes();
+            let method = parts
+                .extensions
+                .get::<tonic::GrpcMethod<'static>>()
+                .cloned();
+            let started = tokio::time::Instant::now();
+            let mut attempt = 0;
+            loop {
+                let mut request = http::Request::new(tonic::body::Body::new(
+                    http_body_util::Full::new(bytes.clone()),
+                ));
+                *request.method_mut() = parts.method.clone();
+                *request.uri_mut() = parts.uri.clone();
+                *request.version_mut() = parts.version;
+                *request.headers_mut() = parts.headers.clone();
+                if let Some(method) = &method {
+                    request.extensions_mut().insert(method.clone());
+                }
+                let outcome = match channel.clone().ready_oneshot().await {
+                    Ok(mut ready) => tower::Service::call(&mut ready, request).await,
+                    Err(error) => Err(error),
+                };
+                match outcome {
+                    Ok(response) => return Ok(response),
+                    Err(error) => {
+                        attempt += 1;
+                        let spent = started.elapsed();
+                        if attempt >= RETRY_ATTEMPTS
+                            || spent >= Duration::from_millis(RETRY_BUDGET_MS)
+                        {
+                            return Err(error.into());
+                        }
+                        tracing::debug!(attempt, %error, "internal call failed to connect; retrying");
+                        tokio::time::sleep(jittered(attempt - 1)).await;
+                    }
+                }
+            }
+        })
     }
 }

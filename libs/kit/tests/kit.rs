@@ -114,3 +114,28 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_service_fails_fast_after_bounded_retries() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let channel =
+        o2c_kit::client::channel(&format!("http://127.0.0.1:{port}"), Duration::from_secs(5))
+            .unwrap();
+    let mut health = HealthClient::new(channel);
+    let started = std::time::Instant::now();
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        started.elapsed() < Duration::from_millis(o2c_kit::client::RETRY_BUDGET_MS + 1_000),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+}
