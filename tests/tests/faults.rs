@@ -342,12 +342,21 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
     println!("kill plan: {kills:?}");
 
     let done = Arc::new(AtomicUsize::new(0));
+    let total = orders;
     let chaos = {
         let cluster = cluster.clone();
         let done = done.clone();
         tokio::spawn(async move {
             for (at, service) in kills {
-                while done.load(Ordering::SeqCst) < at {
+                // Wait for the run to reach the kill point (or to end).
+                loop {
+                    let progress = done.load(Ordering::SeqCst);
+                    if progress >= at {
+                        break;
+                    }
+                    if progress >= total {
+                        return;
+                    }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 cluster.lock().await.crash_and_restart(service).await;
