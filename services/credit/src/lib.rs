@@ -192,15 +192,9 @@ pub async fn build_with(
         o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
             .await
             .map_err(|e| anyhow::anyhow!("credit database {}: {e}", service.database_url))?;
-    let redis = match redis_url {
-        Some(url) => match o2c_kit::cache::connect(url).await {
-            Ok(connection) => Some(connection),
-            Err(error) => {
-                tracing::warn!(%error, "Redis unreachable; exposure reads go to the database");
-                None
-            }
-        },
-        None => None,
+    let cache = match redis_url {
+        Some(url) => ExposureCache::connect(url).await,
+        None => ExposureCache::new(None),
     };
     let relay = o2c_kit::outbox::Relay::new(
         db.clone(),
@@ -209,7 +203,7 @@ pub async fn build_with(
     )?;
     let api = grpc::CreditApi::new(
         db,
-        ExposureCache::new(redis),
+        cache,
         config,
         grpc::AlertHub::new(credit.alert_stream_buffer),
         relay.subscriber_names(),

@@ -23,23 +23,61 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
+/// How often a service that started while Redis was down tries again.
+pub const RECONNECT_INTERVAL_MS: u64 = 1_000;
+
 #[derive(Clone)]
 pub struct ExposureCache {
-    // None when no Redis is configured.
-    redis: Option<ConnectionManager>,
+    // None when no Redis is configured, or until it is first reached.
+    redis: std::sync::Arc<std::sync::RwLock<Option<ConnectionManager>>>,
     script: redis::Script,
 }
 
 impl ExposureCache {
     pub fn new(redis: Option<ConnectionManager>) -> Self {
         Self {
-            redis,
+            redis: std::sync::Arc::new(std::sync::RwLock::new(redis)),
             script: redis::Script::new(PUT_IF_NEWER),
         }
     }
 
+    /// A cache on Redis at `url`. When Redis cannot be reached now, the
+    /// service starts without the cache and keeps trying in the background;
+    /// once connected, the manager reconnects by itself after failures.
+    pub async fn connect(url: &str) -> Self {
+        match o2c_kit::cache::connect(url).await {
+            Ok(connection) => Self::new(Some(connection)),
+            Err(error) => {
+                tracing::warn!(%error, "Redis unreachable; exposure reads go to the database until it is back");
+                let cache = Self::new(None);
+                let slot = cache.redis.clone();
+                let url = url.to_owned();
+                tokio::spawn(async move {
+                    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(
+                        RECONNECT_INTERVAL_MS,
+                    ));
+                    loop {
+                        ticker.tick().await;
+                        if let Ok(connection) = o2c_kit::cache::connect(&url).await {
+                            if let Ok(mut guard) = slot.write() {
+                                *guard = Some(connection);
+                            }
+                            tracing::info!("Redis reached; exposure cache enabled");
+                            return;
+                        }
+                    }
+                });
+                cache
+            }
+        }
+    }
+
+    fn connection(&self) -> Option<ConnectionManager> {
+        self.redis.read().ok().and_then(|guard| guard.clone())
+    }
+
     pub fn enabled(&self) -> bool {
-        self.redis.is_some()
+        self.connection().is_some()
     }
 
     fn key(tenant_id: &str, exposure_customer: &str) -> String {
@@ -48,7 +86,7 @@ impl ExposureCache {
 
     /// The cached snapshot, or None on a miss or any failure.
     pub async fn get(&self, tenant_id: &str, customer_id: &str) -> Option<Exposure> {
-        let mut redis = self.redis.clone()?;
+        let mut redis = self.connection()?;
         let key = Self::key(tenant_id, customer_id);
         match redis::cmd("HGET")
             .arg(&key)
@@ -66,7 +104,7 @@ impl ExposureCache {
 
     /// Stores `exposure` unless a newer version is already cached.
     pub async fn put(&self, tenant_id: &str, exposure: &Exposure) {
-        let Some(mut redis) = self.redis.clone() else {
+        let Some(mut redis) = self.connection() else {
             return;
         };
         let key = Self::key(tenant_id, &exposure.customer_id.to_string());
