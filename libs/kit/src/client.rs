@@ -103,11 +103,12 @@ pub const RETRY_BASE_MS: u64 = 25;
 pub const RETRY_BUDGET_MS: u64 = 1_000;
 
 /// A channel that retries a call whose connection failed (refused, reset,
-/// timed out connecting), with bounded, jittered backoff.
+/// timed out connecting) or that was answered UNAVAILABLE, with bounded,
+/// jittered backoff.
 ///
-/// Only transport failures are retried, never an answer from the service;
-/// every internal call is a read or carries an idempotency key, so a retry
-/// of a request that did reach the service has no second effect.
+/// Every internal call is a read or carries an idempotency key, so a retry
+/// of a request that did reach the service has no second effect; any other
+/// answer is returned as it is.
 #[derive(Debug, Clone)]
 pub struct RetryChannel {
     inner: Channel,
@@ -173,6 +174,21 @@ impl tower::Service<http::Request<tonic::body::Body>> for RetryChannel {
                     Err(error) => Err(error),
                 };
                 match outcome {
+                    // An answer of UNAVAILABLE (the service's own dependency is
+                    // down, or it is shutting down) is retried like a failed
+                    // connection; any other answer is final.
+                    Ok(response)
+                        if response
+                            .headers()
+                            .get("grpc-status")
+                            .is_some_and(|s| s == "14")
+                            && attempt + 1 < RETRY_ATTEMPTS
+                            && started.elapsed() < Duration::from_millis(RETRY_BUDGET_MS) =>
+                    {
+                        attempt += 1;
+                        tracing::debug!(attempt, "internal call answered UNAVAILABLE; retrying");
+                        tokio::time::sleep(jittered(attempt - 1)).await;
+                    }
                     Ok(response) => return Ok(response),
                     Err(error) => {
                         attempt += 1;

@@ -139,3 +139,86 @@ async fn a_dead_service_fails_fast_after_bounded_retries() {
         started.elapsed()
     );
 }
+
+/// The health service, answering UNAVAILABLE to its first `fail` calls.
+#[derive(Clone)]
+struct Flaky<S> {
+    inner: S,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    fail: usize,
+}
+
+impl<S> tonic::server::NamedService for Flaky<S> {
+    const NAME: &'static str = "grpc.health.v1.Health";
+}
+
+impl<S> tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for Flaky<S>
+where
+    S: tower::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if call < self.fail {
+            let response = tonic::Status::unavailable("warming up").into_http();
+            return Box::pin(async move { Ok(response) });
+        }
+        let future = self.inner.call(request);
+        Box::pin(future)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_answer_is_retried_within_bounds() {
+    for (fail, succeeds) in [(2, true), (3, false)] {
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let flaky = Flaky {
+            inner: health,
+            calls: calls.clone(),
+            fail,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(flaky)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let channel =
+            o2c_kit::client::channel(&format!("http://{addr}"), Duration::from_secs(5)).unwrap();
+        let outcome = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        assert_eq!(outcome.is_ok(), succeeds, "{fail} failures: {outcome:?}");
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            usize::try_from(o2c_kit::client::RETRY_ATTEMPTS)
+                .unwrap()
+                .min(fail + 1),
+            "attempts are bounded"
+        );
+        server.abort();
+    }
+}
