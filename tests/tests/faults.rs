@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use o2c_proto::common::v1::Money;
 use o2c_proto::gateway::v1 as pb;
 use o2c_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
-use o2c_testkit::{Backend, TestDatabase};
+use o2c_testkit::{Backend, Seeded, TestDatabase};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -36,19 +36,6 @@ const SERVICES: [&str; 6] = [
     "crm-sync",
     "gateway",
 ];
-
-/// splitmix64, for seeded, replayable choices.
-struct Seeded(u64);
-
-impl Seeded {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
 
 fn binary(name: &str) -> PathBuf {
     // target/<profile>/deps/faults-… → target/<profile>/o2c-<name>
@@ -389,12 +376,16 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
     let mut rng = Seeded(seed);
     let plans: Vec<(usize, Plan, i64)> = (0..orders)
         .map(|i| {
-            let plan = match rng.next() % 10 {
+            let plan = match rng.next_u64() % 10 {
                 0 => Plan::Cancel,
                 1 | 2 => Plan::PayInTwo,
                 _ => Plan::PayInFull,
             };
-            (i, plan, 1_000 + i64::try_from(rng.next() % 9_000).unwrap())
+            (
+                i,
+                plan,
+                1_000 + i64::try_from(rng.next_u64() % 9_000).unwrap(),
+            )
         })
         .collect();
     // Kill points: after roughly every orders/13 completions, the next
@@ -402,7 +393,7 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
     let mut kills: Vec<(usize, &'static str)> = (1..=12)
         .map(|k| {
             (
-                k * orders / 13 + usize::try_from(rng.next() % 5).unwrap(),
+                k * orders / 13 + usize::try_from(rng.next_u64() % 5).unwrap(),
                 SERVICES[k % SERVICES.len()],
             )
         })

@@ -60,6 +60,14 @@ pub fn validate_key(key: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// What an idempotency record keeps of a secret field (an agency
+/// reference, a processor token): a tenant-salted SHA-256, so a replay with
+/// the same secret matches and the secret itself is never stored.
+pub fn pin_secret(tenant_id: &str, secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(format!("{tenant_id}\0{secret}").as_bytes()))
+}
+
 fn reused() -> ApiError {
     ApiError::invalid("idempotency_key", "already used with a different request")
 }

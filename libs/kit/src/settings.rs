@@ -146,3 +146,77 @@ pub fn config_path_from_args() -> Option<std::path::PathBuf> {
     }
     None
 }
+
+/// The same major-unit amount for the currencies most tenants invoice in:
+/// the default of every per-currency limit setting.
+pub fn default_currency_limits(amount: &str) -> std::collections::BTreeMap<String, String> {
+    ["EUR", "USD", "GBP", "CHF"]
+        .into_iter()
+        .map(|code| (code.to_owned(), amount.to_owned()))
+        .collect()
+}
+
+/// A validated per-currency limit setting (refunds, payouts, authority):
+/// minor units by currency code. A currency not listed has no allowance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CurrencyLimits(std::collections::HashMap<&'static str, i64>);
+
+impl CurrencyLimits {
+    /// Parses `setting` (currency code → major-unit amount) named `key`.
+    pub fn parse(
+        key: &str,
+        setting: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, SettingsError> {
+        let mut limits = std::collections::HashMap::new();
+        for (code, amount) in setting {
+            let invalid = |reason: String| SettingsError::Invalid {
+                key: format!("{key}.{code}"),
+                reason,
+            };
+            let currency = o2c_money::Currency::from_code(&code.to_uppercase())
+                .map_err(|e| invalid(e.to_string()))?;
+            let amount =
+                o2c_money::Money::parse_in(amount, currency).map_err(|e| invalid(e.to_string()))?;
+            if amount.is_negative() {
+                return Err(invalid("must not be negative".into()));
+            }
+            limits.insert(currency.code(), amount.minor_units());
+        }
+        Ok(Self(limits))
+    }
+
+    /// The limit for `currency` in minor units, if it has one.
+    pub fn get(&self, currency: o2c_money::Currency) -> Option<i64> {
+        self.0.get(currency.code()).copied()
+    }
+
+    /// Whether `amount` is within the limit of its currency.
+    pub fn allows(&self, amount: &o2c_money::Money) -> bool {
+        self.get(amount.currency())
+            .is_some_and(|limit| amount.minor_units() <= limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn currency_limits_are_exact_and_name_the_bad_key() {
+        let limits =
+            CurrencyLimits::parse("refund_limit", &default_currency_limits("10000")).unwrap();
+        let eur = |a: &str| o2c_money::Money::parse(a, "EUR").unwrap();
+        assert!(limits.allows(&eur("10000.00")));
+        assert!(!limits.allows(&eur("10000.01")));
+        assert!(
+            !limits.allows(&o2c_money::Money::parse("1", "JPY").unwrap()),
+            "unlisted: no allowance"
+        );
+        let bad: std::collections::BTreeMap<_, _> = [("EUR".to_owned(), "1.001".to_owned())].into();
+        let error = CurrencyLimits::parse("refund_limit", &bad).unwrap_err();
+        assert!(error.to_string().contains("refund_limit.EUR"), "{error}");
+        let negative: std::collections::BTreeMap<_, _> =
+            [("usd".to_owned(), "-1".to_owned())].into();
+        assert!(CurrencyLimits::parse("payout_limit", &negative).is_err());
+    }
+}

@@ -243,3 +243,16 @@ pub async fn database_url(backend: Backend, name: &str) -> Option<(String, TestD
     let database = database(backend, name).await?;
     Some((database.url.clone(), database))
 }
+
+/// splitmix64: seeded, dependency-free choices a failing run can replay.
+pub struct Seeded(pub u64);
+
+impl Seeded {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}

@@ -15,13 +15,12 @@ pub mod domain;
 pub mod grpc;
 pub mod storage;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use o2c_kit::settings::{ServiceSettings, SettingsError};
+use o2c_kit::settings::{CurrencyLimits, ServiceSettings, SettingsError};
 use o2c_kit::standalone::{BinarySettings, Extra};
-use o2c_money::{Currency, Money};
 use o2c_proto::credit::v1::credit_service_server::CreditServiceServer;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -65,22 +64,13 @@ pub struct CreditSettings {
 
 impl Default for CreditSettings {
     fn default() -> Self {
-        let authority = [
-            ("EUR", "100000"),
-            ("USD", "100000"),
-            ("GBP", "100000"),
-            ("CHF", "100000"),
-        ]
-        .into_iter()
-        .map(|(c, a)| (c.to_owned(), a.to_owned()))
-        .collect();
         Self {
             dunning_levels: domain::default_dunning_levels(),
             alert_thresholds_percent: vec![80, 100],
             review_notice_days: 14,
             reservation_ttl_ms: 7 * 24 * 3600 * 1000,
             maintenance_interval_ms: 60_000,
-            limit_authority: authority,
+            limit_authority: o2c_kit::settings::default_currency_limits("100000"),
             alert_stream_buffer: grpc::DEFAULT_ALERT_STREAM_BUFFER,
             event_subscribers: [("crm-sync".to_owned(), "http://127.0.0.1:50055".to_owned())]
                 .into_iter()
@@ -130,18 +120,7 @@ impl CreditSettings {
         if self.maintenance_interval_ms < 100 {
             return Err(invalid("maintenance_interval_ms", "at least 100".into()));
         }
-        let mut authority = HashMap::new();
-        for (code, amount) in &self.limit_authority {
-            let key = format!("limit_authority.{code}");
-            let currency = Currency::from_code(&code.to_uppercase())
-                .map_err(|e| invalid(&key, e.to_string()))?;
-            let amount =
-                Money::parse_in(amount, currency).map_err(|e| invalid(&key, e.to_string()))?;
-            if amount.is_negative() {
-                return Err(invalid(&key, "must not be negative".into()));
-            }
-            authority.insert(currency.code(), amount.minor_units());
-        }
+        let authority = CurrencyLimits::parse("limit_authority", &self.limit_authority)?;
         let ttl_ms = i64::try_from(self.reservation_ttl_ms)
             .map_err(|_| invalid("reservation_ttl_ms", "too large".into()))?;
         Ok(grpc::Config {

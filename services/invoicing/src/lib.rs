@@ -12,7 +12,7 @@ pub mod storage;
 
 use std::future::Future;
 
-use o2c_kit::settings::{ServiceSettings, SettingsError};
+use o2c_kit::settings::{CurrencyLimits, ServiceSettings, SettingsError};
 use o2c_kit::standalone::{BinarySettings, Extra};
 use o2c_proto::invoicing::v1::invoicing_service_server::InvoicingServiceServer;
 use tokio::net::TcpListener;
@@ -34,41 +34,15 @@ pub struct InvoicingSettings {
 impl Default for InvoicingSettings {
     fn default() -> Self {
         Self {
-            payout_limit: [
-                ("EUR", "10000"),
-                ("USD", "10000"),
-                ("GBP", "10000"),
-                ("CHF", "10000"),
-            ]
-            .into_iter()
-            .map(|(c, a)| (c.to_owned(), a.to_owned()))
-            .collect(),
+            payout_limit: o2c_kit::settings::default_currency_limits("10000"),
         }
     }
 }
 
 impl InvoicingSettings {
-    /// The payout limits in minor units, validated.
-    pub fn payout_limits(
-        &self,
-    ) -> Result<std::collections::HashMap<&'static str, i64>, SettingsError> {
-        let mut limits = std::collections::HashMap::new();
-        for (code, amount) in &self.payout_limit {
-            let key = format!("payout_limit.{code}");
-            let invalid = |reason: String| SettingsError::Invalid {
-                key: key.clone(),
-                reason,
-            };
-            let currency = o2c_money::Currency::from_code(&code.to_uppercase())
-                .map_err(|e| invalid(e.to_string()))?;
-            let amount =
-                o2c_money::Money::parse_in(amount, currency).map_err(|e| invalid(e.to_string()))?;
-            if amount.is_negative() {
-                return Err(invalid("must not be negative".into()));
-            }
-            limits.insert(currency.code(), amount.minor_units());
-        }
-        Ok(limits)
+    /// The payout limits, validated.
+    pub fn payout_limits(&self) -> Result<CurrencyLimits, SettingsError> {
+        CurrencyLimits::parse("payout_limit", &self.payout_limit)
     }
 }
 

@@ -13,7 +13,7 @@ pub mod storage;
 
 use std::future::Future;
 
-use o2c_kit::settings::{ServiceSettings, SettingsError};
+use o2c_kit::settings::{CurrencyLimits, ServiceSettings, SettingsError};
 use o2c_kit::standalone::{BinarySettings, Extra};
 use o2c_proto::payments::v1::payments_service_server::PaymentsServiceServer;
 use tokio::net::TcpListener;
@@ -48,15 +48,7 @@ impl Default for PaymentsSettings {
     fn default() -> Self {
         const DAY_MS: u64 = 24 * 3600 * 1000;
         Self {
-            refund_limit: [
-                ("EUR", "10000"),
-                ("USD", "10000"),
-                ("GBP", "10000"),
-                ("CHF", "10000"),
-            ]
-            .into_iter()
-            .map(|(c, a)| (c.to_owned(), a.to_owned()))
-            .collect(),
+            refund_limit: o2c_kit::settings::default_currency_limits("10000"),
             collection_retry_schedule_ms: vec![DAY_MS, 3 * DAY_MS, 7 * DAY_MS],
             collection_interval_ms: 60_000,
             processor: domain::processor::SimulatedSettings::default(),
@@ -68,27 +60,9 @@ impl Default for PaymentsSettings {
 }
 
 impl PaymentsSettings {
-    /// The refund limits in minor units, validated.
-    pub fn refund_limits(
-        &self,
-    ) -> Result<std::collections::HashMap<&'static str, i64>, SettingsError> {
-        let mut limits = std::collections::HashMap::new();
-        for (code, amount) in &self.refund_limit {
-            let key = format!("refund_limit.{code}");
-            let invalid = |reason: String| SettingsError::Invalid {
-                key: key.clone(),
-                reason,
-            };
-            let currency = o2c_money::Currency::from_code(&code.to_uppercase())
-                .map_err(|e| invalid(e.to_string()))?;
-            let amount =
-                o2c_money::Money::parse_in(amount, currency).map_err(|e| invalid(e.to_string()))?;
-            if amount.is_negative() {
-                return Err(invalid("must not be negative".into()));
-            }
-            limits.insert(currency.code(), amount.minor_units());
-        }
-        Ok(limits)
+    /// The refund limits, validated.
+    pub fn refund_limits(&self) -> Result<CurrencyLimits, SettingsError> {
+        CurrencyLimits::parse("refund_limit", &self.refund_limit)
     }
 }
 

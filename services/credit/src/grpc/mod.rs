@@ -45,9 +45,9 @@ pub use o2c_kit::clock::{Clock, system_clock};
 pub struct Config {
     pub policy: Policy,
     pub reservation_ttl: chrono::Duration,
-    /// Largest limit (minor units) an actor may set without a second
-    /// user, per currency code; raises in other currencies always need one.
-    pub authority: HashMap<&'static str, i64>,
+    /// Largest limit an actor may set without a second user, per
+    /// currency; raises in other currencies always need one.
+    pub authority: o2c_kit::settings::CurrencyLimits,
     pub clock: Clock,
 }
 
@@ -145,7 +145,7 @@ impl CreditApi {
     }
 
     fn authority(&self, currency: Currency) -> Option<i64> {
-        self.config.authority.get(currency.code()).copied()
+        self.config.authority.get(currency)
     }
 
     async fn begin<R: Message + Default>(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use o2c_proto::credit::v1 as pb;
 use o2c_proto::credit::v1::credit_service_client::CreditServiceClient;
-use o2c_testkit::{Backend, assert_invalid};
+use o2c_testkit::{Backend, Seeded, assert_invalid};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -18,19 +18,6 @@ use super::{
 
 const ANALYST: &str = "analyst-1";
 const SUPERVISOR: &str = "supervisor-1";
-
-/// splitmix64: a seeded, dependency-free generator for test inputs.
-struct Seeded(u64);
-
-impl Seeded {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
 
 fn minor_to_eur(minor: i64) -> String {
     format!("{}.{:02}", minor / 100, minor % 100)
@@ -86,13 +73,13 @@ async fn race(backend: Backend, seed: u64, lower_during_race: bool) {
         return;
     };
     let mut rng = Seeded(seed);
-    let amount_minor = 100 + i64::try_from(rng.next() % 50_000).unwrap();
+    let amount_minor = 100 + i64::try_from(rng.next_u64() % 50_000).unwrap();
     let limit_minor = 100 * amount_minor;
     println!(
         "seed {seed}: amount {amount_minor} minor units, lower during race: {lower_during_race}"
     );
     let customer = open_with_limit(&mut h.client, &minor_to_eur(limit_minor)).await;
-    let lower_after = usize::try_from(rng.next() % 600).unwrap() + 100;
+    let lower_after = usize::try_from(rng.next_u64() % 600).unwrap() + 100;
     let mut tasks = Vec::new();
     for i in 0..1_000 {
         if lower_during_race && i == lower_after {

@@ -29,7 +29,6 @@ use o2c_proto::payments::v1 as payments_pb;
 use o2c_proto::payments::v1::payments_service_client::PaymentsServiceClient;
 use prost::Message;
 use sea_orm::DatabaseConnection;
-use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Response, Status};
 
 use crate::domain::{self, OrderStatus};
@@ -289,9 +288,7 @@ impl GatewayService for GatewayApi {
         };
         // The claim pins the request without keeping the reference in clear.
         let mut pinned = request.clone();
-        pinned.agency_reference = hex::encode(Sha256::digest(
-            format!("{tenant}\0{}", request.agency_reference).as_bytes(),
-        ));
+        pinned.agency_reference = idempotency::pin_secret(&tenant, &request.agency_reference);
         let scope = format!("{tenant}/gateway.LinkCreditAccount");
         let key = &request.idempotency_key;
         if let Claim::Done(response) = self.claim(&scope, key, &pinned.encode_to_vec()).await? {
@@ -963,10 +960,7 @@ impl GatewayService for GatewayApi {
                 written.written_off.as_ref(),
             )
             .await?;
-            let customer_id: CustomerId = invoice
-                .customer_id
-                .parse()
-                .map_err(|_| ApiError::Internal("invoicing sent an invalid customer id".into()))?;
+            let customer_id = customer_of(&invoice)?;
             Ok(pb::WriteOffInvoiceResponse {
                 exposure: self.exposure_of(&tenant, customer_id).await?,
                 invoice: Some(convert::invoice(invoice)),
@@ -1067,10 +1061,7 @@ impl GatewayService for GatewayApi {
                 .map_err(|status| Failure::Refused(from_upstream("invoicing", status)))?
                 .into_inner();
             let invoice = present(finalized.invoice, "invoice")?;
-            let customer_id: CustomerId = invoice
-                .customer_id
-                .parse()
-                .map_err(|_| ApiError::Internal("invoicing sent an invalid customer id".into()))?;
+            let customer_id = customer_of(&invoice)?;
             self.record_receivable(&tenant, key, customer_id, &invoice)
                 .await?;
             Ok(pb::FinalizeInvoiceResponse {
@@ -1246,10 +1237,7 @@ impl GatewayService for GatewayApi {
                 cancelled.released.as_ref(),
             )
             .await?;
-            let customer_id: CustomerId = invoice
-                .customer_id
-                .parse()
-                .map_err(|_| ApiError::Internal("invoicing sent an invalid customer id".into()))?;
+            let customer_id = customer_of(&invoice)?;
             self.recheck_holds(&tenant, key, customer_id).await?;
             Ok(pb::CancelInvoiceResponse {
                 exposure: self.exposure_of(&tenant, customer_id).await?,
@@ -1849,6 +1837,14 @@ fn allocations(requested: &[pb::PaymentAllocation]) -> Result<Vec<(InvoiceId, Mo
     }
     v.finish()?;
     Ok(allocations)
+}
+
+/// The customer an invoice from the invoicing service belongs to.
+fn customer_of(invoice: &invoicing_pb::Invoice) -> Result<CustomerId, ApiError> {
+    invoice
+        .customer_id
+        .parse()
+        .map_err(|_| ApiError::Internal("invoicing sent an invalid customer id".into()))
 }
 
 fn to_payment_allocations(allocations: &[(InvoiceId, Money)]) -> Vec<payments_pb::Allocation> {

@@ -28,14 +28,14 @@ pub struct InvoicingApi {
     clock: Clock,
     /// Largest single payout of account credit per currency (minor units);
     /// currencies not listed cannot be paid out here.
-    payout_limits: std::sync::Arc<std::collections::HashMap<&'static str, i64>>,
+    payout_limits: std::sync::Arc<o2c_kit::settings::CurrencyLimits>,
 }
 
 impl InvoicingApi {
     pub fn new(
         db: DatabaseConnection,
         clock: Clock,
-        payout_limits: std::collections::HashMap<&'static str, i64>,
+        payout_limits: o2c_kit::settings::CurrencyLimits,
     ) -> Self {
         Self {
             db,
@@ -709,12 +709,7 @@ impl InvoicingService for InvoicingApi {
         else {
             return Err(missing().into());
         };
-        let limit = self
-            .payout_limits
-            .get(amount.currency().code())
-            .copied()
-            .unwrap_or(0);
-        if amount.minor_units() > limit {
+        if !self.payout_limits.allows(&amount) {
             return Err(ApiError::FailedPrecondition(format!(
                 "payouts of {amount} are above the configured limit for {}",
                 amount.currency()

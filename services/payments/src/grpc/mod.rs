@@ -21,13 +21,13 @@ pub struct PaymentsApi {
     clock: o2c_kit::clock::Clock,
     /// Largest single refund without further approval, per currency code
     /// (minor units); currencies not listed cannot be refunded here.
-    refund_limits: std::sync::Arc<std::collections::HashMap<&'static str, i64>>,
+    refund_limits: std::sync::Arc<o2c_kit::settings::CurrencyLimits>,
 }
 
 impl PaymentsApi {
     pub fn new(
         db: DatabaseConnection,
-        refund_limits: std::collections::HashMap<&'static str, i64>,
+        refund_limits: o2c_kit::settings::CurrencyLimits,
         clock: o2c_kit::clock::Clock,
     ) -> Self {
         Self {
@@ -285,12 +285,7 @@ impl PaymentsService for PaymentsApi {
         else {
             return Err(missing().into());
         };
-        let limit = self
-            .refund_limits
-            .get(amount.currency().code())
-            .copied()
-            .unwrap_or(0);
-        if amount.minor_units() > limit {
+        if !self.refund_limits.allows(&amount) {
             return Err(ApiError::FailedPrecondition(format!(
                 "refunds of {amount} are above the configured limit for {}",
                 amount.currency()
@@ -364,7 +359,7 @@ impl PaymentsService for PaymentsApi {
         let scope = format!("{tenant}/payments.CreateMandate");
         // The stored request must not keep the token in clear.
         let mut pinned = request.clone();
-        pinned.processor_token = format!("{:x}", sha_like(&request.processor_token));
+        pinned.processor_token = idempotency::pin_secret(&tenant, &request.processor_token);
         let (key, bytes) = (&request.idempotency_key, pinned.encode_to_vec());
         let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
             Begun::Replay(response) => return Ok(Response::new(response)),
@@ -544,14 +539,6 @@ impl PaymentsService for PaymentsApi {
             next_page_token,
         }))
     }
-}
-
-/// A one-way digest for pinning idempotent requests without keeping a
-/// token in clear (FNV-1a; collisions only weaken replay detection).
-fn sha_like(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 fn mandate_to_proto(mandate: &storage::collection::Mandate) -> pb::Mandate {
