@@ -162,6 +162,20 @@ impl Cluster {
                 "payments" => {
                     vars.push(("O2C_INVOICING_URL".into(), address("invoicing")));
                     vars.push(("O2C_CREDIT_URL".into(), address("credit")));
+                    for subscriber in ["invoicing", "crm-sync"] {
+                        vars.push((
+                            format!("O2C_EVENT_SUBSCRIBERS__{subscriber}"),
+                            address(subscriber),
+                        ));
+                    }
+                }
+                "invoicing" => {
+                    for subscriber in ["credit", "payments", "crm-sync"] {
+                        vars.push((
+                            format!("O2C_EVENT_SUBSCRIBERS__{subscriber}"),
+                            address(subscriber),
+                        ));
+                    }
                 }
                 "crm-sync" => vars.push(("O2C_CUSTOMER_URL".into(), address("customer"))),
                 "gateway" => {

@@ -15,11 +15,16 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use o2c_proto::events::v1 as pb;
 use o2c_proto::events::v1::events_service_client::EventsServiceClient;
+use o2c_proto::events::v1::events_service_server::{EventsService, EventsServiceServer};
 use opentelemetry::propagation::{Extractor, Injector};
 use prost::Message;
 use sea_orm::ActiveValue::Set;
 use sea_orm::entity::prelude::*;
-use sea_orm::{ConnectionTrait, DatabaseConnection, QueryOrder, QuerySelect};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, QueryOrder, QuerySelect,
+    TransactionTrait,
+};
+use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::ApiError;
@@ -130,6 +135,15 @@ pub fn consumer_span(event: &pb::Event) -> tracing::Span {
     span
 }
 
+/// The configured subscribers among those that take an event kind.
+pub fn route(configured: &[String], takers: &[&str]) -> Vec<String> {
+    configured
+        .iter()
+        .filter(|name| takers.contains(&name.as_str()))
+        .cloned()
+        .collect()
+}
+
 /// Records `event` for every subscriber in the caller's transaction.
 pub async fn record(
     conn: &impl ConnectionTrait,
@@ -193,6 +207,73 @@ pub async fn seen(conn: &impl ConnectionTrait, event_id: &str) -> Result<bool, A
         .one(conn)
         .await?
         .is_some())
+}
+
+/// What a service does with the events delivered to it.
+#[tonic::async_trait]
+pub trait Consumer: Send + Sync + 'static {
+    /// What the effect of one event leaves for after its commit.
+    type Applied: Send;
+
+    /// Applies `event` in `txn`, which also records its delivery: both
+    /// commit together or neither does. Events of kinds the consumer does
+    /// not use are applied as nothing. An error fails the delivery, which
+    /// the producer's relay retries from this event on.
+    async fn apply(
+        &self,
+        txn: &DatabaseTransaction,
+        event: &pb::Event,
+    ) -> Result<Self::Applied, ApiError>;
+
+    /// Runs after the effect committed (cache refresh, live
+    /// notifications): work that may be lost without losing the effect.
+    async fn committed(&self, _applied: Self::Applied) {}
+}
+
+/// Serves `o2c.events.v1.EventsService` for a [`Consumer`]: each event in
+/// its own transaction with its inbox record, in the order delivered, in a
+/// span that continues the producer's trace.
+pub struct Inbox<C> {
+    db: DatabaseConnection,
+    consumer: C,
+}
+
+impl<C: Consumer> Inbox<C> {
+    pub fn new(db: DatabaseConnection, consumer: C) -> Self {
+        Self { db, consumer }
+    }
+
+    /// The tonic service to add to a server's routes.
+    pub fn into_server(self) -> EventsServiceServer<Self> {
+        EventsServiceServer::new(self)
+    }
+
+    async fn deliver_one(&self, event: &pb::Event) -> Result<(), ApiError> {
+        let txn = self.db.begin().await?;
+        if !first_delivery(&txn, &event.event_id, Utc::now()).await? {
+            // A redelivery: its effect is already committed.
+            return Ok(());
+        }
+        let applied = self.consumer.apply(&txn, event).await?;
+        txn.commit().await?;
+        self.consumer.committed(applied).await;
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl<C: Consumer> EventsService for Inbox<C> {
+    async fn deliver(
+        &self,
+        request: tonic::Request<pb::DeliverRequest>,
+    ) -> Result<tonic::Response<pb::DeliverResponse>, tonic::Status> {
+        for event in &request.get_ref().events {
+            self.deliver_one(event)
+                .instrument(consumer_span(event))
+                .await?;
+        }
+        Ok(tonic::Response::new(pb::DeliverResponse {}))
+    }
 }
 
 /// Delivers recorded events to their subscribers.

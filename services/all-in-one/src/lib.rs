@@ -171,11 +171,29 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
     credit_policy.event_subscribers = [("crm-sync".to_owned(), url(addresses.crm_sync))]
         .into_iter()
         .collect();
+    let subscribers = |names: &[(&str, SocketAddr)]| {
+        names
+            .iter()
+            .map(|(name, address)| ((*name).to_owned(), url(*address)))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
     let payments_policy = o2c_payments::PaymentsSettings {
         invoicing_url: url(addresses.invoicing),
         credit_url: url(addresses.credit),
         call_timeout_ms,
+        event_subscribers: subscribers(&[
+            ("invoicing", addresses.invoicing),
+            ("crm-sync", addresses.crm_sync),
+        ]),
         ..settings.payments_policy.clone()
+    };
+    let invoicing_policy = o2c_invoicing::InvoicingSettings {
+        event_subscribers: subscribers(&[
+            ("credit", addresses.credit),
+            ("payments", addresses.payments),
+            ("crm-sync", addresses.crm_sync),
+        ]),
+        ..settings.invoicing_policy.clone()
     };
     let routes: [(&'static str, &'static str, Routes, &ServiceSettings); 6] = [
         (
@@ -206,7 +224,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
             o2c_invoicing::SERVICE_NAME,
             o2c_invoicing::build_configured(
                 &settings.invoicing,
-                &settings.invoicing_policy,
+                &invoicing_policy,
                 o2c_kit::clock::system_clock(),
             )
             .await?,

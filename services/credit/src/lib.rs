@@ -180,6 +180,7 @@ pub async fn build_with(
         &credit.event_subscribers,
         Duration::from_millis(o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS),
     )?;
+    let db_for_events = db.clone();
     let api = grpc::CreditApi::new(
         db,
         cache,
@@ -190,7 +191,8 @@ pub async fn build_with(
     Ok(Built {
         relay,
         maintenance: Maintenance::new(api.clone()),
-        routes: Routes::new(CreditServiceServer::new(api)),
+        routes: Routes::new(CreditServiceServer::new(api.clone()))
+            .add_service(o2c_kit::outbox::Inbox::new(db_for_events, api).into_server()),
     })
 }
 

@@ -67,9 +67,7 @@ pub async fn build(service: &ServiceSettings, upstreams: &Upstreams) -> anyhow::
     let timeout = Duration::from_millis(upstreams.call_timeout_ms);
     let customers =
         CustomerServiceClient::new(o2c_kit::client::channel(&upstreams.customer_url, timeout)?);
-    let events = o2c_proto::events::v1::events_service_server::EventsServiceServer::new(
-        grpc::events::EventsApi::new(db.clone()),
-    );
+    let events = o2c_kit::outbox::Inbox::new(db.clone(), grpc::events::EventsApi).into_server();
     Ok(Routes::new(CrmSyncServiceServer::new(grpc::CrmSyncApi::new(
         db, customers,
     )))

@@ -44,6 +44,7 @@ pub struct Pass {
 #[derive(Clone)]
 pub struct Collector {
     pub(crate) db: DatabaseConnection,
+    pub(crate) events: crate::grpc::PaymentEvents,
     pub(crate) processor: Arc<dyn Processor>,
     pub(crate) invoicing: InvoicingServiceClient<TracedChannel>,
     pub(crate) credit: CreditServiceClient<TracedChannel>,
@@ -149,6 +150,7 @@ impl Collector {
                     },
                 )
                 .await?;
+                self.events.changed(&txn, &payment, now).await?;
                 c::record_attempt(
                     &txn,
                     session,
@@ -224,43 +226,37 @@ impl Collector {
                 amount: Some(proto_money::to_proto(&amount)),
             })
             .await;
-        let settled = match applied {
-            Ok(response) => {
-                let discount = match response.into_inner().discount_taken {
-                    Some(m) => proto_money::parse("discount_taken", Some(&m))?,
-                    None => Money::zero(amount.currency()),
-                };
-                Some(
-                    amount
-                        .checked_add(&discount)
-                        .map_err(|e| ApiError::Internal(e.to_string()))?,
-                )
-            }
+        let invoice = match applied {
+            Ok(response) => response.into_inner().invoice,
             // The invoice was settled otherwise meanwhile: the money stays
             // with the customer as unapplied cash.
             Err(status) if matches!(status.code(), Code::FailedPrecondition | Code::NotFound) => {
                 let txn = self.db.begin().await?;
-                c::unallocate(&txn, &payment_id, &session.invoice_id).await?;
+                if c::unallocate(&txn, &payment_id, &session.invoice_id, amount).await? {
+                    let id = payment_id.parse().map_err(|_| {
+                        ApiError::Internal(format!("session {} has an invalid payment", session.id))
+                    })?;
+                    let payment = storage::get(&txn, &session.tenant_id, id).await?;
+                    self.events.changed(&txn, &payment, (self.clock)()).await?;
+                }
                 txn.commit().await?;
                 None
             }
             Err(status) => return Err(o2c_kit::error::from_upstream("invoicing", status)),
         };
-        if let Some(settled) = settled {
+        if let Some(invoice) = invoice {
+            // The invoice's own event brings credit up to date as well;
+            // this call only makes it immediate.
             let result = self
                 .credit
                 .clone()
-                .settle_receivable(credit_pb::SettleReceivableRequest {
-                    idempotency_key: format!("collect:{}:settle", session.id),
+                .sync_receivable(credit_pb::SyncReceivableRequest {
                     tenant_id: session.tenant_id.clone(),
-                    invoice_id: session.invoice_id.clone(),
-                    amount: Some(proto_money::to_proto(&settled)),
+                    invoice: Some(invoice),
                 })
                 .await;
-            match result {
-                Ok(_) => {}
-                Err(status) if status.code() == Code::NotFound => {}
-                Err(status) => return Err(o2c_kit::error::from_upstream("credit", status)),
+            if let Err(status) = result {
+                return Err(o2c_kit::error::from_upstream("credit", status));
             }
         }
         c::set_state(&self.db, session, c::COLLECTED, c::SUCCEEDED).await?;

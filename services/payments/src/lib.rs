@@ -42,6 +42,12 @@ pub struct PaymentsSettings {
     pub credit_url: String,
     /// Deadline of each call to another service.
     pub call_timeout_ms: u64,
+    /// Services that receive payments' events (name → address of their
+    /// `o2c.events.v1.EventsService`): `invoicing` and `crm-sync` take
+    /// `PaymentChanged`.
+    pub event_subscribers: std::collections::BTreeMap<String, String>,
+    /// How often the outbox relay delivers.
+    pub relay_interval_ms: u64,
 }
 
 impl Default for PaymentsSettings {
@@ -55,6 +61,13 @@ impl Default for PaymentsSettings {
             invoicing_url: "http://127.0.0.1:50053".into(),
             credit_url: "http://127.0.0.1:50052".into(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
+            event_subscribers: [
+                ("invoicing".to_owned(), "http://127.0.0.1:50053".to_owned()),
+                ("crm-sync".to_owned(), "http://127.0.0.1:50055".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
+            relay_interval_ms: 250,
         }
     }
 }
@@ -100,10 +113,11 @@ pub fn default_settings() -> Settings {
     Settings::local("payments", DEFAULT_PORT, PaymentsSettings::default())
 }
 
-/// A built service: its routes and its collector.
+/// A built service: its routes, its collector and its event relay.
 pub struct Built {
     pub routes: Routes,
     pub collector: collector::Collector,
+    pub relay: o2c_kit::outbox::Relay,
 }
 
 /// Connects to the database, applies migrations, and builds the service on
@@ -121,8 +135,11 @@ pub async fn build_with(
             .await
             .map_err(|e| anyhow::anyhow!("payments database {}: {e}", service.database_url))?;
     let timeout = std::time::Duration::from_millis(payments.call_timeout_ms);
+    let relay = o2c_kit::outbox::Relay::new(db.clone(), &payments.event_subscribers, timeout)?;
+    let events = grpc::PaymentEvents::new(relay.subscriber_names());
     let collector = collector::Collector {
         db: db.clone(),
+        events: events.clone(),
         processor,
         invoicing: o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient::new(
             o2c_kit::client::channel(&payments.invoicing_url, timeout)?,
@@ -133,11 +150,12 @@ pub async fn build_with(
         retry_schedule_ms: payments.collection_retry_schedule_ms.clone(),
         clock: clock.clone(),
     };
+    let api = grpc::PaymentsApi::new(db.clone(), limits, clock, events);
     Ok(Built {
-        routes: Routes::new(PaymentsServiceServer::new(grpc::PaymentsApi::new(
-            db, limits, clock,
-        ))),
+        routes: Routes::new(PaymentsServiceServer::new(api.clone()))
+            .add_service(o2c_kit::outbox::Inbox::new(db, api).into_server()),
         collector,
+        relay,
     })
 }
 
@@ -151,6 +169,9 @@ pub async fn build(
         payments.processor.clone(),
     ));
     let built = build_with(service, payments, o2c_kit::clock::system_clock(), processor).await?;
+    built.relay.clone().spawn(std::time::Duration::from_millis(
+        payments.relay_interval_ms.max(10),
+    ));
     let interval = std::time::Duration::from_millis(payments.collection_interval_ms);
     let collector = built.collector;
     tokio::spawn(async move {

@@ -336,17 +336,19 @@ mod collections {
             .into_inner()
             .invoice
             .unwrap();
-        w.credit
-            .convert_reservation(credit_pb::ConvertReservationRequest {
-                idempotency_key: key(),
+        let synced = w
+            .credit
+            .sync_receivable(credit_pb::SyncReceivableRequest {
                 tenant_id: TENANT.into(),
-                reservation_id: decision.reservation_id,
-                invoice_id: invoice.invoice_id.clone(),
-                invoice_amount: eur("100.00"),
-                due_date: invoice.due_date.clone(),
+                invoice: Some(invoice.clone()),
             })
             .await
-            .unwrap();
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            synced.converted.unwrap().reservation_id,
+            decision.reservation_id
+        );
         w.payments
             .create_mandate(pb::CreateMandateRequest {
                 idempotency_key: key(),

@@ -16,6 +16,7 @@ use tonic::{Code, Request};
 
 mod credit_desk;
 mod crm;
+mod events;
 mod money;
 
 pub const TENANT: &str = "acme-eu";
@@ -27,6 +28,7 @@ pub struct Running {
     pub invoicing:
         o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient<Channel>,
     pub crm: o2c_proto::crm_sync::v1::crm_sync_service_client::CrmSyncServiceClient<Channel>,
+    pub payments: o2c_proto::payments::v1::payments_service_client::PaymentsServiceClient<Channel>,
     _databases: Vec<TestDatabase>,
 }
 
@@ -75,12 +77,16 @@ pub async fn run_suite(backend: Backend) -> Option<Running> {
     let crm = o2c_proto::crm_sync::v1::crm_sync_service_client::CrmSyncServiceClient::new(
         connect(suite.addresses.crm_sync).await,
     );
+    let payments = o2c_proto::payments::v1::payments_service_client::PaymentsServiceClient::new(
+        connect(suite.addresses.payments).await,
+    );
     Some(Running {
         suite,
         gateway,
         credit,
         invoicing,
         crm,
+        payments,
         _databases: databases,
     })
 }
@@ -860,14 +866,22 @@ async fn reconciliation_finds_what_bypassed_the_flow(backend: Backend) {
         .invoice
         .unwrap();
     assert_reconciled(&mut s.gateway, &customer).await;
-    // A payment applied in invoicing only: credit never heard of it.
-    s.invoicing
-        .apply_payment(o2c_proto::invoicing::v1::ApplyPaymentRequest {
-            idempotency_key: key(),
+    // A receivable told to credit only: invoicing never issued it.
+    let phantom = o2c_proto::invoicing::v1::Invoice {
+        invoice_id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: TENANT.into(),
+        customer_id: customer.clone(),
+        currency_code: "EUR".into(),
+        total: eur("40.00"),
+        amount_open: eur("40.00"),
+        status: o2c_proto::invoicing::v1::InvoiceStatus::Open as i32,
+        due_date: invoice.due_date.clone(),
+        ..Default::default()
+    };
+    s.credit
+        .sync_receivable(credit_pb::SyncReceivableRequest {
             tenant_id: TENANT.into(),
-            invoice_id: invoice.invoice_id.clone(),
-            payment_id: uuid::Uuid::now_v7().to_string(),
-            amount: eur("40.00"),
+            invoice: Some(phantom),
         })
         .await
         .unwrap();
@@ -901,8 +915,8 @@ async fn reconciliation_finds_what_bypassed_the_flow(backend: Backend) {
         [
             (
                 pb::DifferenceKind::Receivable,
-                "100.00".to_owned(),
-                "60.00".to_owned()
+                "40.00".to_owned(),
+                "no such invoice".to_owned()
             ),
             (
                 pb::DifferenceKind::Reservation,

@@ -27,12 +27,6 @@ pub enum CreditError {
     OrderAlreadyReserved(String),
     #[error("reservation is {0}, not open")]
     ReservationNotOpen(&'static str),
-    #[error("invoice amount {invoice} exceeds the reserved {reserved}")]
-    InvoiceExceedsReservation { invoice: Money, reserved: Money },
-    #[error("invoice {0} already has a receivable")]
-    ReceivableExists(String),
-    #[error("payment of {amount} exceeds the open receivable {open}")]
-    SettlementExceedsOpen { amount: Money, open: Money },
     #[error("amount out of range: {0}")]
     Money(#[from] MoneyError),
     #[error("parent account: {0}")]

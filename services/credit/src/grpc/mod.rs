@@ -17,6 +17,8 @@ use o2c_money::ids::{CustomerId, InvoiceId, ReservationId};
 use o2c_money::{Currency, Money};
 use o2c_proto::credit::v1 as pb;
 use o2c_proto::credit::v1::credit_service_server::CreditService;
+use o2c_proto::events::v1 as events_pb;
+use o2c_proto::invoicing::v1 as invoicing_pb;
 use prost::Message;
 use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tokio::sync::broadcast;
@@ -132,6 +134,50 @@ impl CreditApi {
         Ok(())
     }
 
+    /// Applies an invoice snapshot in `txn` (the RPC and the event share
+    /// this): `None` when the customer has no credit account, so there is
+    /// nothing to track.
+    async fn sync_in(
+        &self,
+        txn: &DatabaseTransaction,
+        tenant: &str,
+        invoice: &SnapshotOf,
+    ) -> Result<Option<SyncedInvoice>, ApiError> {
+        let Some(account) = storage::find_account(txn, tenant, invoice.customer_id).await? else {
+            return Ok(None);
+        };
+        same_currency("invoice.total", &invoice.total, &account)?;
+        let now = self.now();
+        let before = account.exposure;
+        let synced = storage::sync_receivable(txn, &account, &invoice.state, now).await?;
+        if !synced.changed {
+            return Ok(Some(SyncedInvoice {
+                account: synced.account,
+                converted: None,
+                exposures: Vec::new(),
+                alerts: Vec::new(),
+            }));
+        }
+        let alerts =
+            check::alerts_after_change(txn, &self.context(now), &synced.account, &before).await?;
+        let exposures = self.touched(txn, &synced.account).await?;
+        self.record_exposures(txn, tenant, &exposures).await?;
+        Ok(Some(SyncedInvoice {
+            account: synced.account,
+            converted: synced.converted,
+            exposures,
+            alerts,
+        }))
+    }
+
+    /// After a sync committed: refreshes the cache and publishes alerts.
+    async fn after_sync(&self, tenant: &str, synced: SyncedInvoice) {
+        for exposure in &synced.exposures {
+            self.cache.put(tenant, exposure).await;
+        }
+        self.alerts.publish(synced.alerts);
+    }
+
     fn now(&self) -> DateTime<Utc> {
         (self.config.clock)()
     }
@@ -225,9 +271,6 @@ impl From<CreditError> for ApiError {
             }
             CreditError::OrderAlreadyReserved(_) => ApiError::AlreadyExists(message),
             CreditError::ReservationNotOpen(_) => ApiError::FailedPrecondition(message),
-            CreditError::InvoiceExceedsReservation { .. } => ApiError::FailedPrecondition(message),
-            CreditError::ReceivableExists(_) => ApiError::AlreadyExists(message),
-            CreditError::SettlementExceedsOpen { .. } => ApiError::FailedPrecondition(message),
             CreditError::Money(_) => ApiError::Internal(message),
             CreditError::Parent(_) => ApiError::invalid("parent_customer_id", message),
             CreditError::SameApprover(_) => ApiError::FailedPrecondition(message),
@@ -235,6 +278,142 @@ impl From<CreditError> for ApiError {
             CreditError::HoldNotOpen(_) => ApiError::FailedPrecondition(message),
             CreditError::OrderHeld(_) => ApiError::AlreadyExists(message),
             CreditError::AboveAuthority(_) => ApiError::FailedPrecondition(message),
+        }
+    }
+}
+
+/// A validated invoice snapshot.
+pub struct SnapshotOf {
+    customer_id: CustomerId,
+    total: Money,
+    state: storage::InvoiceState,
+}
+
+/// What applying a snapshot left for after the commit.
+pub struct SyncedInvoice {
+    account: Account,
+    converted: Option<storage::Reservation>,
+    exposures: Vec<Exposure>,
+    alerts: Vec<Alert>,
+}
+
+/// Reads the parts of an invoice snapshot credit uses; `None` for a draft.
+fn invoice_state(
+    field: &str,
+    invoice: Option<&invoicing_pb::Invoice>,
+) -> Result<Option<SnapshotOf>, ApiError> {
+    let Some(invoice) = invoice else {
+        return Err(ApiError::invalid(field, "is required"));
+    };
+    let status = invoicing_pb::InvoiceStatus::try_from(invoice.status)
+        .unwrap_or(invoicing_pb::InvoiceStatus::Unspecified);
+    match status {
+        invoicing_pb::InvoiceStatus::Unspecified => {
+            return Err(ApiError::invalid(format!("{field}.status"), "must be set"));
+        }
+        invoicing_pb::InvoiceStatus::Draft => return Ok(None),
+        _ => {}
+    }
+    let mut v = Violations::default();
+    let invoice_id = v.check(fields::id::<InvoiceId>(
+        &format!("{field}.invoice_id"),
+        &invoice.invoice_id,
+    ));
+    let customer_id = v.check(fields::id::<CustomerId>(
+        &format!("{field}.customer_id"),
+        &invoice.customer_id,
+    ));
+    let order_id = v.check(fields::optional_text(
+        &format!("{field}.order_id"),
+        &invoice.order_id,
+        MAX_ORDER_ID_LENGTH,
+    ));
+    let total = v.check(proto_money::parse_positive(
+        &format!("{field}.total"),
+        invoice.total.as_ref(),
+    ));
+    let open = v.check(proto_money::parse(
+        &format!("{field}.amount_open"),
+        invoice.amount_open.as_ref(),
+    ));
+    let due = v.check(fields::optional_date(
+        &format!("{field}.due_date"),
+        &invoice.due_date,
+    ));
+    v.finish()?;
+    let (Some(invoice_id), Some(customer_id), Some(_), Some(total), Some(open), Some(due)) =
+        (invoice_id, customer_id, order_id, total, open, due)
+    else {
+        return Err(missing());
+    };
+    if open.currency() != total.currency()
+        || open.is_negative()
+        || open.minor_units() > total.minor_units()
+    {
+        return Err(ApiError::invalid(
+            format!("{field}.amount_open"),
+            "0 to the total, in its currency",
+        ));
+    }
+    Ok(Some(SnapshotOf {
+        customer_id,
+        state: storage::InvoiceState {
+            invoice_id: invoice_id.to_string(),
+            order_id: (!invoice.order_id.is_empty()).then(|| invoice.order_id.clone()),
+            total_minor: total.minor_units(),
+            open_minor: open.minor_units(),
+            due_date: due,
+        },
+        total,
+    }))
+}
+
+/// Credit's consumer of invoicing's events: each `InvoiceChanged` brings
+/// the invoice's receivable up to date, in the transaction that records
+/// the event as delivered.
+#[tonic::async_trait]
+impl o2c_kit::outbox::Consumer for CreditApi {
+    type Applied = Option<(String, SyncedInvoice)>;
+
+    async fn apply(
+        &self,
+        txn: &DatabaseTransaction,
+        event: &events_pb::Event,
+    ) -> Result<Self::Applied, ApiError> {
+        let Some(events_pb::event::Body::InvoiceChanged(changed)) = &event.body else {
+            return Ok(None);
+        };
+        let snapshot = match invoice_state("invoice", changed.invoice.as_ref()) {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => return Ok(None),
+            // Our own producer sent it: a defect to fix, not to skip.
+            Err(error) => {
+                return Err(ApiError::Internal(format!(
+                    "invoicing event {} is malformed: {error}",
+                    event.event_id
+                )));
+            }
+        };
+        match self.sync_in(txn, &event.tenant_id, &snapshot).await {
+            Ok(synced) => Ok(synced.map(|s| (event.tenant_id.clone(), s))),
+            // An invoice in another currency than the account cannot count
+            // against its limit; reconciliation reports the difference.
+            Err(ApiError::InvalidArgument(violations)) => {
+                tracing::warn!(
+                    event = %event.event_id,
+                    invoice = %snapshot.state.invoice_id,
+                    ?violations,
+                    "invoice not tracked as a receivable"
+                );
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn committed(&self, applied: Self::Applied) {
+        if let Some((tenant, synced)) = applied {
+            self.after_sync(&tenant, synced).await;
         }
     }
 }
@@ -495,77 +674,50 @@ impl CreditService for CreditApi {
         .await
     }
 
-    async fn convert_reservation(
+    async fn sync_receivable(
         &self,
-        request: Request<pb::ConvertReservationRequest>,
-    ) -> Result<Response<pb::ConvertReservationResponse>, Status> {
+        request: Request<pb::SyncReceivableRequest>,
+    ) -> Result<Response<pb::SyncReceivableResponse>, Status> {
         let request = request.into_inner();
         let mut v = Violations::default();
         let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let reservation_id = v.check(fields::id::<ReservationId>(
-            "reservation_id",
-            &request.reservation_id,
-        ));
-        let invoice = v.check(fields::id::<InvoiceId>("invoice_id", &request.invoice_id));
-        let amount = v.check(proto_money::parse_positive(
-            "invoice_amount",
-            request.invoice_amount.as_ref(),
-        ));
-        let due = v.check(fields::optional_date("due_date", &request.due_date));
-        v.check(idempotency::validate_key(&request.idempotency_key));
+        let invoice = v.check(invoice_state("invoice", request.invoice.as_ref()));
         v.finish()?;
-        let (Some(tenant), Some(reservation_id), Some(invoice), Some(amount), Some(due)) =
-            (tenant, reservation_id, invoice, amount, due)
-        else {
+        let (Some(tenant), Some(invoice)) = (tenant, invoice) else {
             return Err(missing().into());
         };
-        let scope = format!("{tenant}/credit.ConvertReservation");
-        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
-        let txn = match self.begin(&scope, key, &bytes).await? {
-            Begun::Replay(response) => return Ok(Response::new(response)),
-            Begun::Fresh(txn) => txn,
+        let Some(invoice) = invoice else {
+            // A draft owes nothing yet.
+            return Ok(Response::new(pb::SyncReceivableResponse::default()));
         };
-        let reservation = storage::get_reservation(&txn, &tenant, reservation_id).await?;
-        let account = storage::account_by_id(&txn, &reservation.account_id).await?;
-        same_currency("invoice_amount", &amount, &account)?;
-        if amount.minor_units() > reservation.amount_minor {
-            let reserved = account
-                .exposure
-                .money(reservation.amount_minor)
-                .map_err(|e| ApiError::from(CreditError::from(e)))?;
-            return Err(ApiError::from(CreditError::InvoiceExceedsReservation {
-                invoice: amount,
-                reserved,
-            })
-            .into());
-        }
-        let now = self.now();
-        let (reservation, account) = storage::convert(
-            &txn,
-            &tenant,
-            &reservation,
-            &invoice.to_string(),
-            amount.minor_units(),
-            due,
-            now,
-        )
-        .await?;
-        let response = pb::ConvertReservationResponse {
-            reservation: Some(convert::reservation(&reservation, &account.exposure)?),
-            exposure: Some(convert::exposure(&account.exposure)?),
+        let mut attempt = 0;
+        let synced = loop {
+            attempt += 1;
+            let txn = self.db.begin().await.map_err(ApiError::from)?;
+            match self.sync_in(&txn, &tenant, &invoice).await {
+                Ok(synced) => {
+                    txn.commit().await.map_err(ApiError::from)?;
+                    break synced;
+                }
+                // The invoice's event landed at the same moment: once more
+                // sees what it did.
+                Err(ApiError::Aborted(_)) if attempt < 3 => continue,
+                Err(error) => return Err(error.into()),
+            }
         };
-        let exposures = self.touched(&txn, &account).await?;
-        self.finish(
-            txn,
-            &scope,
-            key,
-            &bytes,
-            response,
-            &tenant,
-            &exposures,
-            Vec::new(),
-        )
-        .await
+        let Some(synced) = synced else {
+            return Ok(Response::new(pb::SyncReceivableResponse::default()));
+        };
+        let response = pb::SyncReceivableResponse {
+            exposure: Some(convert::exposure(&synced.account.exposure)?),
+            converted: synced
+                .converted
+                .as_ref()
+                .map(|r| convert::reservation(r, &synced.account.exposure))
+                .transpose()?,
+        };
+        self.after_sync(&tenant, synced).await;
+        Ok(Response::new(response))
     }
 
     async fn release_reservation(
@@ -606,48 +758,6 @@ impl CreditService for CreditApi {
         .await?;
         let response = pb::ReleaseReservationResponse {
             reservation: Some(convert::reservation(&reservation, &account.exposure)?),
-            exposure: Some(convert::exposure(&account.exposure)?),
-        };
-        let exposures = self.touched(&txn, &account).await?;
-        self.finish(
-            txn,
-            &scope,
-            key,
-            &bytes,
-            response,
-            &tenant,
-            &exposures,
-            Vec::new(),
-        )
-        .await
-    }
-
-    async fn settle_receivable(
-        &self,
-        request: Request<pb::SettleReceivableRequest>,
-    ) -> Result<Response<pb::SettleReceivableResponse>, Status> {
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let invoice = v.check(fields::id::<InvoiceId>("invoice_id", &request.invoice_id));
-        let amount = v.check(proto_money::parse_positive(
-            "amount",
-            request.amount.as_ref(),
-        ));
-        v.check(idempotency::validate_key(&request.idempotency_key));
-        v.finish()?;
-        let (Some(tenant), Some(invoice), Some(amount)) = (tenant, invoice, amount) else {
-            return Err(missing().into());
-        };
-        let scope = format!("{tenant}/credit.SettleReceivable");
-        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
-        let txn = match self.begin(&scope, key, &bytes).await? {
-            Begun::Replay(response) => return Ok(Response::new(response)),
-            Begun::Fresh(txn) => txn,
-        };
-        let account =
-            storage::settle(&txn, &tenant, &invoice.to_string(), amount, self.now()).await?;
-        let response = pb::SettleReceivableResponse {
             exposure: Some(convert::exposure(&account.exposure)?),
         };
         let exposures = self.touched(&txn, &account).await?;
@@ -1512,61 +1622,6 @@ impl CreditService for CreditApi {
         Ok(Response::new(pb::ExplainScoreResponse {
             score: Some(convert::score(&stored, &factors, &account.exposure)?),
         }))
-    }
-
-    async fn record_receivable(
-        &self,
-        request: Request<pb::RecordReceivableRequest>,
-    ) -> Result<Response<pb::RecordReceivableResponse>, Status> {
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let customer = v.check(fields::id::<CustomerId>(
-            "customer_id",
-            &request.customer_id,
-        ));
-        let invoice = v.check(fields::id::<InvoiceId>("invoice_id", &request.invoice_id));
-        let amount = v.check(proto_money::parse_positive(
-            "amount",
-            request.amount.as_ref(),
-        ));
-        let due = v.check(fields::optional_date("due_date", &request.due_date));
-        v.check(idempotency::validate_key(&request.idempotency_key));
-        v.finish()?;
-        let (Some(tenant), Some(customer), Some(invoice), Some(amount), Some(due)) =
-            (tenant, customer, invoice, amount, due)
-        else {
-            return Err(missing().into());
-        };
-        let scope = format!("{tenant}/credit.RecordReceivable");
-        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
-        let txn = match self.begin(&scope, key, &bytes).await? {
-            Begun::Replay(response) => return Ok(Response::new(response)),
-            Begun::Fresh(txn) => txn,
-        };
-        let now = self.now();
-        let account = storage::require_account(&txn, &tenant, customer).await?;
-        same_currency("amount", &amount, &account)?;
-        let before = account.exposure;
-        let account = storage::record_receivable(
-            &txn,
-            &account,
-            &invoice.to_string(),
-            amount.minor_units(),
-            due,
-            now,
-        )
-        .await?;
-        let alerts =
-            check::alerts_after_change(&txn, &self.context(now), &account, &before).await?;
-        let response = pb::RecordReceivableResponse {
-            exposure: Some(convert::exposure(&account.exposure)?),
-        };
-        let exposures = self.touched(&txn, &account).await?;
-        self.finish(
-            txn, &scope, key, &bytes, response, &tenant, &exposures, alerts,
-        )
-        .await
     }
 
     async fn list_credit_accounts(

@@ -737,27 +737,128 @@ async fn resolve(
     }
 }
 
-/// Converts an open reservation into a receivable of `invoice_minor`
-/// (at most the reservation); the rest of the reservation is released.
-pub async fn convert(
+/// An invoice as the invoicing service reported it, in minor units of the
+/// account currency.
+#[derive(Debug, Clone)]
+pub struct InvoiceState {
+    pub invoice_id: String,
+    /// The order whose reservation the invoice turns into a receivable.
+    pub order_id: Option<String>,
+    pub total_minor: i64,
+    pub open_minor: i64,
+    pub due_date: Option<NaiveDate>,
+}
+
+/// What [`sync_receivable`] did.
+#[derive(Debug)]
+pub struct Synced {
+    pub account: Account,
+    /// The order's reservation, when this invoice converted it.
+    pub converted: Option<Reservation>,
+    /// Whether anything changed (false for a snapshot already known).
+    pub changed: bool,
+}
+
+/// The open reservation of `order_id` on `account`, if any.
+async fn open_reservation_of_order(
     conn: &impl ConnectionTrait,
-    tenant_id: &str,
-    reservation: &Reservation,
-    invoice_id: &str,
-    invoice_minor: i64,
-    due_date: Option<NaiveDate>,
+    account: &Account,
+    order_id: &str,
+) -> Result<Option<Reservation>, ApiError> {
+    reservation::Entity::find()
+        .filter(reservation::Column::TenantId.eq(account.tenant_id.clone()))
+        .filter(reservation::Column::OrderId.eq(order_id))
+        .filter(reservation::Column::AccountId.eq(account.id.to_string()))
+        .filter(reservation::Column::State.eq(STATE_OPEN))
+        .one(conn)
+        .await?
+        .map(to_reservation)
+        .transpose()
+}
+
+/// Brings the receivable of an invoice of `account` up to date.
+///
+/// The first report of an order's invoice converts the order's open
+/// reservation (all of it is released; the invoice's open amount becomes
+/// the receivable); a standalone invoice, or one whose reservation is gone,
+/// becomes a receivable of its own. Afterwards the open amount only falls:
+/// an issued invoice's open amount never rises, so a report no lower than
+/// the recorded amount is stale or repeated and changes nothing. A
+/// concurrent report of the same invoice makes this one fail with ABORTED
+/// (the caller retries and then sees it).
+pub async fn sync_receivable(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    invoice: &InvoiceState,
     now: DateTime<Utc>,
-) -> Result<(Reservation, Account), ApiError> {
-    require_open(reservation)?;
-    resolve(conn, reservation, STATE_CONVERTED, Some(invoice_id), now).await?;
+) -> Result<Synced, ApiError> {
+    let raced = || ApiError::Aborted("receivable changed concurrently; retry".into());
+    let existing =
+        receivable::Entity::find_by_id((account.tenant_id.clone(), invoice.invoice_id.clone()))
+            .one(conn)
+            .await?;
+    if let Some(row) = existing {
+        if invoice.open_minor >= row.open_minor || row.account_id != account.id.to_string() {
+            return Ok(Synced {
+                account: account.clone(),
+                converted: None,
+                changed: false,
+            });
+        }
+        let result = receivable::Entity::update_many()
+            .col_expr(
+                receivable::Column::OpenMinor,
+                Expr::value(invoice.open_minor),
+            )
+            .filter(receivable::Column::TenantId.eq(account.tenant_id.clone()))
+            .filter(receivable::Column::InvoiceId.eq(invoice.invoice_id.clone()))
+            .filter(receivable::Column::OpenMinor.eq(row.open_minor))
+            .exec(conn)
+            .await?;
+        if result.rows_affected != 1 {
+            return Err(raced());
+        }
+        let account = adjust(
+            conn,
+            &row.account_id,
+            0,
+            invoice.open_minor - row.open_minor,
+            now,
+        )
+        .await?;
+        return Ok(Synced {
+            account,
+            converted: None,
+            changed: true,
+        });
+    }
+    let reservation = match &invoice.order_id {
+        Some(order_id) => open_reservation_of_order(conn, account, order_id).await?,
+        None => None,
+    };
+    let released_minor = match &reservation {
+        Some(reservation) => {
+            resolve(
+                conn,
+                reservation,
+                STATE_CONVERTED,
+                Some(&invoice.invoice_id),
+                now,
+            )
+            .await
+            .map_err(|_| raced())?;
+            reservation.amount_minor
+        }
+        None => 0,
+    };
     let inserted = receivable::Entity::insert(receivable::ActiveModel {
-        tenant_id: Set(tenant_id.to_owned()),
-        invoice_id: Set(invoice_id.to_owned()),
-        account_id: Set(reservation.account_id.clone()),
-        reservation_id: Set(Some(reservation.id.to_string())),
-        amount_minor: Set(invoice_minor),
-        open_minor: Set(invoice_minor),
-        due_date: Set(due_date),
+        tenant_id: Set(account.tenant_id.clone()),
+        invoice_id: Set(invoice.invoice_id.clone()),
+        account_id: Set(account.id.to_string()),
+        reservation_id: Set(reservation.as_ref().map(|r| r.id.to_string())),
+        amount_minor: Set(invoice.total_minor),
+        open_minor: Set(invoice.open_minor),
+        due_date: Set(invoice.due_date),
         dunning_level: Set(0),
         created_at: Set(now),
     })
@@ -765,21 +866,26 @@ pub async fn convert(
     .await;
     match inserted {
         Ok(_) => {}
-        Err(error) if o2c_kit::db::is_unique_violation(&error) => {
-            return Err(CreditError::ReceivableExists(invoice_id.to_owned()).into());
-        }
+        Err(error) if o2c_kit::db::is_unique_violation(&error) => return Err(raced()),
         Err(error) => return Err(error.into()),
     }
-    let account = adjust(
+    let updated = adjust(
         conn,
-        &reservation.account_id,
-        -reservation.amount_minor,
-        invoice_minor,
+        &account.id.to_string(),
+        -released_minor,
+        invoice.open_minor,
         now,
     )
     .await?;
-    let updated = get_reservation(conn, tenant_id, reservation.id).await?;
-    Ok((updated, account))
+    let converted = match reservation {
+        Some(reservation) => Some(get_reservation(conn, &account.tenant_id, reservation.id).await?),
+        None => None,
+    };
+    Ok(Synced {
+        account: updated,
+        converted,
+        changed: true,
+    })
 }
 
 /// Releases an open reservation (order cancelled) or expires it.
@@ -846,51 +952,6 @@ pub async fn expired_reservations(
             to_reservation(row).map(|r| (tenant, r))
         })
         .collect()
-}
-
-/// Lowers the open receivable of `invoice_id` by `amount`, refusing to go
-/// below zero.
-pub async fn settle(
-    conn: &impl ConnectionTrait,
-    tenant_id: &str,
-    invoice_id: &str,
-    amount: o2c_money::Money,
-    now: DateTime<Utc>,
-) -> Result<Account, ApiError> {
-    let row = receivable::Entity::find_by_id((tenant_id.to_owned(), invoice_id.to_owned()))
-        .one(conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found("receivable for invoice", invoice_id))?;
-    let owner = account_by_id(conn, &row.account_id).await?;
-    if owner.exposure.currency != amount.currency() {
-        return Err(CreditError::CurrencyMismatch {
-            given: amount.currency(),
-            account: owner.exposure.currency,
-        }
-        .into());
-    }
-    let amount_minor = amount.minor_units();
-    let result = receivable::Entity::update_many()
-        .col_expr(
-            receivable::Column::OpenMinor,
-            Expr::col(receivable::Column::OpenMinor).sub(amount_minor),
-        )
-        .filter(receivable::Column::TenantId.eq(tenant_id))
-        .filter(receivable::Column::InvoiceId.eq(invoice_id))
-        .filter(receivable::Column::OpenMinor.gte(amount_minor))
-        .exec(conn)
-        .await?;
-    if result.rows_affected != 1 {
-        return Err(CreditError::SettlementExceedsOpen {
-            amount,
-            open: owner
-                .exposure
-                .money(row.open_minor)
-                .map_err(CreditError::from)?,
-        }
-        .into());
-    }
-    adjust(conn, &row.account_id, 0, -amount_minor, now).await
 }
 
 /// What a decision records.
@@ -1367,38 +1428,6 @@ pub async fn raise_dunning_level(
         .exec(conn)
         .await?;
     Ok(result.rows_affected == 1)
-}
-
-/// Records the receivable of a standalone invoice (no reservation).
-pub async fn record_receivable(
-    conn: &impl ConnectionTrait,
-    account: &Account,
-    invoice_id: &str,
-    amount_minor: i64,
-    due_date: Option<NaiveDate>,
-    now: DateTime<Utc>,
-) -> Result<Account, ApiError> {
-    let inserted = receivable::Entity::insert(receivable::ActiveModel {
-        tenant_id: Set(account.tenant_id.clone()),
-        invoice_id: Set(invoice_id.to_owned()),
-        account_id: Set(account.id.to_string()),
-        reservation_id: Set(None),
-        amount_minor: Set(amount_minor),
-        open_minor: Set(amount_minor),
-        due_date: Set(due_date),
-        dunning_level: Set(0),
-        created_at: Set(now),
-    })
-    .exec(conn)
-    .await;
-    match inserted {
-        Ok(_) => {}
-        Err(error) if o2c_kit::db::is_unique_violation(&error) => {
-            return Err(CreditError::ReceivableExists(invoice_id.to_owned()).into());
-        }
-        Err(error) => return Err(error.into()),
-    }
-    adjust(conn, &account.id.to_string(), 0, amount_minor, now).await
 }
 
 /// Accounts of a tenant by id, strictly after `after`.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use o2c_proto::common::v1::Money;
 use o2c_proto::credit::v1 as pb;
 use o2c_proto::credit::v1::credit_service_client::CreditServiceClient;
+use o2c_proto::invoicing::v1 as invoicing_pb;
 use o2c_testkit::{Backend, Served, TestDatabase, assert_invalid};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -178,6 +179,51 @@ pub async fn assert_consistent(
     check.stored.unwrap()
 }
 
+/// An invoice snapshot as invoicing would send it (EUR, net terms).
+pub fn invoice(
+    customer: &str,
+    order_id: &str,
+    invoice_id: &str,
+    total: &str,
+    open: &str,
+    due_date: &str,
+) -> invoicing_pb::Invoice {
+    let status = if open == "0.00" {
+        invoicing_pb::InvoiceStatus::Paid
+    } else if open == total {
+        invoicing_pb::InvoiceStatus::Open
+    } else {
+        invoicing_pb::InvoiceStatus::PartiallyPaid
+    };
+    invoicing_pb::Invoice {
+        invoice_id: invoice_id.into(),
+        tenant_id: TENANT.into(),
+        customer_id: customer.into(),
+        order_id: order_id.into(),
+        currency_code: "EUR".into(),
+        total: eur(total),
+        amount_open: eur(open),
+        status: status as i32,
+        due_date: due_date.into(),
+        ..Default::default()
+    }
+}
+
+/// Sends `invoice` to credit as the gateway does.
+pub async fn sync(
+    client: &mut CreditServiceClient<Channel>,
+    invoice: invoicing_pb::Invoice,
+) -> pb::SyncReceivableResponse {
+    client
+        .sync_receivable(pb::SyncReceivableRequest {
+            tenant_id: TENANT.into(),
+            invoice: Some(invoice),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 pub fn amount(m: &Option<Money>) -> &str {
     &m.as_ref().unwrap().amount
 }
@@ -201,24 +247,12 @@ async fn ledger_lifecycle(backend: Backend) {
     );
     assert!(held.reservation_id.is_empty());
 
-    let invoice = uuid::Uuid::now_v7().to_string();
-    let converted = h
-        .client
-        .convert_reservation(pb::ConvertReservationRequest {
-            idempotency_key: key(),
-            tenant_id: TENANT.into(),
-            reservation_id: approved.reservation_id.clone(),
-            invoice_id: invoice.clone(),
-            invoice_amount: eur("400.00"),
-            due_date: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        converted.reservation.unwrap().state(),
-        pb::ReservationState::Converted
-    );
+    let invoice_id = uuid::Uuid::now_v7().to_string();
+    let snapshot = |open: &str| invoice(&customer, "order-1", &invoice_id, "400.00", open, "");
+    let converted = sync(&mut h.client, snapshot("400.00")).await;
+    let reservation = converted.converted.unwrap();
+    assert_eq!(reservation.reservation_id, approved.reservation_id);
+    assert_eq!(reservation.state(), pb::ReservationState::Converted);
     let e = converted.exposure.unwrap();
     assert_eq!(amount(&e.reserved), "0.00");
     assert_eq!(amount(&e.receivables), "400.00");
@@ -236,34 +270,53 @@ async fn ledger_lifecycle(backend: Backend) {
         .unwrap_err();
     assert_eq!(again.code(), Code::FailedPrecondition);
 
-    let settled = h
-        .client
-        .settle_receivable(pb::SettleReceivableRequest {
-            idempotency_key: key(),
-            tenant_id: TENANT.into(),
-            invoice_id: invoice.clone(),
-            amount: eur("150.00"),
-        })
+    // 150.00 paid: the open amount falls.
+    let settled = sync(&mut h.client, snapshot("250.00"))
         .await
-        .unwrap()
-        .into_inner()
         .exposure
         .unwrap();
     assert_eq!(amount(&settled.receivables), "250.00");
     assert_eq!(amount(&settled.available), "750.00");
 
-    // Settling more than is open is refused and changes nothing.
-    let over = h
+    // A repeated or stale snapshot (the event arriving after the call, or
+    // an older one late) changes nothing: the open amount only falls.
+    for stale in ["250.00", "400.00"] {
+        let unchanged = sync(&mut h.client, snapshot(stale)).await;
+        assert!(unchanged.converted.is_none());
+        let e = unchanged.exposure.unwrap();
+        assert_eq!(amount(&e.receivables), "250.00", "after {stale}");
+        assert_eq!(e.version, settled.version, "after {stale}");
+    }
+
+    // An open amount above the total is refused and changes nothing.
+    let bad = h
         .client
-        .settle_receivable(pb::SettleReceivableRequest {
-            idempotency_key: key(),
+        .sync_receivable(pb::SyncReceivableRequest {
             tenant_id: TENANT.into(),
-            invoice_id: invoice.clone(),
-            amount: eur("250.01"),
+            invoice: Some(snapshot("400.01")),
         })
         .await
         .unwrap_err();
-    assert_eq!(over.code(), Code::FailedPrecondition);
+    assert_invalid(&bad, "invoice.amount_open");
+
+    // A standalone invoice (no order) becomes a receivable of its own.
+    let standalone = uuid::Uuid::now_v7().to_string();
+    let e = sync(
+        &mut h.client,
+        invoice(&customer, "", &standalone, "50.00", "50.00", ""),
+    )
+    .await
+    .exposure
+    .unwrap();
+    assert_eq!(amount(&e.receivables), "300.00");
+    let e = sync(
+        &mut h.client,
+        invoice(&customer, "", &standalone, "50.00", "0.00", ""),
+    )
+    .await
+    .exposure
+    .unwrap();
+    assert_eq!(amount(&e.receivables), "250.00");
 
     let read = exposure(&mut h.client, &customer).await;
     assert_eq!(amount(&read.total), "250.00");

@@ -188,16 +188,22 @@ async fn every_reason(backend: Backend) {
     let due = (h.clock.today() - chrono::Duration::days(40))
         .format("%Y-%m-%d")
         .to_string();
-    c.convert_reservation(pb::ConvertReservationRequest {
-        idempotency_key: key(),
-        tenant_id: TENANT.into(),
-        reservation_id: first.reservation_id.clone(),
-        invoice_id: uuid::Uuid::now_v7().to_string(),
-        invoice_amount: eur("100.00"),
-        due_date: due,
-    })
-    .await
-    .unwrap();
+    let converted = super::sync(
+        c,
+        super::invoice(
+            &customer,
+            "o-1",
+            &uuid::Uuid::now_v7().to_string(),
+            "100.00",
+            "100.00",
+            &due,
+        ),
+    )
+    .await;
+    assert_eq!(
+        converted.converted.unwrap().reservation_id,
+        first.reservation_id
+    );
     let overdue = reserve(c, &customer, "o-2", "10.00").await;
     assert_eq!(overdue.decision(), pb::Decision::Hold);
     assert_eq!(reasons(&overdue), [pb::ReasonCode::OverdueItems]);
@@ -1180,17 +1186,12 @@ async fn dunning(backend: Backend) {
     let due = (h.clock.today() - chrono::Duration::days(20))
         .format("%Y-%m-%d")
         .to_string();
-    h.client
-        .convert_reservation(pb::ConvertReservationRequest {
-            idempotency_key: key(),
-            tenant_id: TENANT.into(),
-            reservation_id: first.reservation_id.clone(),
-            invoice_id: invoice.clone(),
-            invoice_amount: eur("100.00"),
-            due_date: due,
-        })
-        .await
-        .unwrap();
+    let snapshot = |open: &str| super::invoice(&customer, "o-1", &invoice, "100.00", open, &due);
+    let converted = super::sync(&mut h.client, snapshot("100.00")).await;
+    assert_eq!(
+        converted.converted.unwrap().reservation_id,
+        first.reservation_id
+    );
     let dunning_alerts = |h: &mut super::Harness| {
         let mut client = h.client.clone();
         let customer = customer.clone();
@@ -1238,15 +1239,7 @@ async fn dunning(backend: Backend) {
         [pb::ReasonCode::OverdueItems, pb::ReasonCode::DunningBlock]
     );
     // Paid: the ladder no longer applies.
-    h.client
-        .settle_receivable(pb::SettleReceivableRequest {
-            idempotency_key: key(),
-            tenant_id: TENANT.into(),
-            invoice_id: invoice.clone(),
-            amount: eur("100.00"),
-        })
-        .await
-        .unwrap();
+    super::sync(&mut h.client, snapshot("0.00")).await;
     assert_eq!(
         reserve(&mut h.client, &customer, "o-5", "1.00")
             .await

@@ -1,33 +1,86 @@
-//! The connector's event consumer: applies credit's events to its own
-//! projection, each event exactly once and in the order delivered.
+//! The connector's event consumer: applies the events of credit,
+//! invoicing and payments to its own projections, each exactly once and in
+//! the order delivered.
 
 use o2c_kit::ApiError;
 use o2c_proto::events::v1 as pb;
-use o2c_proto::events::v1::events_service_server::EventsService;
-use sea_orm::{DatabaseConnection, TransactionTrait};
-use tonic::{Request, Response, Status};
-use tracing::Instrument;
+use sea_orm::DatabaseTransaction;
 
-use crate::storage::{self, CreditStatus};
+use o2c_proto::crm_sync::v1 as crm_pb;
+use o2c_proto::invoicing::v1 as invoicing_pb;
+use o2c_proto::payments::v1 as payments_pb;
+use prost::Message;
 
-/// Serves `o2c.events.v1.EventsService` for the connector.
-#[derive(Clone)]
-pub struct EventsApi {
-    db: DatabaseConnection,
+use crate::storage::{self, Activity, CreditStatus};
+
+fn malformed(event: &pb::Event) -> ApiError {
+    ApiError::Internal(format!("event {} has no body", event.event_id))
 }
 
-impl EventsApi {
-    pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+fn invoice_record(invoice: &invoicing_pb::Invoice) -> crm_pb::InvoiceRecord {
+    let status = invoice.status().as_str_name();
+    crm_pb::InvoiceRecord {
+        invoice_id: invoice.invoice_id.clone(),
+        order_id: invoice.order_id.clone(),
+        total: invoice.total.clone(),
+        open: invoice.amount_open.clone(),
+        status: status
+            .strip_prefix("INVOICE_STATUS_")
+            .unwrap_or(status)
+            .to_owned(),
+        issue_date: invoice.issue_date.clone(),
+        due_date: invoice.due_date.clone(),
     }
+}
 
-    async fn apply(&self, event: &pb::Event) -> Result<(), ApiError> {
+fn payment_record(payment: &payments_pb::Payment) -> Result<crm_pb::PaymentRecord, ApiError> {
+    let method = payment.method().as_str_name();
+    let currency = payment
+        .amount
+        .as_ref()
+        .map(|m| m.currency_code.clone())
+        .unwrap_or_default();
+    let mut refunded = o2c_money::Money::zero(
+        o2c_money::Currency::from_code(&currency)
+            .map_err(|e| ApiError::Internal(format!("payment {}: {e}", payment.payment_id)))?,
+    );
+    for refund in &payment.refunds {
+        let amount = o2c_kit::proto_money::parse("refund", refund.amount.as_ref())?;
+        refunded = refunded
+            .checked_add(&amount)
+            .map_err(|e| ApiError::Internal(format!("payment {}: {e}", payment.payment_id)))?;
+    }
+    Ok(crm_pb::PaymentRecord {
+        payment_id: payment.payment_id.clone(),
+        amount: payment.amount.clone(),
+        unapplied: payment.unapplied.clone(),
+        method: method
+            .strip_prefix("PAYMENT_METHOD_")
+            .unwrap_or(method)
+            .to_owned(),
+        received_at: payment.received_at.clone(),
+        applied: payment
+            .allocations
+            .iter()
+            .map(|a| crm_pb::AppliedAmount {
+                invoice_id: a.invoice_id.clone(),
+                amount: a.amount.clone(),
+            })
+            .collect(),
+        refunded: Some(o2c_kit::proto_money::to_proto(&refunded)),
+    })
+}
+
+/// The connector's [`o2c_kit::outbox::Consumer`].
+#[derive(Clone, Default)]
+pub struct EventsApi;
+
+#[tonic::async_trait]
+impl o2c_kit::outbox::Consumer for EventsApi {
+    type Applied = ();
+
+    async fn apply(&self, txn: &DatabaseTransaction, event: &pb::Event) -> Result<(), ApiError> {
         let now = chrono::Utc::now();
-        let txn = self.db.begin().await?;
-        if !o2c_kit::outbox::first_delivery(&txn, &event.event_id, now).await? {
-            // A redelivery: its effect is already committed.
-            return Ok(());
-        }
         match &event.body {
             Some(pb::event::Body::ExposureChanged(changed)) => {
                 let amount = |m: &Option<o2c_proto::common::v1::Money>| {
@@ -39,7 +92,7 @@ impl EventsApi {
                     .map(|m| m.currency_code.clone())
                     .unwrap_or_default();
                 storage::upsert_credit_status(
-                    &txn,
+                    txn,
                     CreditStatus {
                         tenant_id: event.tenant_id.clone(),
                         customer_id: changed.customer_id.clone(),
@@ -54,25 +107,39 @@ impl EventsApi {
                 )
                 .await?;
             }
-            // Events this consumer does not use are acknowledged.
-            None => {}
-        }
-        txn.commit().await?;
-        Ok(())
-    }
-}
-
-#[tonic::async_trait]
-impl EventsService for EventsApi {
-    async fn deliver(
-        &self,
-        request: Request<pb::DeliverRequest>,
-    ) -> Result<Response<pb::DeliverResponse>, Status> {
-        for event in &request.get_ref().events {
-            self.apply(event)
-                .instrument(o2c_kit::outbox::consumer_span(event))
+            Some(pb::event::Body::InvoiceChanged(changed)) => {
+                let Some(invoice) = &changed.invoice else {
+                    return Err(malformed(event));
+                };
+                storage::upsert_activity(
+                    txn,
+                    Activity::Invoice,
+                    &event.tenant_id,
+                    &invoice.invoice_id,
+                    &invoice.customer_id,
+                    invoice_record(invoice).encode_to_vec(),
+                    now,
+                )
                 .await?;
+            }
+            Some(pb::event::Body::PaymentChanged(changed)) => {
+                let Some(payment) = &changed.payment else {
+                    return Err(malformed(event));
+                };
+                storage::upsert_activity(
+                    txn,
+                    Activity::Payment,
+                    &event.tenant_id,
+                    &payment.payment_id,
+                    &payment.customer_id,
+                    payment_record(payment)?.encode_to_vec(),
+                    now,
+                )
+                .await?;
+            }
+            // Events this consumer does not use are acknowledged.
+            _ => {}
         }
-        Ok(Response::new(pb::DeliverResponse {}))
+        Ok(())
     }
 }

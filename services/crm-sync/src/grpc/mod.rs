@@ -34,6 +34,59 @@ impl CrmSyncApi {
     }
 }
 
+impl CrmSyncApi {
+    /// A page of a CRM record's invoices or payments, newest first.
+    async fn activity<R: Message + Default>(
+        &self,
+        kind: storage::Activity,
+        tenant: &str,
+        system: &str,
+        external: &str,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<(Vec<R>, String), ApiError> {
+        let mut v = Violations::default();
+        let tenant = v.check(fields::tenant_id("tenant_id", tenant));
+        let system = v.check(fields::slug("crm_system", system));
+        let external = v.check(fields::text("external_id", external, 200));
+        let size = v.check(domain::page_size(page_size).ok_or_else(|| {
+            ApiError::invalid("page_size", format!("0 to {}", domain::MAX_PAGE_SIZE))
+        }));
+        let before = if page_token.is_empty() {
+            Some(None)
+        } else {
+            v.check(
+                uuid::Uuid::parse_str(page_token)
+                    .map(|_| Some(page_token))
+                    .map_err(|_| ApiError::invalid("page_token", "not a token this API issued")),
+            )
+        };
+        v.finish()?;
+        let (Some(tenant), Some(system), Some(external), Some(size), Some(before)) =
+            (tenant, system, external, size, before)
+        else {
+            return Err(missing());
+        };
+        let customer = storage::find_link(&self.db, &tenant, &system, &external)
+            .await?
+            .ok_or_else(|| ApiError::not_found("CRM record", format!("{system}:{external}")))?;
+        let rows = storage::list_activity(&self.db, kind, &tenant, customer, before, size).await?;
+        let next = if rows.len() as u64 == size {
+            rows.last().map(|(id, _)| id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let records = rows
+            .iter()
+            .map(|(id, bytes)| {
+                R::decode(bytes.as_slice())
+                    .map_err(|e| ApiError::Internal(format!("stored record {id}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((records, next))
+    }
+}
+
 fn missing() -> ApiError {
     ApiError::Internal("validated fields missing".into())
 }
@@ -291,6 +344,48 @@ impl CrmSyncService for CrmSyncApi {
         };
         Ok(Response::new(pb::ListInteractionsResponse {
             interactions: page.iter().map(to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn list_customer_invoices(
+        &self,
+        request: Request<pb::ListCustomerInvoicesRequest>,
+    ) -> Result<Response<pb::ListCustomerInvoicesResponse>, Status> {
+        let r = request.into_inner();
+        let (records, next_page_token) = self
+            .activity(
+                storage::Activity::Invoice,
+                &r.tenant_id,
+                &r.crm_system,
+                &r.external_id,
+                r.page_size,
+                &r.page_token,
+            )
+            .await?;
+        Ok(Response::new(pb::ListCustomerInvoicesResponse {
+            invoices: records,
+            next_page_token,
+        }))
+    }
+
+    async fn list_customer_payments(
+        &self,
+        request: Request<pb::ListCustomerPaymentsRequest>,
+    ) -> Result<Response<pb::ListCustomerPaymentsResponse>, Status> {
+        let r = request.into_inner();
+        let (records, next_page_token) = self
+            .activity(
+                storage::Activity::Payment,
+                &r.tenant_id,
+                &r.crm_system,
+                &r.external_id,
+                r.page_size,
+                &r.page_token,
+            )
+            .await?;
+        Ok(Response::new(pb::ListCustomerPaymentsResponse {
+            payments: records,
             next_page_token,
         }))
     }

@@ -68,3 +68,49 @@ pub mod credit_status {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod invoice_record {
+    use sea_orm::entity::prelude::*;
+
+    /// The latest state of each invoice, from invoicing's events.
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "crm_invoices")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        /// UUID v7: ordering by id is ordering by issue.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub invoice_id: String,
+        #[sea_orm(indexed)]
+        pub customer_id: String,
+        /// The encoded `o2c.crm_sync.v1.InvoiceRecord`.
+        pub record: Vec<u8>,
+        pub updated_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod payment_record {
+    use sea_orm::entity::prelude::*;
+
+    /// The latest state of each payment, from payments' events.
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "crm_payments")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        /// UUID v7: ordering by id is ordering by receipt.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub payment_id: String,
+        #[sea_orm(indexed)]
+        pub customer_id: String,
+        /// The encoded `o2c.crm_sync.v1.PaymentRecord`.
+        pub record: Vec<u8>,
+        pub updated_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

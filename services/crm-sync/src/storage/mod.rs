@@ -10,7 +10,7 @@ use sea_orm::entity::prelude::*;
 use sea_orm::{ConnectionTrait, QueryOrder, QuerySelect};
 
 use crate::domain::InteractionKind;
-use entities::{credit_status, interaction, link};
+use entities::{credit_status, interaction, invoice_record, link, payment_record};
 use sea_orm::sea_query::OnConflict;
 
 /// A stored interaction.
@@ -193,4 +193,117 @@ pub async fn credit_status(
             .one(conn)
             .await?,
     )
+}
+
+/// Which activity list a record belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    Invoice,
+    Payment,
+}
+
+/// Stores the latest `record` (encoded) of an invoice or payment; events
+/// arrive in order per producer, so the last one delivered is the latest.
+pub async fn upsert_activity(
+    conn: &impl ConnectionTrait,
+    kind: Activity,
+    tenant_id: &str,
+    id: &str,
+    customer_id: &str,
+    record: Vec<u8>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), ApiError> {
+    match kind {
+        Activity::Invoice => {
+            invoice_record::Entity::insert(invoice_record::ActiveModel {
+                tenant_id: Set(tenant_id.to_owned()),
+                invoice_id: Set(id.to_owned()),
+                customer_id: Set(customer_id.to_owned()),
+                record: Set(record),
+                updated_at: Set(now),
+            })
+            .on_conflict(
+                OnConflict::columns([
+                    invoice_record::Column::TenantId,
+                    invoice_record::Column::InvoiceId,
+                ])
+                .update_columns([
+                    invoice_record::Column::Record,
+                    invoice_record::Column::UpdatedAt,
+                ])
+                .to_owned(),
+            )
+            .exec(conn)
+            .await?;
+        }
+        Activity::Payment => {
+            payment_record::Entity::insert(payment_record::ActiveModel {
+                tenant_id: Set(tenant_id.to_owned()),
+                payment_id: Set(id.to_owned()),
+                customer_id: Set(customer_id.to_owned()),
+                record: Set(record),
+                updated_at: Set(now),
+            })
+            .on_conflict(
+                OnConflict::columns([
+                    payment_record::Column::TenantId,
+                    payment_record::Column::PaymentId,
+                ])
+                .update_columns([
+                    payment_record::Column::Record,
+                    payment_record::Column::UpdatedAt,
+                ])
+                .to_owned(),
+            )
+            .exec(conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// A customer's records of `kind`, newest first, strictly before `before`:
+/// (id, encoded record).
+pub async fn list_activity(
+    conn: &impl ConnectionTrait,
+    kind: Activity,
+    tenant_id: &str,
+    customer_id: CustomerId,
+    before: Option<&str>,
+    limit: u64,
+) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
+    Ok(match kind {
+        Activity::Invoice => {
+            let mut query = invoice_record::Entity::find()
+                .filter(invoice_record::Column::TenantId.eq(tenant_id))
+                .filter(invoice_record::Column::CustomerId.eq(customer_id.to_string()));
+            if let Some(before) = before {
+                query = query.filter(invoice_record::Column::InvoiceId.lt(before));
+            }
+            query
+                .order_by_desc(invoice_record::Column::InvoiceId)
+                .limit(limit)
+                .all(conn)
+                .await?
+                .into_iter()
+                .map(|row| (row.invoice_id, row.record))
+                .collect()
+        }
+        Activity::Payment => {
+            let mut query = payment_record::Entity::find()
+                .filter(payment_record::Column::TenantId.eq(tenant_id))
+                .filter(payment_record::Column::CustomerId.eq(customer_id.to_string()));
+            if let Some(before) = before {
+                query = query.filter(payment_record::Column::PaymentId.lt(before));
+            }
+            query
+                .order_by_desc(payment_record::Column::PaymentId)
+                .limit(limit)
+                .all(conn)
+                .await?
+                .into_iter()
+                .map(|row| (row.payment_id, row.record))
+                .collect()
+        }
+    })
 }

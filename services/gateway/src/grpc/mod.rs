@@ -520,9 +520,12 @@ impl GatewayService for GatewayApi {
                     order.status.code()
                 ))));
             }
-            let reservation_id = order.reservation_id.clone().ok_or_else(|| {
-                ApiError::Internal(format!("approved order {} has no reservation", order.id))
-            })?;
+            if order.reservation_id.is_none() {
+                return Err(Failure::Interrupted(ApiError::Internal(format!(
+                    "approved order {} has no reservation",
+                    order.id
+                ))));
+            }
             let terms = if let Some(terms) = request.payment_terms.clone() {
                 terms
             } else if request.net_days == 0 {
@@ -566,19 +569,9 @@ impl GatewayService for GatewayApi {
                 .await
                 .map_err(upstream("invoicing"))?;
             let invoice = present(issued.into_inner().invoice, "invoice")?;
-            self.up
-                .credit
-                .clone()
-                .convert_reservation(credit_pb::ConvertReservationRequest {
-                    idempotency_key: derived(key, "convert"),
-                    tenant_id: tenant.clone(),
-                    reservation_id,
-                    invoice_id: invoice.invoice_id.clone(),
-                    invoice_amount: invoice.total.clone(),
-                    due_date: invoice.due_date.clone(),
-                })
-                .await
-                .map_err(upstream("credit"))?;
+            // Converts the order's reservation now; the invoice's event
+            // would do it too, should this call be lost.
+            self.sync_receivable(&tenant, &invoice).await?;
             let order =
                 storage::record_invoice(&self.db, &tenant, order.id, &invoice.invoice_id).await?;
             let collection = self
@@ -908,13 +901,9 @@ impl GatewayService for GatewayApi {
                 .map_err(|status| Failure::Refused(from_upstream("invoicing", status)))?
                 .into_inner();
             let note = present(issued.credit_note.clone(), "credit note")?;
-            self.lower_receivable(
-                &tenant,
-                key,
-                &note.invoice_id,
-                note.applied_to_invoice.as_ref(),
-            )
-            .await?;
+            if let Some(invoice) = &issued.invoice {
+                self.sync_receivable(&tenant, invoice).await?;
+            }
             self.recheck_holds(&tenant, key, customer_id).await?;
             Ok(pb::IssueCreditNoteResponse {
                 credit_note: Some(note),
@@ -953,13 +942,7 @@ impl GatewayService for GatewayApi {
                 .map_err(|status| Failure::Refused(from_upstream("invoicing", status)))?
                 .into_inner();
             let invoice = present(written.invoice, "invoice")?;
-            self.lower_receivable(
-                &tenant,
-                key,
-                &invoice.invoice_id,
-                written.written_off.as_ref(),
-            )
-            .await?;
+            self.sync_receivable(&tenant, &invoice).await?;
             let customer_id = customer_of(&invoice)?;
             Ok(pb::WriteOffInvoiceResponse {
                 exposure: self.exposure_of(&tenant, customer_id).await?,
@@ -1230,13 +1213,7 @@ impl GatewayService for GatewayApi {
                 .map_err(|status| Failure::Refused(from_upstream("invoicing", status)))?
                 .into_inner();
             let invoice = present(cancelled.invoice, "invoice")?;
-            self.lower_receivable(
-                &tenant,
-                key,
-                &invoice.invoice_id,
-                cancelled.released.as_ref(),
-            )
-            .await?;
+            self.sync_receivable(&tenant, &invoice).await?;
             let customer_id = customer_of(&invoice)?;
             self.recheck_holds(&tenant, key, customer_id).await?;
             Ok(pb::CancelInvoiceResponse {
@@ -2088,25 +2065,7 @@ impl GatewayApi {
         customer_id: CustomerId,
         invoice: &invoicing_pb::Invoice,
     ) -> Result<(), ApiError> {
-        let recorded = self
-            .up
-            .credit
-            .clone()
-            .record_receivable(credit_pb::RecordReceivableRequest {
-                idempotency_key: derived(key, "receivable"),
-                tenant_id: tenant.to_owned(),
-                customer_id: customer_id.to_string(),
-                invoice_id: invoice.invoice_id.clone(),
-                amount: invoice.total.clone(),
-                due_date: invoice.due_date.clone(),
-            })
-            .await;
-        match recorded {
-            Ok(_) => {}
-            // No credit account: the customer buys without credit management.
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => return Err(from_upstream("credit", status)),
-        }
+        self.sync_receivable(tenant, invoice).await?;
         self.schedule_collection(tenant, key, customer_id, invoice)
             .await?;
         Ok(())
@@ -2345,15 +2304,11 @@ impl GatewayApi {
                     .map_err(|e| ApiError::Internal(format!("invoicing sent {e}")))?,
                 None => Money::zero(value.currency()),
             };
-            let settled = value
-                .checked_add(&discount)
-                .map_err(|e| ApiError::Internal(format!("settlement arithmetic: {e}")))?;
             discount_total = discount_total
                 .checked_add(&discount)
                 .map_err(|e| ApiError::Internal(format!("discount arithmetic: {e}")))?;
-            self.lower_receivable_by(tenant, key, &invoice_id.to_string(), &settled, "settle")
-                .await?;
             let invoice = present(applied.invoice, "invoice")?;
+            self.sync_receivable(tenant, &invoice).await?;
             if invoice.status() == invoicing_pb::InvoiceStatus::Paid {
                 self.record_behaviour(tenant, key, customer_id, &invoice)
                     .await?;
@@ -2363,50 +2318,25 @@ impl GatewayApi {
         Ok((invoices, discount_total))
     }
 
-    /// Lowers the credit receivable of `invoice_id` by `amount` (if any).
-    async fn lower_receivable(
+    /// Brings credit's receivable of `invoice` up to date at once, so the
+    /// caller's next read sees it. The invoice's own event does the same
+    /// later (credit keeps whichever is lower), so nothing is lost if this
+    /// call is. A customer without a credit account has nothing to track.
+    async fn sync_receivable(
         &self,
         tenant: &str,
-        key: &str,
-        invoice_id: &str,
-        amount: Option<&o2c_proto::common::v1::Money>,
+        invoice: &invoicing_pb::Invoice,
     ) -> Result<(), ApiError> {
-        let Some(amount) = amount else { return Ok(()) };
-        let amount = proto_money::parse("amount", Some(amount))
-            .map_err(|e| ApiError::Internal(format!("upstream sent {e}")))?;
-        if invoice_id.is_empty() || !amount.is_positive() {
-            return Ok(());
-        }
-        self.lower_receivable_by(tenant, key, invoice_id, &amount, "reduce")
-            .await
-    }
-
-    async fn lower_receivable_by(
-        &self,
-        tenant: &str,
-        key: &str,
-        invoice_id: &str,
-        amount: &Money,
-        step: &str,
-    ) -> Result<(), ApiError> {
-        let settled = self
-            .up
+        self.up
             .credit
             .clone()
-            .settle_receivable(credit_pb::SettleReceivableRequest {
-                idempotency_key: derived(key, &format!("{step}:{invoice_id}")),
+            .sync_receivable(credit_pb::SyncReceivableRequest {
                 tenant_id: tenant.to_owned(),
-                invoice_id: invoice_id.to_owned(),
-                amount: Some(proto_money::to_proto(amount)),
+                invoice: Some(invoice.clone()),
             })
-            .await;
-        match settled {
-            Ok(_) => Ok(()),
-            // An invoice issued outside the order flow has no receivable
-            // in credit.
-            Err(status) if status.code() == Code::NotFound => Ok(()),
-            Err(status) => Err(from_upstream("credit", status)),
-        }
+            .await
+            .map_err(|status| from_upstream("credit", status))?;
+        Ok(())
     }
 
     /// Mirrors a resolved hold on its order: released → approved with the

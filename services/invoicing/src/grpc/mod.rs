@@ -8,10 +8,12 @@ use o2c_kit::idempotency::{self, Begun};
 use o2c_kit::{ApiError, proto_money};
 use o2c_money::Money;
 use o2c_money::ids::{CustomerId, InvoiceId, PaymentId};
+use o2c_proto::events::v1 as events_pb;
 use o2c_proto::invoicing::v1 as pb;
 use o2c_proto::invoicing::v1::invoicing_service_server::InvoicingService;
+use o2c_proto::payments::v1 as payments_pb;
 use prost::Message;
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tonic::{Request, Response, Status};
 
 use crate::domain::{self, Due, InvoiceError, Line, PaymentTerms, Status as State};
@@ -29,19 +31,107 @@ pub struct InvoicingApi {
     /// Largest single payout of account credit per currency (minor units);
     /// currencies not listed cannot be paid out here.
     payout_limits: std::sync::Arc<o2c_kit::settings::CurrencyLimits>,
+    /// The configured event subscribers (see [`INVOICE_TAKERS`]).
+    subscribers: std::sync::Arc<Vec<String>>,
 }
+
+/// Services that take `InvoiceChanged`.
+pub const INVOICE_TAKERS: &[&str] = &["credit", "crm-sync"];
+/// Services that take `AllocationRefused`.
+pub const REFUSAL_TAKERS: &[&str] = &["payments"];
 
 impl InvoicingApi {
     pub fn new(
         db: DatabaseConnection,
         clock: Clock,
         payout_limits: o2c_kit::settings::CurrencyLimits,
+        subscribers: Vec<String>,
     ) -> Self {
         Self {
             db,
             clock,
             payout_limits: std::sync::Arc::new(payout_limits),
+            subscribers: std::sync::Arc::new(subscribers),
         }
+    }
+
+    /// Records `InvoiceChanged` in the transaction of the change.
+    async fn changed(
+        &self,
+        conn: &impl sea_orm::ConnectionTrait,
+        invoice: &pb::Invoice,
+    ) -> Result<(), ApiError> {
+        let event = events_pb::Event {
+            tenant_id: invoice.tenant_id.clone(),
+            aggregate_type: "invoice".into(),
+            aggregate_id: invoice.invoice_id.clone(),
+            body: Some(events_pb::event::Body::InvoiceChanged(
+                events_pb::InvoiceChanged {
+                    invoice: Some(invoice.clone()),
+                },
+            )),
+            ..Default::default()
+        };
+        let to = o2c_kit::outbox::route(&self.subscribers, INVOICE_TAKERS);
+        o2c_kit::outbox::record(conn, &to, event, self.now()).await
+    }
+
+    /// Applies one allocation of a payment's event: the payment's own
+    /// effect, or a refusal sent back to payments.
+    async fn apply_allocation(
+        &self,
+        txn: &DatabaseTransaction,
+        tenant: &str,
+        payment_id: &str,
+        allocation: &payments_pb::Allocation,
+    ) -> Result<(), ApiError> {
+        let parsed = fields::id::<InvoiceId>("invoice_id", &allocation.invoice_id).and_then(|id| {
+            proto_money::parse_positive("amount", allocation.amount.as_ref()).map(|m| (id, m))
+        });
+        let refusal = match parsed {
+            Ok((id, amount)) => {
+                // A savepoint, so a refused application leaves nothing.
+                let attempt = txn.begin().await?;
+                let today = self.today();
+                match storage::apply_payment(&attempt, tenant, id, payment_id, amount, today).await
+                {
+                    Ok((invoice, _)) => {
+                        let invoice = to_proto(&invoice, today)?;
+                        self.changed(&attempt, &invoice).await?;
+                        attempt.commit().await?;
+                        return Ok(());
+                    }
+                    Err(
+                        error @ (ApiError::NotFound(_)
+                        | ApiError::FailedPrecondition(_)
+                        | ApiError::InvalidArgument(_)
+                        | ApiError::AlreadyExists(_)),
+                    ) => {
+                        attempt.rollback().await?;
+                        error.to_string()
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            Err(error) => error.to_string(),
+        };
+        tracing::warn!(payment = %payment_id, invoice = %allocation.invoice_id, %refusal, "allocation refused");
+        let event = events_pb::Event {
+            tenant_id: tenant.to_owned(),
+            aggregate_type: "payment".into(),
+            aggregate_id: payment_id.to_owned(),
+            body: Some(events_pb::event::Body::AllocationRefused(
+                events_pb::AllocationRefused {
+                    payment_id: payment_id.to_owned(),
+                    invoice_id: allocation.invoice_id.clone(),
+                    amount: allocation.amount.clone(),
+                    reason: refusal,
+                },
+            )),
+            ..Default::default()
+        };
+        let to = o2c_kit::outbox::route(&self.subscribers, REFUSAL_TAKERS);
+        o2c_kit::outbox::record(txn, &to, event, self.now()).await
     }
 
     fn now(&self) -> chrono::DateTime<chrono::Utc> {
@@ -330,9 +420,10 @@ impl InvoicingService for InvoicingApi {
             Begun::Replay(response) => return Ok(Response::new(response)),
             Begun::Fresh(txn) => txn,
         };
-        let invoice = storage::insert(&txn, &new).await?;
+        let invoice = to_proto(&storage::insert(&txn, &new).await?, self.today())?;
+        self.changed(&txn, &invoice).await?;
         let response = pb::IssueInvoiceResponse {
-            invoice: Some(to_proto(&invoice, self.today())?),
+            invoice: Some(invoice),
         };
         let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
         Ok(Response::new(response))
@@ -384,8 +475,10 @@ impl InvoicingService for InvoicingApi {
         let today = self.today();
         let (invoice, discount) =
             storage::apply_payment(&txn, &tenant, id, &payment.to_string(), amount, today).await?;
+        let invoice = to_proto(&invoice, today)?;
+        self.changed(&txn, &invoice).await?;
         let response = pb::ApplyPaymentResponse {
-            invoice: Some(to_proto(&invoice, today)?),
+            invoice: Some(invoice),
             discount_taken: Some(proto_money::to_proto(&discount)),
         };
         let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
@@ -409,9 +502,10 @@ impl InvoicingService for InvoicingApi {
             Begun::Fresh(txn) => txn,
         };
         let today = self.today();
-        let invoice = storage::finalize(&txn, &tenant, id, today).await?;
+        let invoice = to_proto(&storage::finalize(&txn, &tenant, id, today).await?, today)?;
+        self.changed(&txn, &invoice).await?;
         let response = pb::FinalizeInvoiceResponse {
-            invoice: Some(to_proto(&invoice, today)?),
+            invoice: Some(invoice),
         };
         let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
         Ok(Response::new(response))
@@ -436,8 +530,10 @@ impl InvoicingService for InvoicingApi {
         };
         let (invoice, released) = storage::cancel(&txn, &tenant, id).await?;
         tracing::info!(invoice = %id, reason = %request.reason, "invoice cancelled");
+        let invoice = to_proto(&invoice, self.today())?;
+        self.changed(&txn, &invoice).await?;
         let response = pb::CancelInvoiceResponse {
-            invoice: Some(to_proto(&invoice, self.today())?),
+            invoice: Some(invoice),
             released: Some(proto_money::to_proto(&released)),
         };
         let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
@@ -463,8 +559,10 @@ impl InvoicingService for InvoicingApi {
         };
         let (invoice, written_off) = storage::write_off(&txn, &tenant, id).await?;
         tracing::info!(invoice = %id, reason = %request.reason, "invoice written off");
+        let invoice = to_proto(&invoice, self.today())?;
+        self.changed(&txn, &invoice).await?;
         let response = pb::WriteOffInvoiceResponse {
-            invoice: Some(to_proto(&invoice, self.today())?),
+            invoice: Some(invoice),
             written_off: Some(proto_money::to_proto(&written_off)),
         };
         let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
@@ -536,6 +634,9 @@ impl InvoicingService for InvoicingApi {
                 .map(|i| to_proto(i, now.date_naive()))
                 .transpose()?,
         };
+        if let Some(invoice) = &response.invoice {
+            self.changed(&txn, invoice).await?;
+        }
         let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
         Ok(Response::new(response))
     }
@@ -747,5 +848,35 @@ fn tenant_and_invoice(
     match (tenant, id) {
         (Some(tenant), Some(id)) => Ok((tenant, id)),
         _ => Err(missing()),
+    }
+}
+
+/// Invoicing's consumer of payments' events: each allocation of a payment
+/// is applied to its invoice exactly once (the gateway may have applied it
+/// already, which the application finds); one that cannot be applied goes
+/// back to payments as `AllocationRefused`.
+#[tonic::async_trait]
+impl o2c_kit::outbox::Consumer for InvoicingApi {
+    type Applied = ();
+
+    async fn apply(
+        &self,
+        txn: &DatabaseTransaction,
+        event: &events_pb::Event,
+    ) -> Result<(), ApiError> {
+        let Some(events_pb::event::Body::PaymentChanged(changed)) = &event.body else {
+            return Ok(());
+        };
+        let Some(payment) = &changed.payment else {
+            return Err(ApiError::Internal(format!(
+                "payments event {} has no payment",
+                event.event_id
+            )));
+        };
+        for allocation in &payment.allocations {
+            self.apply_allocation(txn, &event.tenant_id, &payment.payment_id, allocation)
+                .await?;
+        }
+        Ok(())
     }
 }

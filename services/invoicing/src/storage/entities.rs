@@ -75,6 +75,8 @@ pub mod applied_payment {
         pub payment_id: String,
         pub tenant_id: String,
         pub amount_minor: i64,
+        /// The early-payment discount this payment earned.
+        pub discount_minor: i64,
         pub applied_at: DateTimeUtc,
     }
 

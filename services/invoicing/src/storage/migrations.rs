@@ -1,5 +1,6 @@
 //! Schema migrations, applied at start on SQLite and PostgreSQL alike.
 
+use sea_orm::{EntityName, IdenStatic};
 use sea_orm_migration::prelude::*;
 
 use super::entities::{applied_payment, credit_balance, credit_note, invoice, line, payout};
@@ -12,6 +13,8 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(o2c_kit::idempotency::Migration),
             Box::new(CreateInvoices),
+            Box::new(o2c_kit::outbox::Migration),
+            Box::new(AppliedPaymentDiscount),
         ]
     }
 }
@@ -56,5 +59,56 @@ impl MigrationTrait for CreateInvoices {
         o2c_kit::db::drop_table_for(manager, applied_payment::Entity).await?;
         o2c_kit::db::drop_table_for(manager, line::Entity).await?;
         o2c_kit::db::drop_table_for(manager, invoice::Entity).await
+    }
+}
+
+/// Each applied payment keeps the discount it earned, so a repeated
+/// application answers exactly what the first did.
+struct AppliedPaymentDiscount;
+
+impl MigrationName for AppliedPaymentDiscount {
+    fn name(&self) -> &str {
+        "m20261205_000003_applied_payment_discount"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for AppliedPaymentDiscount {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // The first migration creates tables from today's entities, so a
+        // new database has the column already; only older ones need it.
+        if manager
+            .has_column(
+                applied_payment::Entity.table_name(),
+                applied_payment::Column::DiscountMinor.as_str(),
+            )
+            .await?
+        {
+            return Ok(());
+        }
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(applied_payment::Entity)
+                    .add_column(
+                        ColumnDef::new(applied_payment::Column::DiscountMinor)
+                            .big_integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(applied_payment::Entity)
+                    .drop_column(applied_payment::Column::DiscountMinor)
+                    .to_owned(),
+            )
+            .await
     }
 }

@@ -322,6 +322,21 @@ pub async fn apply_payment(
             format!("must be the invoice currency {}", current.currency),
         ));
     }
+    // The gateway applies a payment as it records it, and the payment's
+    // event applies it again: the second finds the first.
+    let earlier = applied_payment::Entity::find_by_id((id.to_string(), payment_id.to_owned()))
+        .one(conn)
+        .await?;
+    if let Some(earlier) = earlier {
+        if earlier.amount_minor != amount.minor_units() {
+            return Err(ApiError::AlreadyExists(
+                InvoiceError::PaymentAlreadyApplied(payment_id.to_owned()).to_string(),
+            ));
+        }
+        let discount = Money::from_minor_units(earlier.discount_minor, current.currency)
+            .map_err(|e| ApiError::Internal(format!("stored discount: {e}")))?;
+        return Ok((current, discount));
+    }
     if !current.status.is_open() {
         return Err(wrong_state(current.status));
     }
@@ -335,6 +350,7 @@ pub async fn apply_payment(
         payment_id: Set(payment_id.to_owned()),
         tenant_id: Set(tenant_id.to_owned()),
         amount_minor: Set(amount.minor_units()),
+        discount_minor: Set(discount.minor_units()),
         applied_at: Set(Utc::now()),
     })
     .exec(conn)
@@ -342,9 +358,9 @@ pub async fn apply_payment(
     match inserted {
         Ok(_) => {}
         Err(error) if o2c_kit::db::is_unique_violation(&error) => {
-            return Err(ApiError::AlreadyExists(
-                InvoiceError::PaymentAlreadyApplied(payment_id.to_owned()).to_string(),
-            ));
+            return Err(ApiError::Aborted(format!(
+                "payment {payment_id} is being applied concurrently; retry"
+            )));
         }
         Err(error) => return Err(error.into()),
     }

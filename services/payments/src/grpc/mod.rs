@@ -5,6 +5,7 @@ use o2c_kit::fields::{self, Violations};
 use o2c_kit::idempotency::{self, Begun};
 use o2c_kit::{ApiError, proto_money};
 use o2c_money::ids::{CustomerId, InvoiceId, PaymentId};
+use o2c_proto::events::v1 as events_pb;
 use o2c_proto::payments::v1 as pb;
 use o2c_proto::payments::v1::payments_service_server::PaymentsService;
 use prost::Message;
@@ -22,6 +23,7 @@ pub struct PaymentsApi {
     /// Largest single refund without further approval, per currency code
     /// (minor units); currencies not listed cannot be refunded here.
     refund_limits: std::sync::Arc<o2c_kit::settings::CurrencyLimits>,
+    events: PaymentEvents,
 }
 
 impl PaymentsApi {
@@ -29,12 +31,86 @@ impl PaymentsApi {
         db: DatabaseConnection,
         refund_limits: o2c_kit::settings::CurrencyLimits,
         clock: o2c_kit::clock::Clock,
+        events: PaymentEvents,
     ) -> Self {
         Self {
             db,
             clock,
             refund_limits: std::sync::Arc::new(refund_limits),
+            events,
         }
+    }
+}
+
+/// Services that take `PaymentChanged`.
+pub const PAYMENT_TAKERS: &[&str] = &["invoicing", "crm-sync"];
+
+/// Records payments' events in the transaction of each change.
+#[derive(Clone)]
+pub struct PaymentEvents {
+    subscribers: std::sync::Arc<Vec<String>>,
+}
+
+impl PaymentEvents {
+    /// Events for `subscribers` (the relay's configured names).
+    pub fn new(subscribers: Vec<String>) -> Self {
+        Self {
+            subscribers: std::sync::Arc::new(o2c_kit::outbox::route(&subscribers, PAYMENT_TAKERS)),
+        }
+    }
+
+    /// Records `PaymentChanged` for `payment` as it now stands.
+    pub async fn changed(
+        &self,
+        conn: &impl sea_orm::ConnectionTrait,
+        payment: &Payment,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), ApiError> {
+        let event = events_pb::Event {
+            tenant_id: payment.tenant_id.clone(),
+            aggregate_type: "payment".into(),
+            aggregate_id: payment.id.to_string(),
+            body: Some(events_pb::event::Body::PaymentChanged(
+                events_pb::PaymentChanged {
+                    payment: Some(to_proto(payment)),
+                },
+            )),
+            ..Default::default()
+        };
+        o2c_kit::outbox::record(conn, &self.subscribers, event, now).await
+    }
+}
+
+/// Payments' consumer of invoicing's events: an allocation invoicing could
+/// not apply returns to the payment's unapplied cash, exactly once.
+#[tonic::async_trait]
+impl o2c_kit::outbox::Consumer for PaymentsApi {
+    type Applied = ();
+
+    async fn apply(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        event: &events_pb::Event,
+    ) -> Result<(), ApiError> {
+        let Some(events_pb::event::Body::AllocationRefused(refused)) = &event.body else {
+            return Ok(());
+        };
+        let Ok(payment_id) = refused.payment_id.parse::<PaymentId>() else {
+            return Err(ApiError::Internal(format!(
+                "invoicing event {} names an invalid payment",
+                event.event_id
+            )));
+        };
+        let expected = proto_money::parse("amount", refused.amount.as_ref())
+            .map_err(|e| ApiError::Internal(format!("invoicing event {}: {e}", event.event_id)))?;
+        if storage::collection::unallocate(txn, &refused.payment_id, &refused.invoice_id, expected)
+            .await?
+        {
+            tracing::warn!(payment = %payment_id, invoice = %refused.invoice_id, reason = %refused.reason, "allocation refused by invoicing; returned to unapplied cash");
+            let payment = storage::get(txn, &event.tenant_id, payment_id).await?;
+            self.events.changed(txn, &payment, (self.clock)()).await?;
+        }
+        Ok(())
     }
 }
 
@@ -185,6 +261,7 @@ impl PaymentsService for PaymentsApi {
             Begun::Fresh(txn) => txn,
         };
         let payment = storage::insert(&txn, &new).await?;
+        self.events.changed(&txn, &payment, (self.clock)()).await?;
         let response = pb::RecordPaymentResponse {
             payment: Some(to_proto(&payment)),
         };
@@ -253,6 +330,7 @@ impl PaymentsService for PaymentsApi {
         // Same currency, each invoice once: the same rule as at receipt.
         domain::unapplied(payment.unapplied, &allocations).map_err(payment_error)?;
         let payment = storage::apply_unapplied(&txn, &payment, &allocations).await?;
+        self.events.changed(&txn, &payment, (self.clock)()).await?;
         let response = pb::ApplyUnappliedCashResponse {
             payment: Some(to_proto(&payment)),
         };
@@ -307,6 +385,7 @@ impl PaymentsService for PaymentsApi {
         let (refund, payment) =
             storage::refund(&txn, &payment, amount, &reason, &actor, chrono::Utc::now()).await?;
         tracing::info!(payment = %payment.id, refund = %refund.id, actor = %actor, "refund");
+        self.events.changed(&txn, &payment, (self.clock)()).await?;
         let response = pb::RefundPaymentResponse {
             refund: Some(refund_to_proto(&refund, payment.amount.currency())),
             payment: Some(to_proto(&payment)),

@@ -288,19 +288,28 @@ pub async fn unreported_failures(
         .await?)
 }
 
-/// When the invoice no longer takes the collected money (paid meanwhile),
-/// it becomes unapplied cash on the payment: never lost.
+/// When the invoice no longer takes the money allocated to it (paid or
+/// cancelled meanwhile), the allocation of `expected` becomes unapplied
+/// cash on the payment: never lost. False when there is no such
+/// allocation (already returned).
 pub async fn unallocate(
     conn: &impl ConnectionTrait,
     payment_id: &str,
     invoice_id: &str,
-) -> Result<(), ApiError> {
+    expected: Money,
+) -> Result<bool, ApiError> {
     let Some(row) = allocation::Entity::find_by_id((payment_id.to_owned(), invoice_id.to_owned()))
         .one(conn)
         .await?
     else {
-        return Ok(());
+        return Ok(false);
     };
+    if row.amount_minor != expected.minor_units() {
+        return Err(ApiError::Internal(format!(
+            "allocation of payment {payment_id} to invoice {invoice_id} is {} minor units, not the {expected} refused",
+            row.amount_minor
+        )));
+    }
     allocation::Entity::delete_by_id((payment_id.to_owned(), invoice_id.to_owned()))
         .exec(conn)
         .await?;
@@ -312,5 +321,5 @@ pub async fn unallocate(
         .filter(payment::Column::Id.eq(payment_id))
         .exec(conn)
         .await?;
-    Ok(())
+    Ok(true)
 }
