@@ -5,7 +5,9 @@
 //! idempotency keys, as the API asks them to. At the end nothing is lost,
 //! nothing is duplicated, and reconciliation is clean. The cluster's own
 //! Redis is stopped for a stretch of the run and comes back empty; the
-//! cache is rebuilt and matches the database.
+//! cache is rebuilt and matches the database. The cluster's own PostgreSQL
+//! is restarted mid-run (an immediate shutdown, as in a crash): while it is
+//! away callers see only UNAVAILABLE, and their retries complete everything.
 //!
 //! `O2C_FAULT_ORDERS` (default 1000) and `O2C_FAULT_SEED` replay a run; the
 //! seed is printed.
@@ -16,13 +18,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use o2c_proto::common::v1::Money;
 use o2c_proto::gateway::v1 as pb;
 use o2c_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
-use o2c_testkit::{Backend, Seeded, TestDatabase};
+use o2c_testkit::Seeded;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -105,13 +107,149 @@ impl OwnRedis {
     }
 }
 
+/// A PostgreSQL of the cluster's own (initdb in a temporary directory), so
+/// it can be restarted mid-run without touching anyone else's databases.
+struct OwnPostgres {
+    bindir: PathBuf,
+    data: tempfile::TempDir,
+    port: u16,
+}
+
+/// Where PostgreSQL's server programs are: `O2C_PG_BINDIR`, or the newest
+/// Debian install under /usr/lib/postgresql.
+fn postgres_bindir() -> Option<PathBuf> {
+    if let Ok(dir) = std::env::var("O2C_PG_BINDIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+impl OwnPostgres {
+    /// PostgreSQL refuses to run as root: as root, run as `postgres`.
+    fn command(&self, program: &str) -> Command {
+        let path = self.bindir.join(program);
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|out| out.stdout.starts_with(b"0\n"));
+        if root {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let output = self.command(program).args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn init() -> Option<Self> {
+        let Some(bindir) = postgres_bindir() else {
+            assert!(
+                !o2c_testkit::in_ci(),
+                "PostgreSQL's server programs (initdb) are required when CI=true"
+            );
+            eprintln!("SKIPPED: no PostgreSQL server programs; set CI=true to make this fatal");
+            return None;
+        };
+        let data = tempfile::Builder::new()
+            .prefix("o2c-faults-pg")
+            .tempdir()
+            .unwrap();
+        let this = Self {
+            bindir,
+            data,
+            port: free_port(),
+        };
+        let dir = this.dir();
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres", &dir])
+            .status();
+        this.run(
+            "initdb",
+            &["-D", &dir, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        );
+        Some(this)
+    }
+
+    fn dir(&self) -> String {
+        self.data.path().display().to_string()
+    }
+
+    fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    fn start(&self) {
+        let dir = self.dir();
+        let options = format!(
+            "-p {} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port
+        );
+        let log = format!("{dir}/server.log");
+        self.run(
+            "pg_ctl",
+            &["-D", &dir, "-o", &options, "-l", &log, "-w", "start"],
+        );
+    }
+
+    /// An immediate shutdown: no checkpoint, recovery at the next start.
+    fn crash(&self) {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.dir(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+
+    async fn create_database(&self, name: &str) -> String {
+        use sea_orm::ConnectionTrait;
+        let admin = sea_orm::Database::connect(self.url("postgres"))
+            .await
+            .unwrap();
+        let database = name.replace('-', "_");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{database}\""))
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        self.url(&database)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &self.dir(), "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
 struct Cluster {
+    postgres: OwnPostgres,
     redis: OwnRedis,
     ports: BTreeMap<&'static str, u16>,
     env: BTreeMap<&'static str, Vec<(String, String)>>,
     children: BTreeMap<&'static str, Child>,
     logs: PathBuf,
-    _databases: Vec<TestDatabase>,
 }
 
 fn free_port() -> u16 {
@@ -124,6 +262,8 @@ fn free_port() -> u16 {
 
 impl Cluster {
     async fn start() -> Option<Self> {
+        let postgres = OwnPostgres::init()?;
+        postgres.start();
         let mut own_redis = OwnRedis {
             port: free_port(),
             child: None,
@@ -131,13 +271,10 @@ impl Cluster {
         own_redis.start().await;
         let redis = own_redis.url();
         let mut ports = BTreeMap::new();
-        let mut databases = Vec::new();
         let mut urls = BTreeMap::new();
         for name in SERVICES {
             ports.insert(name, free_port());
-            let db = o2c_testkit::database(Backend::Postgres, &format!("fault_{name}")).await?;
-            urls.insert(name, db.url.clone());
-            databases.push(db);
+            urls.insert(name, postgres.create_database(name).await);
         }
         let address = |name: &str| format!("http://127.0.0.1:{}", ports[name]);
         let mut env = BTreeMap::new();
@@ -194,12 +331,12 @@ impl Cluster {
         let logs = std::env::temp_dir().join(format!("o2c-faults-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&logs).unwrap();
         let mut cluster = Self {
+            postgres,
             redis: own_redis,
             ports,
             env,
             children: BTreeMap::new(),
             logs,
-            _databases: databases,
         };
         for name in SERVICES {
             cluster.spawn(name).await;
@@ -287,6 +424,32 @@ fn request<T>(message: T) -> Request<T> {
     request
 }
 
+/// Milliseconds since the Unix epoch.
+fn epoch_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// Set while the cluster's PostgreSQL restarts (and until the next fault).
+static POSTGRES_WINDOW: AtomicBool = AtomicBool::new(false);
+/// What callers were told while PostgreSQL restarted: code → count.
+static POSTGRES_ERRORS: std::sync::Mutex<BTreeMap<String, usize>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn seen_during_postgres_restart(status: &tonic::Status) {
+    if POSTGRES_WINDOW.load(Ordering::SeqCst) {
+        let mut seen = POSTGRES_ERRORS.lock().unwrap();
+        *seen
+            .entry(format!("{:?}: {}", status.code(), status.message()))
+            .or_default() += 1;
+    }
+}
+
 /// Calls until the answer is not a transient failure, as a client must.
 macro_rules! until_answered {
     ($gateway:expr, $method:ident, $message:expr) => {{
@@ -305,9 +468,13 @@ macro_rules! until_answered {
                             | Code::Cancelled
                     ) && Instant::now() < deadline =>
                 {
+                    seen_during_postgres_restart(&status);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(status) => break Err(status),
+                Err(status) => {
+                    seen_during_postgres_restart(&status);
+                    break Err(status);
+                }
             }
         }
     }};
@@ -322,8 +489,9 @@ enum Plan {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
-    // The cluster runs its own Redis (it is stopped mid-run); PostgreSQL
-    // must answer (skipped outside CI when absent, fatal under CI=true).
+    // The cluster runs its own Redis and PostgreSQL (both are stopped
+    // mid-run); skipped outside CI when they are not installed, fatal
+    // under CI=true.
     if o2c_testkit::redis_url().await.is_none() {
         return;
     }
@@ -415,13 +583,17 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
     // Redis goes away for a stretch of the run and comes back empty.
     kills.push((orders * 2 / 5, "redis-stop"));
     kills.push((orders * 3 / 5, "redis-start"));
+    // PostgreSQL restarts once, between two kills.
+    kills.push((orders * 19 / 26, "postgres-restart"));
     kills.sort();
     println!("kill plan: {kills:?}");
 
     let done = Arc::new(AtomicUsize::new(0));
     let total = orders;
+    let restarted = Arc::new(Mutex::new(None));
     let chaos = {
         let cluster = cluster.clone();
+        let restarted = restarted.clone();
         let done = done.clone();
         tokio::spawn(async move {
             for (at, service) in kills {
@@ -437,9 +609,18 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 let mut cluster = cluster.lock().await;
+                // The restart window lasts until the next fault.
+                POSTGRES_WINDOW.store(false, Ordering::SeqCst);
                 match service {
                     "redis-stop" => cluster.redis.stop(),
                     "redis-start" => cluster.redis.start().await,
+                    "postgres-restart" => {
+                        POSTGRES_WINDOW.store(true, Ordering::SeqCst);
+                        cluster.postgres.crash();
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        cluster.postgres.start();
+                        *restarted.lock().await = Some(epoch_ms());
+                    }
                     service => cluster.crash_and_restart(service).await,
                 }
             }
@@ -531,6 +712,37 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
         worker.await.unwrap();
     }
     chaos.await.unwrap();
+    POSTGRES_WINDOW.store(false, Ordering::SeqCst);
+    // PostgreSQL really went down mid-run: the server running now started
+    // after the restart point.
+    let restarted_at = restarted
+        .lock()
+        .await
+        .expect("the run reached the restart point");
+    let started: i64 = {
+        use sea_orm::ConnectionTrait;
+        let url = cluster.lock().await.postgres.url("postgres");
+        let admin = sea_orm::Database::connect(url).await.unwrap();
+        let row = admin
+            .query_one_raw(sea_orm::Statement::from_string(
+                admin.get_database_backend(),
+                "SELECT CAST(EXTRACT(EPOCH FROM pg_postmaster_start_time()) * 1000 AS BIGINT) AS ms",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get("", "ms").unwrap()
+    };
+    assert!(
+        started >= restarted_at - 10_000,
+        "PostgreSQL restarted at the restart point ({started} vs {restarted_at})"
+    );
+    let seen = POSTGRES_ERRORS.lock().unwrap().clone();
+    println!("while PostgreSQL restarted, callers were told: {seen:#?}");
+    assert!(
+        seen.keys().all(|code| code.starts_with("Unavailable")),
+        "only UNAVAILABLE while PostgreSQL restarts: {seen:#?}"
+    );
 
     // Every order ended as planned, exactly once.
     let mut invoiced = 0;

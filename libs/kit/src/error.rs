@@ -81,14 +81,69 @@ impl ApiError {
     }
 }
 
+/// How a database failure looks to a caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DbFailure {
+    /// The database is unreachable, restarting or shutting down: the same
+    /// call succeeds once it is back.
+    Unavailable,
+    /// Lost a race with another transaction (serialization failure,
+    /// deadlock): the same call succeeds when retried.
+    Conflict,
+    Other,
+}
+
+fn classify(error: &DbErr) -> DbFailure {
+    use sea_orm::RuntimeErr;
+    use sea_orm::sqlx::Error as Sqlx;
+    match error {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => DbFailure::Unavailable,
+        DbErr::Exec(RuntimeErr::SqlxError(cause)) | DbErr::Query(RuntimeErr::SqlxError(cause)) => {
+            match cause.as_ref() {
+                Sqlx::Io(_)
+                | Sqlx::Tls(_)
+                | Sqlx::Protocol(_)
+                | Sqlx::PoolTimedOut
+                | Sqlx::PoolClosed
+                | Sqlx::WorkerCrashed => DbFailure::Unavailable,
+                Sqlx::Database(db) => match db.code().as_deref() {
+                    // PostgreSQL: connection exceptions (08…), operator
+                    // intervention (57…: admin or crash shutdown, cannot
+                    // connect now), out of resources (53…).
+                    Some(code)
+                        if code.starts_with("08")
+                            || code.starts_with("57")
+                            || code.starts_with("53") =>
+                    {
+                        DbFailure::Unavailable
+                    }
+                    // serialization_failure, deadlock_detected.
+                    Some("40001" | "40P01") => DbFailure::Conflict,
+                    _ => DbFailure::Other,
+                },
+                _ => DbFailure::Other,
+            }
+        }
+        _ => DbFailure::Other,
+    }
+}
+
 impl From<DbErr> for ApiError {
     fn from(error: DbErr) -> Self {
-        match &error {
-            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => {
-                ApiError::Unavailable(format!("database unavailable: {error}"))
+        match (classify(&error), &error) {
+            // The cause is logged here; the caller learns only what to do.
+            (DbFailure::Unavailable, _) => {
+                tracing::warn!(%error, "database unavailable");
+                ApiError::Unavailable("database unavailable; retry".into())
             }
-            DbErr::RecordNotFound(what) => ApiError::Internal(format!("record not found: {what}")),
-            _ => ApiError::Internal(format!("database: {error}")),
+            (DbFailure::Conflict, _) => {
+                tracing::info!(%error, "transaction conflict");
+                ApiError::Aborted("concurrent change; retry".into())
+            }
+            (DbFailure::Other, DbErr::RecordNotFound(what)) => {
+                ApiError::Internal(format!("record not found: {what}"))
+            }
+            (DbFailure::Other, _) => ApiError::Internal(format!("database: {error}")),
         }
     }
 }
@@ -163,4 +218,40 @@ pub fn field_violations(status: &Status) -> Vec<String> {
         .bad_request()
         .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sea_orm::RuntimeErr;
+    use sea_orm::sqlx::Error as Sqlx;
+
+    use super::*;
+
+    fn exec(cause: Sqlx) -> DbErr {
+        DbErr::Exec(RuntimeErr::SqlxError(Arc::new(cause)))
+    }
+
+    #[test]
+    fn a_lost_database_connection_is_unavailable_not_internal() {
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        for error in [
+            exec(Sqlx::Io(reset)),
+            exec(Sqlx::PoolTimedOut),
+            exec(Sqlx::PoolClosed),
+            DbErr::Query(RuntimeErr::SqlxError(Arc::new(Sqlx::WorkerCrashed))),
+        ] {
+            let status = Status::from(ApiError::from(error));
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn other_database_failures_stay_internal() {
+        let status = Status::from(ApiError::from(exec(Sqlx::RowNotFound)));
+        assert_eq!(status.code(), Code::Internal);
+        let status = Status::from(ApiError::from(DbErr::Custom("bad".into())));
+        assert_eq!(status.code(), Code::Internal);
+    }
 }

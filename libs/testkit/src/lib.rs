@@ -31,7 +31,8 @@ pub struct TestDatabase {
 const STALE_AFTER_SECS: u64 = 3 * 3600;
 const DATABASE_PREFIX: &str = "o2c_test_";
 
-fn in_ci() -> bool {
+/// Whether this run is CI (`CI=true`), where a missing service fails a test.
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
