@@ -315,6 +315,10 @@ impl Cluster {
                     }
                 }
                 "crm-sync" => vars.push(("O2C_CUSTOMER_URL".into(), address("customer"))),
+                "customer" => vars.push((
+                    "O2C_EVENT_SUBSCRIBERS__crm-sync".into(),
+                    address("crm-sync"),
+                )),
                 "gateway" => {
                     for upstream in ["customer", "credit", "invoicing", "payments"] {
                         vars.push((
@@ -480,6 +484,11 @@ macro_rules! until_answered {
     }};
 }
 
+/// Orders of 50.00 fired at once while Redis is down, and how many fit
+/// the tight customer's limit.
+const BURST_ORDERS: usize = 40;
+const BURST_FITS: i64 = 15;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Plan {
     PayInFull,
@@ -555,6 +564,46 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
         customers.push(created.customer_id);
     }
 
+    // A customer whose limit fits exactly BURST_FITS orders of 50.00.
+    let tight = until_answered!(
+        gateway,
+        create_customer,
+        pb::CreateCustomerRequest {
+            idempotency_key: "customer-tight".into(),
+            legal_name: "Tight Limit Ltd".into(),
+            country_code: "DE".into(),
+            currency_code: "EUR".into(),
+        }
+    )
+    .unwrap()
+    .customer
+    .unwrap()
+    .customer_id;
+    until_answered!(
+        gateway,
+        link_credit_account,
+        pb::LinkCreditAccountRequest {
+            idempotency_key: "link-tight".into(),
+            customer_id: tight.clone(),
+            agency: "dnb".into(),
+            agency_reference: "TIGHT0001XY".into(),
+            ..Default::default()
+        }
+    )
+    .unwrap();
+    until_answered!(
+        gateway,
+        set_credit_limit,
+        pb::SetCreditLimitRequest {
+            idempotency_key: "limit-tight".into(),
+            customer_id: tight.clone(),
+            credit_limit: eur(format!("{}.00", BURST_FITS * 50)),
+            reason: "fault test".into(),
+            ..Default::default()
+        }
+    )
+    .unwrap();
+
     let mut rng = Seeded(seed);
     let plans: Vec<(usize, Plan, i64)> = (0..orders)
         .map(|i| {
@@ -591,7 +640,11 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
     let done = Arc::new(AtomicUsize::new(0));
     let total = orders;
     let restarted = Arc::new(Mutex::new(None));
+    let burst_outcomes = Arc::new(Mutex::new(Vec::new()));
     let chaos = {
+        let burst_outcomes = burst_outcomes.clone();
+        let burst_gateway = gateway.clone();
+        let tight = tight.clone();
         let cluster = cluster.clone();
         let restarted = restarted.clone();
         let done = done.clone();
@@ -612,7 +665,36 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
                 // The restart window lasts until the next fault.
                 POSTGRES_WINDOW.store(false, Ordering::SeqCst);
                 match service {
-                    "redis-stop" => cluster.redis.stop(),
+                    "redis-stop" => {
+                        cluster.redis.stop();
+                        // With the cache gone, a burst against a tight
+                        // limit still approves no more than fits.
+                        let mut burst = Vec::new();
+                        for n in 0..BURST_ORDERS {
+                            let gateway = burst_gateway.clone();
+                            let customer = tight.clone();
+                            burst.push(tokio::spawn(async move {
+                                until_answered!(
+                                    gateway,
+                                    place_order,
+                                    pb::PlaceOrderRequest {
+                                        idempotency_key: format!("burst-{n}"),
+                                        customer_id: customer.clone(),
+                                        client_reference: format!("BURST-{n}"),
+                                        amount: eur("50.00".into()),
+                                    }
+                                )
+                                .unwrap()
+                                .order
+                                .unwrap()
+                                .status()
+                            }));
+                        }
+                        let mut outcomes = burst_outcomes.lock().await;
+                        for order in burst {
+                            outcomes.push(order.await.unwrap());
+                        }
+                    }
                     "redis-start" => cluster.redis.start().await,
                     "postgres-restart" => {
                         POSTGRES_WINDOW.store(true, Ordering::SeqCst);
@@ -713,6 +795,21 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
     }
     chaos.await.unwrap();
     POSTGRES_WINDOW.store(false, Ordering::SeqCst);
+    // The burst while Redis was down: exactly what fits was approved, the
+    // rest held; never more than the limit.
+    let outcomes = burst_outcomes.lock().await.clone();
+    assert_eq!(outcomes.len(), BURST_ORDERS, "the burst ran");
+    let approved = outcomes
+        .iter()
+        .filter(|s| **s == pb::OrderStatus::Approved)
+        .count();
+    let held = outcomes
+        .iter()
+        .filter(|s| **s == pb::OrderStatus::Held)
+        .count();
+    println!("burst without Redis: {approved} approved, {held} held of {BURST_ORDERS}");
+    assert_eq!(approved, BURST_FITS as usize, "no over-limit approval");
+    assert_eq!(held, BURST_ORDERS - approved);
     // PostgreSQL really went down mid-run: the server running now started
     // after the restart point.
     let restarted_at = restarted
@@ -860,6 +957,6 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
         }
     )
     .unwrap();
-    assert_eq!(report.customers_checked, 10);
+    assert_eq!(report.customers_checked, 11);
     assert!(report.differences.is_empty(), "{:?}", report.differences);
 }

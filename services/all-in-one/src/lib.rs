@@ -205,7 +205,14 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         (
             "customer",
             o2c_customer::SERVICE_NAME,
-            o2c_customer::build(&settings.customer).await?,
+            o2c_customer::build_configured(
+                &settings.customer,
+                &o2c_customer::CustomerSettings {
+                    event_subscribers: subscribers(&[("crm-sync", addresses.crm_sync)]),
+                    ..o2c_customer::CustomerSettings::default()
+                },
+            )
+            .await?,
             &settings.customer,
         ),
         (

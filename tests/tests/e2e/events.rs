@@ -338,3 +338,82 @@ async fn converges_without_the_gateway_on_sqlite() {
 async fn converges_without_the_gateway_on_postgres() {
     converges_without_the_gateway(Backend::Postgres).await;
 }
+
+/// A customer created on the platform with a CRM's external id becomes
+/// readable by that CRM through the connector: crm-sync links it from the
+/// customer service's `CustomerChanged` event.
+async fn crm_links_follow_customer_events(backend: Backend) {
+    let Some(s) = run_suite(backend).await else {
+        return;
+    };
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", s.suite.addresses.customer))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut customers =
+        o2c_proto::customer::v1::customer_service_client::CustomerServiceClient::new(channel);
+    let created = customers
+        .create_customer(o2c_proto::customer::v1::CreateCustomerRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            legal_name: "Brennerei Alpen AG".into(),
+            country_code: "AT".into(),
+            currency_code: "EUR".into(),
+            external_ids: vec![o2c_proto::customer::v1::ExternalId {
+                system: "salesforce".into(),
+                value: "SF-0001".into(),
+            }],
+            contacts: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    let listed = o2c_testkit::eventually(WAIT, || {
+        let mut crm = s.crm.clone();
+        async move {
+            crm.list_customer_invoices(crm_pb::ListCustomerInvoicesRequest {
+                tenant_id: TENANT.into(),
+                crm_system: "salesforce".into(),
+                external_id: "SF-0001".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()
+        }
+    })
+    .await
+    .expect("crm-sync links the record before the deadline");
+    assert!(listed.into_inner().invoices.is_empty());
+    // The link is to the right customer: an upsert from that CRM finds it.
+    let mut crm = s.crm.clone();
+    let upserted = crm
+        .upsert_customer(crm_pb::UpsertCustomerRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            crm_system: "salesforce".into(),
+            external_id: "SF-0001".into(),
+            legal_name: "Brennerei Alpen AG".into(),
+            country_code: "AT".into(),
+            currency_code: "EUR".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(upserted.customer_id, created.customer_id);
+    assert!(!upserted.created);
+    s.suite.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_links_follow_customer_events_on_sqlite() {
+    crm_links_follow_customer_events(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_links_follow_customer_events_on_postgres() {
+    crm_links_follow_customer_events(Backend::Postgres).await;
+}

@@ -137,6 +137,38 @@ impl o2c_kit::outbox::Consumer for EventsApi {
                 )
                 .await?;
             }
+            Some(pb::event::Body::CustomerChanged(changed)) => {
+                let Some(customer) = &changed.customer else {
+                    return Err(malformed(event));
+                };
+                let Ok(customer_id) = customer.customer_id.parse() else {
+                    return Err(ApiError::Internal(format!(
+                        "customer event {} names an invalid customer",
+                        event.event_id
+                    )));
+                };
+                // Each CRM external id the platform knows links the CRM's
+                // record to the customer, as an upsert from that CRM would.
+                for external in &customer.external_ids {
+                    let known = storage::find_link(
+                        txn,
+                        &event.tenant_id,
+                        &external.system,
+                        &external.value,
+                    )
+                    .await?;
+                    if known.is_none() {
+                        storage::save_link(
+                            txn,
+                            &event.tenant_id,
+                            &external.system,
+                            &external.value,
+                            customer_id,
+                        )
+                        .await?;
+                    }
+                }
+            }
             // Events this consumer does not use are acknowledged.
             _ => {}
         }

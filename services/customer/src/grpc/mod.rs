@@ -23,11 +23,42 @@ use crate::storage;
 #[derive(Clone)]
 pub struct CustomerApi {
     db: DatabaseConnection,
+    /// The configured subscribers that take `CustomerChanged`.
+    subscribers: std::sync::Arc<Vec<String>>,
 }
 
+/// Services that take `CustomerChanged`.
+pub const CUSTOMER_TAKERS: &[&str] = &["crm-sync"];
+
 impl CustomerApi {
-    pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+    pub fn new(db: DatabaseConnection, subscribers: Vec<String>) -> Self {
+        Self {
+            db,
+            subscribers: std::sync::Arc::new(o2c_kit::outbox::route(&subscribers, CUSTOMER_TAKERS)),
+        }
+    }
+
+    /// Records `CustomerChanged` (without contacts) in the transaction of
+    /// the change.
+    async fn changed(
+        &self,
+        conn: &impl sea_orm::ConnectionTrait,
+        customer: &pb::Customer,
+    ) -> Result<(), ApiError> {
+        let mut customer = customer.clone();
+        customer.contacts.clear();
+        let event = o2c_proto::events::v1::Event {
+            tenant_id: customer.tenant_id.clone(),
+            aggregate_type: "customer".into(),
+            aggregate_id: customer.customer_id.clone(),
+            body: Some(o2c_proto::events::v1::event::Body::CustomerChanged(
+                o2c_proto::events::v1::CustomerChanged {
+                    customer: Some(customer),
+                },
+            )),
+            ..Default::default()
+        };
+        o2c_kit::outbox::record(conn, &self.subscribers, event, chrono::Utc::now()).await
     }
 }
 
@@ -58,9 +89,10 @@ impl CustomerService for CustomerApi {
             Begun::Replay(response) => return Ok(Response::new(response)),
             Begun::Fresh(txn) => txn,
         };
-        let customer = storage::insert(&txn, &new).await?;
+        let customer = to_proto(&storage::insert(&txn, &new).await?);
+        self.changed(&txn, &customer).await?;
         let response = pb::CreateCustomerResponse {
-            customer: Some(to_proto(&customer)),
+            customer: Some(customer),
         };
         let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
         Ok(Response::new(response))
@@ -149,9 +181,10 @@ impl CustomerService for CustomerApi {
             linked_at: chrono::Utc::now(),
         };
         storage::set_credit_link(&txn, &tenant, customer_id, &link).await?;
-        let customer = storage::get(&txn, &tenant, customer_id).await?;
+        let customer = to_proto(&storage::get(&txn, &tenant, customer_id).await?);
+        self.changed(&txn, &customer).await?;
         let response = pb::LinkCreditAccountResponse {
-            customer: Some(to_proto(&customer)),
+            customer: Some(customer),
         };
         let response = idempotency::commit(&self.db, txn, &scope, key, &bytes, response).await?;
         Ok(Response::new(response))

@@ -12,6 +12,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(o2c_kit::idempotency::Migration),
             Box::new(CreateCustomers),
+            Box::new(o2c_kit::outbox::Migration),
         ]
     }
 }
