@@ -144,6 +144,17 @@ pub fn route(configured: &[String], takers: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Puts the current span's W3C trace context on `event`.
+fn stamp_trace(event: &mut pb::Event) {
+    let mut carrier = HashMap::new();
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&context, &mut MapInjector(&mut carrier))
+    });
+    event.traceparent = carrier.remove("traceparent").unwrap_or_default();
+    event.tracestate = carrier.remove("tracestate").unwrap_or_default();
+}
+
 /// Records `event` for every subscriber in the caller's transaction.
 pub async fn record(
     conn: &impl ConnectionTrait,
@@ -158,13 +169,7 @@ pub async fn record(
         event.event_id = uuid::Uuid::now_v7().to_string();
     }
     event.occurred_at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let mut carrier = HashMap::new();
-    let context = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&context, &mut MapInjector(&mut carrier))
-    });
-    event.traceparent = carrier.remove("traceparent").unwrap_or_default();
-    event.tracestate = carrier.remove("tracestate").unwrap_or_default();
+    stamp_trace(&mut event);
     let payload = event.encode_to_vec();
     for subscriber in subscribers {
         outbox_entity::Entity::insert(outbox_entity::ActiveModel {
@@ -389,6 +394,47 @@ impl Relay {
                     tracing::warn!(%error, "event relay pass failed; retrying next interval");
                 }
             }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{TraceContextExt, TracerProvider};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    #[test]
+    fn the_consumer_span_continues_the_producers_trace() {
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let producer = tracing::info_span!("producer");
+            let producer_context = producer.context();
+            let producer_span = producer_context.span();
+            let expected = producer_span.span_context();
+            assert!(expected.is_valid());
+            let mut event = pb::Event {
+                event_id: "e-1".into(),
+                ..Default::default()
+            };
+            producer.in_scope(|| stamp_trace(&mut event));
+            assert!(
+                event.traceparent.starts_with("00-"),
+                "{}",
+                event.traceparent
+            );
+            let consumer = consumer_span(&event);
+            let consumer_context = consumer.context();
+            let consumer_span = consumer_context.span();
+            let continued = consumer_span.span_context();
+            assert_eq!(continued.trace_id(), expected.trace_id(), "same trace");
+            assert_ne!(continued.span_id(), expected.span_id(), "a new span in it");
         });
     }
 }

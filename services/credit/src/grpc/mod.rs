@@ -158,6 +158,28 @@ impl CreditApi {
                 alerts: Vec::new(),
             }));
         }
+        if invoice.paid && invoice.state.open_minor == 0 {
+            // Paid in full just now (the open amount only falls, so this
+            // happens once): a payment fact; the customer is re-scored.
+            let today = now.date_naive();
+            let days = |from: Option<chrono::NaiveDate>| {
+                from.map(|d| i32::try_from((today - d).num_days()).unwrap_or(i32::MAX))
+            };
+            if let (Some(to_pay), Some(beyond)) =
+                (days(invoice.issue_date), days(invoice.state.due_date))
+            {
+                storage::risk::record_behaviour(
+                    txn,
+                    &synced.account,
+                    &invoice.state.invoice_id,
+                    to_pay.clamp(0, 3_650),
+                    beyond.clamp(-3_650, 3_650),
+                    now,
+                )
+                .await?;
+                storage::risk::score_and_store(txn, &synced.account, now).await?;
+            }
+        }
         let alerts =
             check::alerts_after_change(txn, &self.context(now), &synced.account, &before).await?;
         let exposures = self.touched(txn, &synced.account).await?;
@@ -287,6 +309,9 @@ pub struct SnapshotOf {
     customer_id: CustomerId,
     total: Money,
     state: storage::InvoiceState,
+    /// Paid in full (not cancelled or written off).
+    paid: bool,
+    issue_date: Option<chrono::NaiveDate>,
 }
 
 /// What applying a snapshot left for after the commit.
@@ -340,9 +365,20 @@ fn invoice_state(
         &format!("{field}.due_date"),
         &invoice.due_date,
     ));
+    let issued = v.check(fields::optional_date(
+        &format!("{field}.issue_date"),
+        &invoice.issue_date,
+    ));
     v.finish()?;
-    let (Some(invoice_id), Some(customer_id), Some(_), Some(total), Some(open), Some(due)) =
-        (invoice_id, customer_id, order_id, total, open, due)
+    let (
+        Some(invoice_id),
+        Some(customer_id),
+        Some(_),
+        Some(total),
+        Some(open),
+        Some(due),
+        Some(issue_date),
+    ) = (invoice_id, customer_id, order_id, total, open, due, issued)
     else {
         return Err(missing());
     };
@@ -365,6 +401,8 @@ fn invoice_state(
             due_date: due,
         },
         total,
+        paid: status == invoicing_pb::InvoiceStatus::Paid,
+        issue_date,
     }))
 }
 

@@ -1186,7 +1186,14 @@ async fn dunning(backend: Backend) {
     let due = (h.clock.today() - chrono::Duration::days(20))
         .format("%Y-%m-%d")
         .to_string();
-    let snapshot = |open: &str| super::invoice(&customer, "o-1", &invoice, "100.00", open, &due);
+    let issued = (h.clock.today() - chrono::Duration::days(50))
+        .format("%Y-%m-%d")
+        .to_string();
+    let snapshot = |open: &str| {
+        let mut snapshot = super::invoice(&customer, "o-1", &invoice, "100.00", open, &due);
+        snapshot.issue_date = issued.clone();
+        snapshot
+    };
     let converted = super::sync(&mut h.client, snapshot("100.00")).await;
     assert_eq!(
         converted.converted.unwrap().reservation_id,
@@ -1240,6 +1247,28 @@ async fn dunning(backend: Backend) {
     );
     // Paid: the ladder no longer applies.
     super::sync(&mut h.client, snapshot("0.00")).await;
+    // Paid in full 65 days late, 95 days after issue: a payment fact the
+    // scorecard now explains.
+    let explained = h
+        .client
+        .explain_score(pb::ExplainScoreRequest {
+            tenant_id: TENANT.into(),
+            customer_id: customer.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .score
+        .unwrap();
+    let factor = |name: &str| {
+        explained
+            .factors
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.value.clone())
+    };
+    assert_eq!(factor("days_beyond_terms").as_deref(), Some("65.0"));
+    assert_eq!(factor("average_days_to_pay").as_deref(), Some("95.0"));
     assert_eq!(
         reserve(&mut h.client, &customer, "o-5", "1.00")
             .await

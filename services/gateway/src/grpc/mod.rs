@@ -679,7 +679,6 @@ impl GatewayService for GatewayApi {
                 .apply_allocations(
                     &tenant,
                     key,
-                    customer_id,
                     &payment.payment_id,
                     &applied,
                     amount.currency(),
@@ -766,14 +765,7 @@ impl GatewayService for GatewayApi {
                 .map(|(_, m)| m.currency())
                 .ok_or_else(missing)?;
             let (invoices, _) = self
-                .apply_allocations(
-                    &tenant,
-                    key,
-                    customer_id,
-                    &payment.payment_id,
-                    &allocations,
-                    currency,
-                )
+                .apply_allocations(&tenant, key, &payment.payment_id, &allocations, currency)
                 .await?;
             self.recheck_holds(&tenant, key, customer_id).await?;
             Ok(pb::ApplyUnappliedCashResponse {
@@ -2271,13 +2263,12 @@ impl GatewayApi {
         Ok(chosen)
     }
 
-    /// Applies a payment's allocations to the invoices and lowers the
-    /// receivables in credit (the discount earned counts as settled too).
+    /// Applies a payment's allocations to the invoices and brings their
+    /// receivables in credit up to date (the payment's event would too).
     async fn apply_allocations(
         &self,
         tenant: &str,
         key: &str,
-        customer_id: CustomerId,
         payment_id: &str,
         allocations: &[(InvoiceId, Money)],
         currency: o2c_money::Currency,
@@ -2308,11 +2299,8 @@ impl GatewayApi {
                 .checked_add(&discount)
                 .map_err(|e| ApiError::Internal(format!("discount arithmetic: {e}")))?;
             let invoice = present(applied.invoice, "invoice")?;
+            // A paid invoice also re-scores the customer in credit.
             self.sync_receivable(tenant, &invoice).await?;
-            if invoice.status() == invoicing_pb::InvoiceStatus::Paid {
-                self.record_behaviour(tenant, key, customer_id, &invoice)
-                    .await?;
-            }
             invoices.push(convert::invoice(invoice));
         }
         Ok((invoices, discount_total))
@@ -2403,42 +2391,5 @@ impl GatewayApi {
             self.apply_hold(tenant, hold).await?;
         }
         Ok(())
-    }
-
-    /// Tells the credit service how a fully paid invoice was paid, so the
-    /// customer is re-scored on fresh payment facts.
-    async fn record_behaviour(
-        &self,
-        tenant: &str,
-        key: &str,
-        customer: CustomerId,
-        invoice: &invoicing_pb::Invoice,
-    ) -> Result<(), ApiError> {
-        let parse = |d: &str| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok();
-        let (Some(issued), Some(due)) = (parse(&invoice.issue_date), parse(&invoice.due_date))
-        else {
-            return Ok(());
-        };
-        let today = chrono::Utc::now().date_naive();
-        let days =
-            |from: chrono::NaiveDate| i32::try_from((today - from).num_days()).unwrap_or(i32::MAX);
-        let recorded = self
-            .up
-            .credit
-            .clone()
-            .record_payment_behaviour(credit_pb::RecordPaymentBehaviourRequest {
-                idempotency_key: derived(key, &format!("behaviour:{}", invoice.invoice_id)),
-                tenant_id: tenant.to_owned(),
-                customer_id: customer.to_string(),
-                invoice_id: invoice.invoice_id.clone(),
-                days_to_pay: days(issued).max(0),
-                days_beyond_terms: days(due),
-            })
-            .await;
-        match recorded {
-            Ok(_) => Ok(()),
-            Err(status) if status.code() == Code::NotFound => Ok(()),
-            Err(status) => Err(from_upstream("credit", status)),
-        }
     }
 }
