@@ -69,6 +69,8 @@ pub mod inbox_entity {
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
         pub event_id: String,
+        /// Indexed for pruning (see [`InboxIndex`](super::InboxIndex)).
+        #[sea_orm(indexed)]
         pub received_at: DateTimeUtc,
     }
 
@@ -94,6 +96,33 @@ impl sea_orm_migration::MigrationTrait for Migration {
     async fn down(&self, manager: &sea_orm_migration::SchemaManager) -> Result<(), DbErr> {
         crate::db::drop_table_for(manager, inbox_entity::Entity).await?;
         crate::db::drop_table_for(manager, outbox_entity::Entity).await
+    }
+}
+
+/// The index pruning the inbox uses; databases created before it existed
+/// get it here (new ones already have it from [`Migration`]).
+pub struct InboxIndex;
+
+impl sea_orm_migration::MigrationName for InboxIndex {
+    fn name(&self) -> &str {
+        "m20261205_000004_inbox_received_at"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl sea_orm_migration::MigrationTrait for InboxIndex {
+    async fn up(&self, manager: &sea_orm_migration::SchemaManager) -> Result<(), DbErr> {
+        let schema = sea_orm::Schema::new(manager.get_database_backend());
+        for mut index in schema.create_index_from_entity(inbox_entity::Entity) {
+            manager
+                .create_index(index.if_not_exists().to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn down(&self, _manager: &sea_orm_migration::SchemaManager) -> Result<(), DbErr> {
+        Ok(())
     }
 }
 
@@ -206,6 +235,23 @@ pub async fn first_delivery(
     }
 }
 
+/// How long a consumer remembers an event it applied. A redelivery comes
+/// from a producer that died between the consumer's commit and its own
+/// delete, and resumes when that producer restarts: far sooner than this.
+pub const INBOX_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Forgets applied events older than `retention`; returns how many.
+pub async fn prune_inbox(db: &DatabaseConnection, retention: Duration) -> Result<u64, ApiError> {
+    let cutoff = Utc::now()
+        - chrono::Duration::from_std(retention)
+            .map_err(|e| ApiError::Internal(format!("inbox retention: {e}")))?;
+    let result = inbox_entity::Entity::delete_many()
+        .filter(inbox_entity::Column::ReceivedAt.lt(cutoff))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected)
+}
+
 /// Whether `event_id` was applied before (read-only check before work).
 pub async fn seen(conn: &impl ConnectionTrait, event_id: &str) -> Result<bool, ApiError> {
     Ok(inbox_entity::Entity::find_by_id(event_id.to_owned())
@@ -248,8 +294,24 @@ impl<C: Consumer> Inbox<C> {
         Self { db, consumer }
     }
 
-    /// The tonic service to add to a server's routes.
+    /// The tonic service to add to a server's routes. Also starts an
+    /// hourly pruning of the inbox past [`INBOX_RETENTION`].
     pub fn into_server(self) -> EventsServiceServer<Self> {
+        let db = self.db.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(3600));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                match prune_inbox(&db, INBOX_RETENTION).await {
+                    Ok(0) => {}
+                    Ok(pruned) => tracing::info!(pruned, "inbox pruned"),
+                    Err(error) => {
+                        tracing::warn!(%error, "inbox pruning failed; retrying next hour")
+                    }
+                }
+            }
+        });
         EventsServiceServer::new(self)
     }
 
@@ -324,55 +386,79 @@ impl Relay {
     }
 
     /// One pass: delivers due events to every subscriber; returns how many
-    /// were delivered.
+    /// were delivered. A subscriber whose delivery fails (or whose oldest
+    /// events cannot be read) does not hold up the others.
     pub async fn run_once(&self) -> Result<usize, ApiError> {
         let now = Utc::now();
         let mut delivered = 0;
+        let mut failed = None;
         for (name, client) in &self.subscribers {
-            // Oldest first; a subscriber that is backing off is skipped whole,
-            // so later events never overtake earlier ones.
-            let rows = outbox_entity::Entity::find()
-                .filter(outbox_entity::Column::Subscriber.eq(name.clone()))
-                .order_by_asc(outbox_entity::Column::Id)
-                .limit(BATCH)
-                .all(&self.db)
-                .await?;
-            let Some(first) = rows.first() else { continue };
-            if first.next_attempt_at > now {
-                continue;
-            }
-            let events = rows
-                .iter()
-                .map(|row| pb::Event::decode(row.payload.as_slice()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ApiError::Internal(format!("undecodable outbox event: {e}")))?;
-            let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
-            match client.clone().deliver(pb::DeliverRequest { events }).await {
-                Ok(_) => {
-                    outbox_entity::Entity::delete_many()
-                        .filter(outbox_entity::Column::Subscriber.eq(name.clone()))
-                        .filter(outbox_entity::Column::Id.is_in(ids))
-                        .exec(&self.db)
-                        .await?;
-                    delivered += rows.len();
-                }
-                Err(status) => {
-                    let attempts = first.attempts + 1;
-                    tracing::warn!(subscriber = %name, attempts, %status, "event delivery failed; backing off");
-                    outbox_entity::Entity::update_many()
-                        .col_expr(outbox_entity::Column::Attempts, Expr::value(attempts))
-                        .col_expr(
-                            outbox_entity::Column::NextAttemptAt,
-                            Expr::value(now + backoff(attempts)),
-                        )
-                        .filter(outbox_entity::Column::Subscriber.eq(name.clone()))
-                        .filter(outbox_entity::Column::Id.is_in(ids))
-                        .exec(&self.db)
-                        .await?;
+            match self.deliver_to(name, client, now).await {
+                Ok(count) => delivered += count,
+                Err(error) => {
+                    tracing::warn!(subscriber = %name, %error, "event relay pass failed for subscriber");
+                    failed = Some(error);
                 }
             }
         }
-        Ok(delivered)
+        match failed {
+            Some(error) if delivered == 0 => Err(error),
+            _ => Ok(delivered),
+        }
+    }
+
+    /// Delivers the oldest due batch to one subscriber.
+    async fn deliver_to(
+        &self,
+        name: &str,
+        client: &EventsServiceClient<TracedChannel>,
+        now: DateTime<Utc>,
+    ) -> Result<usize, ApiError> {
+        // Oldest first; a subscriber that is backing off is skipped whole,
+        // so later events never overtake earlier ones.
+        let rows = outbox_entity::Entity::find()
+            .filter(outbox_entity::Column::Subscriber.eq(name))
+            .order_by_asc(outbox_entity::Column::Id)
+            .limit(BATCH)
+            .all(&self.db)
+            .await?;
+        let Some(first) = rows.first() else {
+            return Ok(0);
+        };
+        if first.next_attempt_at > now {
+            return Ok(0);
+        }
+        let events = rows
+            .iter()
+            .map(|row| pb::Event::decode(row.payload.as_slice()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError::Internal(format!("undecodable outbox event: {e}")))?;
+        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+        match client.clone().deliver(pb::DeliverRequest { events }).await {
+            Ok(_) => {
+                outbox_entity::Entity::delete_many()
+                    .filter(outbox_entity::Column::Subscriber.eq(name))
+                    .filter(outbox_entity::Column::Id.is_in(ids))
+                    .exec(&self.db)
+                    .await?;
+                Ok(rows.len())
+            }
+            Err(status) => {
+                let attempts = first.attempts + 1;
+                tracing::warn!(subscriber = %name, attempts, %status, "event delivery failed; backing off");
+                outbox_entity::Entity::update_many()
+                    .col_expr(outbox_entity::Column::Attempts, Expr::value(attempts))
+                    .col_expr(
+                        outbox_entity::Column::NextAttemptAt,
+                        Expr::value(now + backoff(attempts)),
+                    )
+                    .filter(outbox_entity::Column::Subscriber.eq(name))
+                    .filter(outbox_entity::Column::Id.is_in(ids))
+                    .exec(&self.db)
+                    .await?;
+                Ok(0)
+            }
+        }
     }
 
     /// Events waiting for `subscriber`.
@@ -404,6 +490,36 @@ mod tests {
     use tracing_subscriber::layer::SubscriberExt;
 
     use super::*;
+
+    #[tokio::test]
+    async fn pruning_forgets_only_old_deliveries() {
+        use sea_orm_migration::MigrationTrait;
+        let db = sea_orm::Database::connect("sqlite::memory:").await.unwrap();
+        let manager = sea_orm_migration::SchemaManager::new(&db);
+        Migration.up(&manager).await.unwrap();
+        InboxIndex.up(&manager).await.unwrap();
+        let now = Utc::now();
+        for (id, age_days) in [("old", 31), ("recent", 29), ("new", 0)] {
+            inbox_entity::Entity::insert(inbox_entity::ActiveModel {
+                event_id: Set(id.into()),
+                received_at: Set(now - chrono::Duration::days(age_days)),
+            })
+            .exec(&db)
+            .await
+            .unwrap();
+        }
+        assert_eq!(prune_inbox(&db, INBOX_RETENTION).await.unwrap(), 1);
+        assert!(!seen(&db, "old").await.unwrap());
+        assert!(seen(&db, "recent").await.unwrap());
+        assert!(seen(&db, "new").await.unwrap());
+        // A pruned event delivered again would apply again: the retention
+        // is far beyond any redelivery, which is why it is a month.
+        assert!(
+            first_delivery(&db, "recent", now)
+                .await
+                .is_ok_and(|first| !first)
+        );
+    }
 
     #[test]
     fn the_consumer_span_continues_the_producers_trace() {

@@ -172,6 +172,29 @@ async fn converges_without_the_gateway(backend: Backend) {
     let e = credit_until(&s, &customer, |e| amount(&e.receivables) == "300.00").await;
     assert_eq!(amount(&e.reserved), "0.00");
 
+    // A payment of another customer allocated to this customer's invoice
+    // is refused: a payment settles only its payer's invoices. The money
+    // goes back to that payment's unapplied cash.
+    let stranger = s
+        .payments
+        .record_payment(record_payment(
+            &uuid::Uuid::now_v7().to_string(),
+            "10.00",
+            vec![payments_pb::Allocation {
+                invoice_id: invoice.invoice_id.clone(),
+                amount: eur("10.00"),
+            }],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .payment
+        .unwrap();
+    payment_until(&s, &stranger.payment_id, |p| {
+        p.allocations.is_empty() && amount(&p.unapplied) == "10.00"
+    })
+    .await;
+
     // A payment recorded in payments only: its event applies it to the
     // invoice, whose event lowers the receivable in credit.
     let paid = s

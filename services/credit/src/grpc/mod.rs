@@ -137,11 +137,14 @@ impl CreditApi {
     /// Applies an invoice snapshot in `txn` (the RPC and the event share
     /// this): `None` when the customer has no credit account, so there is
     /// nothing to track.
+    /// `as_of` is when invoicing made the change (the event's time; now for
+    /// the RPC): a payment fact is measured to then, not to a late delivery.
     async fn sync_in(
         &self,
         txn: &DatabaseTransaction,
         tenant: &str,
         invoice: &SnapshotOf,
+        as_of: DateTime<Utc>,
     ) -> Result<Option<SyncedInvoice>, ApiError> {
         let Some(account) = storage::find_account(txn, tenant, invoice.customer_id).await? else {
             return Ok(None);
@@ -161,7 +164,7 @@ impl CreditApi {
         if invoice.paid && invoice.state.open_minor == 0 {
             // Paid in full just now (the open amount only falls, so this
             // happens once): a payment fact; the customer is re-scored.
-            let today = now.date_naive();
+            let today = as_of.min(now).date_naive();
             let days = |from: Option<chrono::NaiveDate>| {
                 from.map(|d| i32::try_from((today - d).num_days()).unwrap_or(i32::MAX))
             };
@@ -432,7 +435,10 @@ impl o2c_kit::outbox::Consumer for CreditApi {
                 )));
             }
         };
-        match self.sync_in(txn, &event.tenant_id, &snapshot).await {
+        let as_of = DateTime::parse_from_rfc3339(&event.occurred_at)
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_else(|_| self.now());
+        match self.sync_in(txn, &event.tenant_id, &snapshot, as_of).await {
             Ok(synced) => Ok(synced.map(|s| (event.tenant_id.clone(), s))),
             // An invoice in another currency than the account cannot count
             // against its limit; reconciliation reports the difference.
@@ -732,7 +738,7 @@ impl CreditService for CreditApi {
         let synced = loop {
             attempt += 1;
             let txn = self.db.begin().await.map_err(ApiError::from)?;
-            match self.sync_in(&txn, &tenant, &invoice).await {
+            match self.sync_in(&txn, &tenant, &invoice, self.now()).await {
                 Ok(synced) => {
                     txn.commit().await.map_err(ApiError::from)?;
                     break synced;

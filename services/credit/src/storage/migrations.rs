@@ -16,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(o2c_kit::idempotency::Migration),
             Box::new(o2c_kit::outbox::Migration),
             Box::new(CreateLedger),
+            Box::new(o2c_kit::outbox::InboxIndex),
         ]
     }
 }

@@ -150,23 +150,14 @@ impl o2c_kit::outbox::Consumer for EventsApi {
                 // Each CRM external id the platform knows links the CRM's
                 // record to the customer, as an upsert from that CRM would.
                 for external in &customer.external_ids {
-                    let known = storage::find_link(
+                    storage::save_link(
                         txn,
                         &event.tenant_id,
                         &external.system,
                         &external.value,
+                        customer_id,
                     )
                     .await?;
-                    if known.is_none() {
-                        storage::save_link(
-                            txn,
-                            &event.tenant_id,
-                            &external.system,
-                            &external.value,
-                            customer_id,
-                        )
-                        .await?;
-                    }
                 }
             }
             // Events this consumer does not use are acknowledged.

@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(o2c_kit::outbox::Migration),
             Box::new(CreateCrmTables),
             Box::new(CreateActivityTables),
+            Box::new(o2c_kit::outbox::InboxIndex),
         ]
     }
 }

@@ -49,7 +49,9 @@ pub async fn find_link(
     .transpose()
 }
 
-/// Records the link; a concurrent identical link is fine.
+/// Records the link; an existing link stays as it is. `ON CONFLICT DO
+/// NOTHING` rather than catching the violation, so this is safe inside a
+/// PostgreSQL transaction (a failed statement would abort it).
 pub async fn save_link(
     conn: &impl ConnectionTrait,
     tenant_id: &str,
@@ -64,13 +66,18 @@ pub async fn save_link(
         customer_id: Set(customer_id.to_string()),
         linked_at: Set(chrono::Utc::now()),
     })
-    .exec(conn)
+    .on_conflict(
+        OnConflict::columns([
+            link::Column::TenantId,
+            link::Column::CrmSystem,
+            link::Column::ExternalId,
+        ])
+        .do_nothing()
+        .to_owned(),
+    )
+    .exec_without_returning(conn)
     .await;
-    match result {
-        Ok(_) => Ok(()),
-        Err(error) if o2c_kit::db::is_unique_violation(&error) => Ok(()),
-        Err(error) => Err(error.into()),
-    }
+    result.map(|_| ()).map_err(ApiError::from)
 }
 
 pub async fn insert_interaction(

@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
             Box::new(o2c_kit::idempotency::Migration),
             Box::new(CreateCustomers),
             Box::new(o2c_kit::outbox::Migration),
+            Box::new(o2c_kit::outbox::InboxIndex),
         ]
     }
 }

@@ -82,37 +82,56 @@ impl InvoicingApi {
         &self,
         txn: &DatabaseTransaction,
         tenant: &str,
-        payment_id: &str,
+        payment: &payments_pb::Payment,
         allocation: &payments_pb::Allocation,
     ) -> Result<(), ApiError> {
+        let payment_id = payment.payment_id.as_str();
+        // The discount window is judged on the day the money arrived, not
+        // the day this event is delivered.
+        let received = chrono::DateTime::parse_from_rfc3339(&payment.received_at)
+            .map(|t| t.date_naive())
+            .unwrap_or_else(|_| self.today());
         let parsed = fields::id::<InvoiceId>("invoice_id", &allocation.invoice_id).and_then(|id| {
             proto_money::parse_positive("amount", allocation.amount.as_ref()).map(|m| (id, m))
         });
         let refusal = match parsed {
-            Ok((id, amount)) => {
-                // A savepoint, so a refused application leaves nothing.
-                let attempt = txn.begin().await?;
-                let today = self.today();
-                match storage::apply_payment(&attempt, tenant, id, payment_id, amount, today).await
-                {
-                    Ok((invoice, _)) => {
-                        let invoice = to_proto(&invoice, today)?;
-                        self.changed(&attempt, &invoice).await?;
-                        attempt.commit().await?;
-                        return Ok(());
-                    }
-                    Err(
-                        error @ (ApiError::NotFound(_)
-                        | ApiError::FailedPrecondition(_)
-                        | ApiError::InvalidArgument(_)
-                        | ApiError::AlreadyExists(_)),
-                    ) => {
-                        attempt.rollback().await?;
-                        error.to_string()
-                    }
-                    Err(error) => return Err(error),
+            Ok((id, amount)) => match storage::get(txn, tenant, id).await {
+                Ok(invoice) if invoice.customer_id.to_string() != payment.customer_id => {
+                    format!("invoice {id} is not an invoice of the payment's customer")
                 }
-            }
+                Ok(_) => {
+                    // A savepoint, so a refused application leaves nothing.
+                    let attempt = txn.begin().await?;
+                    match storage::apply_payment(&attempt, tenant, id, payment_id, amount, received)
+                        .await
+                    {
+                        Ok((invoice, _)) => {
+                            let invoice = to_proto(&invoice, self.today())?;
+                            self.changed(&attempt, &invoice).await?;
+                            attempt.commit().await?;
+                            return Ok(());
+                        }
+                        // Applied already with another amount: invoicing
+                        // keeps what it applied, and the payment must not
+                        // get the money back as well. Loud, not blocking.
+                        Err(ApiError::AlreadyExists(message)) => {
+                            attempt.rollback().await?;
+                            tracing::error!(payment = %payment_id, invoice = %id, %message, "allocation differs from the application on record; left as applied");
+                            return Ok(());
+                        }
+                        Err(
+                            error
+                            @ (ApiError::FailedPrecondition(_) | ApiError::InvalidArgument(_)),
+                        ) => {
+                            attempt.rollback().await?;
+                            error.to_string()
+                        }
+                        Err(error) => return Err(error),
+                    }
+                }
+                Err(error @ ApiError::NotFound(_)) => error.to_string(),
+                Err(error) => return Err(error),
+            },
             Err(error) => error.to_string(),
         };
         tracing::warn!(payment = %payment_id, invoice = %allocation.invoice_id, %refusal, "allocation refused");
@@ -874,7 +893,7 @@ impl o2c_kit::outbox::Consumer for InvoicingApi {
             )));
         };
         for allocation in &payment.allocations {
-            self.apply_allocation(txn, &event.tenant_id, &payment.payment_id, allocation)
+            self.apply_allocation(txn, &event.tenant_id, payment, allocation)
                 .await?;
         }
         Ok(())

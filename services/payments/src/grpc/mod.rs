@@ -72,13 +72,25 @@ impl PaymentEvents {
             aggregate_id: payment.id.to_string(),
             body: Some(events_pb::event::Body::PaymentChanged(
                 events_pb::PaymentChanged {
-                    payment: Some(to_proto(payment)),
+                    payment: Some(minimal(payment)),
                 },
             )),
             ..Default::default()
         };
         o2c_kit::outbox::record(conn, &self.subscribers, event, now).await
     }
+}
+
+/// The payment as events carry it: no subscriber needs the payer's
+/// reference text or who ordered a refund and why, so they stay here.
+fn minimal(payment: &Payment) -> pb::Payment {
+    let mut message = to_proto(payment);
+    message.reference.clear();
+    for refund in &mut message.refunds {
+        refund.reason.clear();
+        refund.actor.clear();
+    }
+    message
 }
 
 /// Payments' consumer of invoicing's events: an allocation invoicing could

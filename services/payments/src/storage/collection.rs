@@ -305,10 +305,16 @@ pub async fn unallocate(
         return Ok(false);
     };
     if row.amount_minor != expected.minor_units() {
-        return Err(ApiError::Internal(format!(
-            "allocation of payment {payment_id} to invoice {invoice_id} is {} minor units, not the {expected} refused",
-            row.amount_minor
-        )));
+        // Not the allocation that was refused: leave it (loud, not
+        // blocking every later event).
+        tracing::error!(
+            payment = %payment_id,
+            invoice = %invoice_id,
+            allocated_minor = row.amount_minor,
+            refused = %expected,
+            "refusal does not match the allocation on record; left as allocated"
+        );
+        return Ok(false);
     }
     allocation::Entity::delete_by_id((payment_id.to_owned(), invoice_id.to_owned()))
         .exec(conn)
