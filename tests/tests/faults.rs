@@ -286,6 +286,10 @@ impl Cluster {
                 ),
                 ("O2C_DATABASE_URL".to_owned(), urls[name].clone()),
                 ("O2C_SHUTDOWN_GRACE_MS".to_owned(), "2000".to_owned()),
+                (
+                    "O2C_INTERNAL_AUTH_SECRET".to_owned(),
+                    "fault-test-internal-secret-0123456789".to_owned(),
+                ),
                 ("RUST_LOG".to_owned(), "warn".to_owned()),
             ];
             match name {

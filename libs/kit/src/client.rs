@@ -65,7 +65,11 @@ pub fn streaming_channel(url: &str) -> Result<TracedChannel, InvalidAddress> {
     ))
 }
 
-/// Injects the current span's context as `traceparent`/`tracestate`.
+/// Puts the caller's context on every internal call: the current span's
+/// `traceparent`/`tracestate`, an internal token for the tenant and user
+/// being served ([`crate::auth`]), and what is left of the original
+/// caller's deadline as `grpc-timeout` (the channel's own timeout still
+/// caps it).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TracePropagation;
 
@@ -78,6 +82,21 @@ impl Interceptor for TracePropagation {
         opentelemetry::global::get_text_map_propagator(|propagator| {
             propagator.inject_context(&context, &mut MetadataInjector(request.metadata_mut()));
         });
+        let call = crate::auth::current().unwrap_or_default();
+        if let Some(token) = crate::auth::mint(&call)
+            && let Ok(value) = MetadataValue::try_from(format!("Bearer {token}"))
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        if let Some(deadline) = call.deadline {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(tonic::Status::deadline_exceeded(
+                    "the caller's deadline has passed",
+                ));
+            }
+            request.set_timeout(left);
+        }
         Ok(request)
     }
 }

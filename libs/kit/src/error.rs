@@ -46,6 +46,18 @@ pub enum ApiError {
     /// A dependency (database, another service) is down; retry later.
     #[error("{0}")]
     Unavailable(String),
+    /// No valid credential came with the call.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller is known but may not do this (role, or another tenant).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The caller's quota is spent; retry after the given delay.
+    #[error("{message}")]
+    ResourceExhausted {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     /// A bug or an unexpected failure; the cause is logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -169,6 +181,16 @@ impl From<ApiError> for Status {
                 tracing::warn!(%message, "dependency unavailable");
                 Status::unavailable(message)
             }
+            ApiError::Unauthenticated(message) => Status::unauthenticated(message),
+            ApiError::PermissionDenied(message) => Status::permission_denied(message),
+            ApiError::ResourceExhausted {
+                message,
+                retry_after,
+            } => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 Status::internal("internal error")
@@ -204,6 +226,8 @@ pub fn from_upstream(service: &str, status: Status) -> ApiError {
         Code::AlreadyExists => ApiError::AlreadyExists(message),
         Code::FailedPrecondition => ApiError::FailedPrecondition(message),
         Code::Aborted => ApiError::Aborted(message),
+        // Another tenant's resource, as the owning service judged it.
+        Code::PermissionDenied => ApiError::PermissionDenied(message),
         Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
             ApiError::Unavailable(message)
         }

@@ -7,10 +7,19 @@ use crate::ApiError;
 /// Longest tenant id.
 pub const MAX_TENANT_ID_LENGTH: usize = 64;
 
-/// A tenant id: 1 to 64 of `A-Z a-z 0-9 _ -`.
+/// A tenant id: 1 to 64 of `A-Z a-z 0-9 _ -`; and, when the call was
+/// made for a tenant (its internal token says which), that tenant:
+/// another tenant's request is PERMISSION_DENIED however it got here.
 pub fn tenant_id(field: &str, value: &str) -> Result<String, ApiError> {
     if value.is_empty() {
         return Err(ApiError::invalid(field, "required"));
+    }
+    if let Some(caller) = crate::auth::current().and_then(|c| c.tenant)
+        && caller != value
+    {
+        return Err(ApiError::PermissionDenied(format!(
+            "{field}: this call may act only for its own tenant"
+        )));
     }
     if value.len() > MAX_TENANT_ID_LENGTH
         || !value
@@ -86,7 +95,7 @@ pub fn slug(field: &str, value: &str) -> Result<String, ApiError> {
 
 /// Collects every violation of a request instead of stopping at the first.
 #[derive(Debug, Default)]
-pub struct Violations(Vec<crate::FieldViolation>);
+pub struct Violations(Vec<crate::FieldViolation>, Option<ApiError>);
 
 impl Violations {
     /// Keeps the value, or records why it is invalid.
@@ -95,6 +104,11 @@ impl Violations {
             Ok(value) => Some(value),
             Err(ApiError::InvalidArgument(mut found)) => {
                 self.0.append(&mut found);
+                None
+            }
+            // Refused whoever asks: that answer wins over bad fields.
+            Err(denied @ (ApiError::PermissionDenied(_) | ApiError::Unauthenticated(_))) => {
+                self.1.get_or_insert(denied);
                 None
             }
             Err(other) => {
@@ -107,6 +121,9 @@ impl Violations {
 
     /// Ok when nothing was recorded.
     pub fn finish(self) -> Result<(), ApiError> {
+        if let Some(denied) = self.1 {
+            return Err(denied);
+        }
         if self.0.is_empty() {
             Ok(())
         } else {

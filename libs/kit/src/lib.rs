@@ -18,6 +18,7 @@
 //!
 //! Business rules of any one service never live here.
 
+pub mod auth;
 pub mod cache;
 pub mod client;
 pub mod clock;

@@ -27,10 +27,23 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Who may call a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Only other services of the deployment: every call but health and
+    /// reflection needs a valid internal token ([`crate::auth`]).
+    Internal,
+    /// The public door (the gateway), which authenticates callers itself.
+    Public,
+    /// Anyone, unchecked: a service on its own in a test.
+    Open,
+}
+
 /// Serves `routes` (the service named `service_name`, e.g.
 /// `o2c.credit.v1.CreditService`) on `listener` until `shutdown` resolves.
 pub async fn serve(
     service_name: &'static str,
+    access: Access,
     listener: TcpListener,
     routes: Routes,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -69,6 +82,9 @@ pub async fn serve(
     let mut server_stop = stopping_rx.clone();
     let server = Server::builder()
         .trace_fn(request_span)
+        .layer(tower::util::option_layer(
+            (access == Access::Internal).then_some(crate::auth::InternalAuthLayer),
+        ))
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -97,7 +113,8 @@ pub async fn serve(
     }
 }
 
-/// Serves a service's routes with the grace period from its settings.
+/// Serves a backend's routes to the other services only, with the grace
+/// period from its settings.
 pub async fn run(
     service_name: &'static str,
     settings: &crate::settings::ServiceSettings,
@@ -106,7 +123,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let grace = Duration::from_millis(settings.shutdown_grace_ms);
-    serve(service_name, listener, routes, shutdown, grace).await
+    serve(
+        service_name,
+        Access::Internal,
+        listener,
+        routes,
+        shutdown,
+        grace,
+    )
+    .await
 }
 
 /// The server span of one call, continuing the caller's trace.

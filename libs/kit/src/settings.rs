@@ -71,6 +71,11 @@ pub struct CommonSettings {
     pub redis_url: Option<String>,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
+    /// The secret every service of a deployment signs and checks internal
+    /// calls with (at least 32 characters; the same everywhere). Required
+    /// by the single-service binaries; the all-in-one makes its own.
+    #[serde(skip_serializing)]
+    pub internal_auth_secret: Option<String>,
 }
 
 impl CommonSettings {
@@ -81,6 +86,14 @@ impl CommonSettings {
             return Err(SettingsError::Invalid {
                 key: "redis_url".into(),
                 reason: "must start with redis:// or rediss://".into(),
+            });
+        }
+        if let Some(secret) = &self.internal_auth_secret
+            && secret.len() < crate::auth::MIN_SECRET_LENGTH
+        {
+            return Err(SettingsError::Invalid {
+                key: "internal_auth_secret".into(),
+                reason: format!("at least {} characters", crate::auth::MIN_SECRET_LENGTH),
             });
         }
         if let Some(url) = &self.otlp_endpoint

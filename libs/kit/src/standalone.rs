@@ -67,6 +67,14 @@ where
     settings.service.validate("")?;
     settings.common.validate()?;
     settings.extra.validate()?;
+    let Some(secret) = settings.common.internal_auth_secret.as_deref() else {
+        anyhow::bail!(
+            "internal_auth_secret is required: set O2C_INTERNAL_AUTH_SECRET to the same secret \
+             (at least {} characters) for every service of the deployment",
+            crate::auth::MIN_SECRET_LENGTH
+        );
+    };
+    crate::auth::install(secret, binary)?;
     let _telemetry = crate::telemetry::init(
         binary,
         settings.common.otlp_endpoint.as_deref(),

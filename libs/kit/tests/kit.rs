@@ -22,6 +22,7 @@ async fn health_turns_not_serving_before_the_server_stops() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(o2c_kit::serve::serve(
         "o2c.test.v1.TestService",
+        o2c_kit::serve::Access::Open,
         listener,
         routes(),
         async move {

@@ -211,6 +211,7 @@ pub async fn serve(service_name: &'static str, routes: tonic::service::Routes) -
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(o2c_kit::serve::serve(
         service_name,
+        o2c_kit::serve::Access::Open,
         listener,
         routes,
         async move {

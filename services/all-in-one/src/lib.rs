@@ -137,6 +137,14 @@ fn url(addr: SocketAddr) -> String {
 /// serves all six services. Returns once all of them accept calls.
 pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
     settings.validate()?;
+    // The services of this process sign and check their calls to each
+    // other with one secret: the configured one, else a random one (no one
+    // outside the process needs to know it).
+    match &settings.common.internal_auth_secret {
+        Some(secret) => o2c_kit::auth::install(secret, "o2c")?,
+        None if o2c_kit::auth::installed() => {}
+        None => o2c_kit::auth::install(&o2c_kit::auth::random_secret()?, "o2c")?,
+    }
     let listeners = [
         ("gateway", bind("gateway", &settings.gateway).await?),
         ("customer", bind("customer", &settings.customer).await?),
@@ -259,8 +267,16 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
         let grace = Duration::from_millis(service.shutdown_grace_ms);
+        // The gateway is the public door and checks callers itself; the
+        // others take calls from services of this process only.
+        let access = if name == "gateway" {
+            o2c_kit::serve::Access::Public
+        } else {
+            o2c_kit::serve::Access::Internal
+        };
         let handle = tokio::spawn(o2c_kit::serve::serve(
             service_name,
+            access,
             listener,
             routes,
             shutdown,

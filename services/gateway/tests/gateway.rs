@@ -96,6 +96,7 @@ async fn gateway_with_services_down(backend: Backend) {
     let (stop_customer, stopped) = tokio::sync::oneshot::channel::<()>();
     let customer_server = tokio::spawn(o2c_kit::serve::serve(
         o2c_customer::SERVICE_NAME,
+        o2c_kit::serve::Access::Open,
         listener,
         routes,
         async move {

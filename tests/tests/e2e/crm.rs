@@ -11,7 +11,7 @@ use super::{TENANT, as_tenant, eur, key, run_suite};
 
 async fn status_until(
     crm: &mut o2c_proto::crm_sync::v1::crm_sync_service_client::CrmSyncServiceClient<
-        tonic::transport::Channel,
+        super::Internal,
     >,
     expected: impl Fn(&crm_pb::CreditStatus) -> bool,
 ) -> crm_pb::CreditStatus {

@@ -369,14 +369,10 @@ async fn crm_links_follow_customer_events(backend: Backend) {
     let Some(s) = run_suite(backend).await else {
         return;
     };
-    let channel =
-        tonic::transport::Channel::from_shared(format!("http://{}", s.suite.addresses.customer))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
     let mut customers =
-        o2c_proto::customer::v1::customer_service_client::CustomerServiceClient::new(channel);
+        o2c_proto::customer::v1::customer_service_client::CustomerServiceClient::new(
+            super::internal(s.suite.addresses.customer),
+        );
     let created = customers
         .create_customer(o2c_proto::customer::v1::CreateCustomerRequest {
             idempotency_key: key(),

@@ -18,17 +18,31 @@ mod credit_desk;
 mod crm;
 mod events;
 mod money;
+mod security;
 
 pub const TENANT: &str = "acme-eu";
+
+/// A channel as another service of the deployment calls with.
+pub type Internal = o2c_kit::client::TracedChannel;
+
+pub fn internal(addr: std::net::SocketAddr) -> Internal {
+    o2c_kit::client::channel(
+        &format!("http://{addr}"),
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap()
+}
 
 pub struct Running {
     pub suite: Suite,
     pub gateway: GatewayServiceClient<Channel>,
-    pub credit: CreditServiceClient<Channel>,
+    // The backends take calls from services of the deployment only: the
+    // tests reach them as one (with the process's internal token).
+    pub credit: CreditServiceClient<Internal>,
     pub invoicing:
-        o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient<Channel>,
-    pub crm: o2c_proto::crm_sync::v1::crm_sync_service_client::CrmSyncServiceClient<Channel>,
-    pub payments: o2c_proto::payments::v1::payments_service_client::PaymentsServiceClient<Channel>,
+        o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient<Internal>,
+    pub crm: o2c_proto::crm_sync::v1::crm_sync_service_client::CrmSyncServiceClient<Internal>,
+    pub payments: o2c_proto::payments::v1::payments_service_client::PaymentsServiceClient<Internal>,
     _databases: Vec<TestDatabase>,
 }
 
@@ -70,15 +84,15 @@ pub async fn run_suite(backend: Backend) -> Option<Running> {
             .unwrap()
     };
     let gateway = GatewayServiceClient::new(connect(suite.addresses.gateway).await);
-    let credit = CreditServiceClient::new(connect(suite.addresses.credit).await);
+    let credit = CreditServiceClient::new(internal(suite.addresses.credit));
     let invoicing = o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient::new(
-        connect(suite.addresses.invoicing).await,
+        internal(suite.addresses.invoicing),
     );
     let crm = o2c_proto::crm_sync::v1::crm_sync_service_client::CrmSyncServiceClient::new(
-        connect(suite.addresses.crm_sync).await,
+        internal(suite.addresses.crm_sync),
     );
     let payments = o2c_proto::payments::v1::payments_service_client::PaymentsServiceClient::new(
-        connect(suite.addresses.payments).await,
+        internal(suite.addresses.payments),
     );
     Some(Running {
         suite,
@@ -184,7 +198,7 @@ pub async fn assert_reconciled(gateway: &mut GatewayServiceClient<Channel>, cust
     assert!(report.differences.is_empty(), "{:?}", report.differences);
 }
 
-pub async fn assert_ledger_consistent(credit: &mut CreditServiceClient<Channel>, customer: &str) {
+pub async fn assert_ledger_consistent(credit: &mut CreditServiceClient<Internal>, customer: &str) {
     let check = credit
         .recompute_exposure(credit_pb::RecomputeExposureRequest {
             tenant_id: TENANT.into(),
