@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "o2c/payments/v1/payments.proto",
         "o2c/crm_sync/v1/crm_sync.proto",
         "o2c/gateway/v1/gateway.proto",
+        "o2c/gateway/v1/admin.proto",
         "o2c/events/v1/events.proto",
     ];
     let paths: Vec<PathBuf> = files.iter().map(|f| root.join(f)).collect();

@@ -30,6 +30,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 const TENANT: &str = "faults";
+/// The secret the cluster's services sign their calls to each other with.
+const INTERNAL_SECRET: &str = "fault-test-internal-secret-0123456789";
 const SERVICES: [&str; 6] = [
     "customer",
     "credit",
@@ -288,7 +290,7 @@ impl Cluster {
                 ("O2C_SHUTDOWN_GRACE_MS".to_owned(), "2000".to_owned()),
                 (
                     "O2C_INTERNAL_AUTH_SECRET".to_owned(),
-                    "fault-test-internal-secret-0123456789".to_owned(),
+                    INTERNAL_SECRET.to_owned(),
                 ),
                 ("RUST_LOG".to_owned(), "warn".to_owned()),
             ];
@@ -331,6 +333,7 @@ impl Cluster {
                         ));
                     }
                     vars.push(("O2C_RECONCILE_INTERVAL_MS".into(), "0".into()));
+                    vars.push(("O2C_AUTH__BOOTSTRAP_ADMIN_KEY".into(), admin_key()));
                 }
                 _ => {}
             }
@@ -421,14 +424,20 @@ fn eur(amount: String) -> Option<Money> {
     })
 }
 
+/// The gateway's bootstrap admin key in this run.
+fn admin_key() -> String {
+    format!("o2c_{}_{}", "f".repeat(32), "e".repeat(64))
+}
+
+/// The tenant's API key (client and analyst), made at the start.
+static TENANT_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn request<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
+    let key = TENANT_KEY.get().expect("the tenant key is made first");
     request
         .metadata_mut()
-        .insert("x-tenant-id", TENANT.parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("x-user-id", "fault-test".parse().unwrap());
+        .insert("authorization", format!("ApiKey {key}").parse().unwrap());
     request
 }
 
@@ -523,7 +532,25 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
     let cluster = Arc::new(Mutex::new(cluster));
     let gateway_url = cluster.lock().await.gateway();
     let channel = Channel::from_shared(gateway_url).unwrap().connect_lazy();
-    let gateway = Arc::new(Mutex::new(GatewayServiceClient::new(channel)));
+    let gateway = Arc::new(Mutex::new(GatewayServiceClient::new(channel.clone())));
+    let mut key_request = Request::new(pb::CreateApiKeyRequest {
+        tenant_id: TENANT.into(),
+        roles: vec![
+            pb::Role::PlatformClient as i32,
+            pb::Role::CreditAnalyst as i32,
+        ],
+        label: "fault test".into(),
+    });
+    key_request.metadata_mut().insert(
+        "authorization",
+        format!("ApiKey {}", admin_key()).parse().unwrap(),
+    );
+    let created = o2c_proto::gateway::v1::admin_service_client::AdminServiceClient::new(channel)
+        .create_api_key(key_request)
+        .await
+        .unwrap()
+        .into_inner();
+    TENANT_KEY.set(created.secret).unwrap();
 
     // Customers with room for everything.
     let mut customers = Vec::new();
@@ -924,12 +951,14 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
         .await
         .unwrap();
     let credit_port = cluster.lock().await.ports["credit"];
+    // Straight to credit, as a service of the deployment.
+    o2c_kit::auth::install(INTERNAL_SECRET, "fault-test").unwrap();
     let mut credit = o2c_proto::credit::v1::credit_service_client::CreditServiceClient::new(
-        Channel::from_shared(format!("http://127.0.0.1:{credit_port}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
+        o2c_kit::client::channel(
+            &format!("http://127.0.0.1:{credit_port}"),
+            Duration::from_secs(10),
+        )
+        .unwrap(),
     );
     for customer in &customers {
         let ledger = credit

@@ -11,15 +11,22 @@ pub const MAX_TENANT_ID_LENGTH: usize = 64;
 /// made for a tenant (its internal token says which), that tenant:
 /// another tenant's request is PERMISSION_DENIED however it got here.
 pub fn tenant_id(field: &str, value: &str) -> Result<String, ApiError> {
-    if value.is_empty() {
-        return Err(ApiError::invalid(field, "required"));
-    }
+    let tenant = tenant_id_format(field, value)?;
     if let Some(caller) = crate::auth::current().and_then(|c| c.tenant)
-        && caller != value
+        && caller != tenant
     {
         return Err(ApiError::PermissionDenied(format!(
             "{field}: this call may act only for its own tenant"
         )));
+    }
+    Ok(tenant)
+}
+
+/// A tenant id checked for its form only: for platform administration,
+/// which names other tenants on purpose.
+pub fn tenant_id_format(field: &str, value: &str) -> Result<String, ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "required"));
     }
     if value.len() > MAX_TENANT_ID_LENGTH
         || !value

@@ -37,6 +37,9 @@ pub struct Settings {
     pub call_timeout_ms: u64,
     /// How often the gateway reconciles every tenant (0: only on request).
     pub reconcile_interval_ms: u64,
+    /// Who may call the gateway (JWT issuers, the bootstrap admin key) and
+    /// the tenants' request budgets.
+    pub auth: o2c_gateway::auth::AuthSettings,
     /// Seed a demo tenant with a customer, an order, an invoice and a
     /// payment once everything is up.
     pub seed_demo: bool,
@@ -57,6 +60,7 @@ impl Default for Settings {
             invoicing_policy: o2c_invoicing::InvoicingSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             reconcile_interval_ms: 600_000,
+            auth: o2c_gateway::auth::AuthSettings::default(),
             seed_demo: false,
         }
     }
@@ -83,6 +87,7 @@ impl Settings {
             invoicing_policy: o2c_invoicing::InvoicingSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             reconcile_interval_ms: 600_000,
+            auth: o2c_gateway::auth::AuthSettings::default(),
             seed_demo: false,
         }
     }
@@ -98,6 +103,7 @@ impl Settings {
         o2c_kit::standalone::Extra::validate(&self.credit_policy)?;
         o2c_kit::standalone::Extra::validate(&self.payments_policy)?;
         o2c_kit::standalone::Extra::validate(&self.invoicing_policy)?;
+        self.auth.validate()?;
         o2c_kit::settings::validate_call_timeout("call_timeout_ms", self.call_timeout_ms)
     }
 }
@@ -170,6 +176,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         payments_url: url(addresses.payments),
         call_timeout_ms,
         reconcile_interval_ms: settings.reconcile_interval_ms,
+        auth: settings.auth.clone(),
     };
     let crm_upstreams = o2c_crm_sync::Upstreams {
         customer_url: url(addresses.customer),
@@ -207,7 +214,12 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         (
             "gateway",
             o2c_gateway::SERVICE_NAME,
-            o2c_gateway::build(&settings.gateway, &gateway_upstreams).await?,
+            o2c_gateway::build(
+                &settings.gateway,
+                &gateway_upstreams,
+                settings.common.redis_url.as_deref(),
+            )
+            .await?,
             &settings.gateway,
         ),
         (

@@ -15,6 +15,11 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().any(|arg| arg == "--demo") {
         settings.seed_demo = true;
     }
+    // The demo makes its tenant's key with an admin key; without one
+    // configured, a fresh one nobody else ever sees.
+    if settings.seed_demo && settings.auth.bootstrap_admin_key.is_none() {
+        settings.auth.bootstrap_admin_key = Some(o2c_gateway::auth::keys::generate()?.1);
+    }
     settings.validate()?;
     let _telemetry = telemetry::init(
         "o2c-all-in-one",
@@ -36,20 +41,25 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("  payments   {}   crm-sync {}", a.payments, a.crm_sync);
     if settings.seed_demo {
-        match demo::seed(a.gateway).await {
+        let admin_key = settings
+            .auth
+            .bootstrap_admin_key
+            .clone()
+            .unwrap_or_default();
+        match demo::seed(a.gateway, &admin_key).await {
             Ok(seeded) => {
-                println!("\nDemo tenant '{}' seeded. Try:", demo::DEMO_TENANT);
                 println!(
-                    "  grpcurl -plaintext -H 'x-tenant-id: {}' -d '{{\"customer_id\":\"{}\"}}' {} o2c.gateway.v1.GatewayService/GetCustomerExposure",
+                    "\nDemo tenant '{}' seeded; its API key (client and analyst): {}\nTry:",
                     demo::DEMO_TENANT,
-                    seeded.customer_id,
-                    a.gateway
+                    seeded.api_key
                 );
                 println!(
-                    "  grpcurl -plaintext -H 'x-tenant-id: {}' -d '{{\"order_id\":\"{}\"}}' {} o2c.gateway.v1.GatewayService/GetOrder",
-                    demo::DEMO_TENANT,
-                    seeded.held_order_id,
-                    a.gateway
+                    "  grpcurl -plaintext -H 'authorization: ApiKey {}' -d '{{\"customer_id\":\"{}\"}}' {} o2c.gateway.v1.GatewayService/GetCustomerExposure",
+                    seeded.api_key, seeded.customer_id, a.gateway
+                );
+                println!(
+                    "  grpcurl -plaintext -H 'authorization: ApiKey {}' -d '{{\"order_id\":\"{}\"}}' {} o2c.gateway.v1.GatewayService/GetOrder",
+                    seeded.api_key, seeded.held_order_id, a.gateway
                 );
             }
             Err(error) => {

@@ -47,6 +47,7 @@ async fn demo_runs_answers_and_stops_on_sigterm() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut gateway = None;
     let mut customer_id = None;
+    let mut api_key = None;
     while customer_id.is_none() {
         let line = banner
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -54,20 +55,25 @@ async fn demo_runs_answers_and_stops_on_sigterm() {
         if let Some(addr) = line.trim().strip_prefix("gateway") {
             gateway = Some(addr.trim().to_owned());
         }
+        if let Some((_, key)) = line.split_once("its API key (client and analyst): ") {
+            api_key = Some(key.trim().to_owned());
+        }
         if line.contains("GetCustomerExposure") {
             let start = line.find("\"customer_id\":\"").unwrap() + "\"customer_id\":\"".len();
             customer_id = Some(line[start..start + 36].to_owned());
         }
     }
-    let (gateway, customer_id) = (gateway.unwrap(), customer_id.unwrap());
+    let (gateway, customer_id, api_key) =
+        (gateway.unwrap(), customer_id.unwrap(), api_key.unwrap());
 
     let mut client = GatewayServiceClient::connect(format!("http://{gateway}"))
         .await
         .unwrap();
     let mut request = tonic::Request::new(pb::GetCustomerExposureRequest { customer_id });
-    request
-        .metadata_mut()
-        .insert("x-tenant-id", "demo".parse().unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        format!("ApiKey {api_key}").parse().unwrap(),
+    );
     let exposure = client
         .get_customer_exposure(request)
         .await

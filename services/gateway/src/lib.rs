@@ -7,6 +7,7 @@
 //! - `storage/`: the gateway's own database (orders, idempotency claims).
 //! - `grpc/`: `o2c.gateway.v1.GatewayService`, the only prost-aware code.
 
+pub mod auth;
 pub mod domain;
 pub mod grpc;
 pub mod storage;
@@ -42,6 +43,8 @@ pub struct Upstreams {
     pub call_timeout_ms: u64,
     /// How often every tenant is reconciled (0: only on request).
     pub reconcile_interval_ms: u64,
+    /// Who may call, and how much.
+    pub auth: auth::AuthSettings,
 }
 
 impl Default for Upstreams {
@@ -53,13 +56,15 @@ impl Default for Upstreams {
             payments_url: "http://127.0.0.1:50054".into(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             reconcile_interval_ms: 600_000,
+            auth: auth::AuthSettings::default(),
         }
     }
 }
 
 impl Extra for Upstreams {
     fn validate(&self) -> Result<(), SettingsError> {
-        validate_call_timeout("call_timeout_ms", self.call_timeout_ms)
+        validate_call_timeout("call_timeout_ms", self.call_timeout_ms)?;
+        self.auth.validate()
     }
 }
 
@@ -71,8 +76,17 @@ pub fn default_settings() -> Settings {
     Settings::local("gateway", DEFAULT_PORT, Upstreams::default())
 }
 
-/// Connects to the database, applies migrations and returns the routes.
-pub async fn build(service: &ServiceSettings, upstreams: &Upstreams) -> anyhow::Result<Routes> {
+/// Largest request the gateway decodes.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Connects to the database, applies migrations and returns the routes,
+/// every one behind the gateway's authentication, roles and rate limits
+/// (shared through Redis at `redis_url` when set).
+pub async fn build(
+    service: &ServiceSettings,
+    upstreams: &Upstreams,
+    redis_url: Option<&str>,
+) -> anyhow::Result<Routes> {
     let db =
         o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
             .await
@@ -87,19 +101,46 @@ pub async fn build(service: &ServiceSettings, upstreams: &Upstreams) -> anyhow::
         invoicing: InvoicingServiceClient::new(channel(&upstreams.invoicing_url, timeout)?),
         payments: PaymentsServiceClient::new(channel(&upstreams.payments_url, timeout)?),
     };
-    Ok(Routes::new(GatewayServiceServer::new(
-        grpc::GatewayApi::new(db, up),
-    )))
+    let keys = std::sync::Arc::new(auth::keys::KeyStore::new(db.clone()));
+    if let Some(key) = &upstreams.auth.bootstrap_admin_key {
+        keys.ensure_bootstrap(key)
+            .await
+            .map_err(|e| anyhow::anyhow!("bootstrap admin key: {e}"))?;
+    }
+    let authenticator = auth::Authenticator::new(keys.clone(), &upstreams.auth)
+        .map_err(|e| anyhow::anyhow!("auth settings: {e}"))?;
+    let guard = auth::GatewayAuthLayer::new(
+        authenticator,
+        auth::limit::RateLimiter::new(upstreams.auth.rate_limit.clone(), redis_url),
+    );
+    let gateway = GatewayServiceServer::new(grpc::GatewayApi::new(db, up))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let admin = o2c_proto::gateway::v1::admin_service_server::AdminServiceServer::new(
+        grpc::admin::AdminApi::new(keys),
+    )
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
+    Ok(Routes::new(auth::Guarded::new(&guard, gateway))
+        .add_service(auth::Guarded::new(&guard, admin)))
 }
 
 /// Serves on `listener` until `shutdown` resolves.
 pub async fn run(
     service: ServiceSettings,
     upstreams: Upstreams,
+    redis_url: Option<String>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let routes = build(&service, &upstreams).await?;
-    o2c_kit::serve::run(SERVICE_NAME, &service, listener, routes, shutdown).await?;
+    let routes = build(&service, &upstreams, redis_url.as_deref()).await?;
+    let grace = Duration::from_millis(service.shutdown_grace_ms);
+    o2c_kit::serve::serve(
+        SERVICE_NAME,
+        o2c_kit::serve::Access::Public,
+        listener,
+        routes,
+        shutdown,
+        grace,
+    )
+    .await?;
     Ok(())
 }

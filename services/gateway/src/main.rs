@@ -6,7 +6,13 @@ async fn main() -> anyhow::Result<()> {
         "o2c-gateway",
         o2c_gateway::default_settings(),
         |settings, listener, shutdown| {
-            o2c_gateway::run(settings.service, settings.extra, listener, shutdown)
+            o2c_gateway::run(
+                settings.service,
+                settings.extra,
+                settings.common.redis_url,
+                listener,
+                shutdown,
+            )
         },
     )
     .await

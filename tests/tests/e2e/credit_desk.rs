@@ -10,15 +10,9 @@ use o2c_testkit::Backend;
 use tokio_stream::StreamExt;
 use tonic::{Code, Request};
 
-use super::{amount, as_tenant, assert_ledger_consistent, eur, exposure, key, onboard, run_suite};
-
-fn as_user<T>(message: T, user: &str) -> Request<T> {
-    let mut request = as_tenant(message);
-    request
-        .metadata_mut()
-        .insert("x-user-id", user.parse().unwrap());
-    request
-}
+use super::{
+    amount, as_tenant, as_user, assert_ledger_consistent, eur, exposure, key, onboard, run_suite,
+};
 
 async fn desk(backend: Backend) {
     let Some(mut s) = run_suite(backend).await else {
@@ -83,16 +77,13 @@ async fn desk(backend: Backend) {
     let hold = profile.open_holds[0].clone();
     assert_eq!(hold.order_id, held.order_id);
 
-    // Analyst operations name the user.
-    let mut anonymous = Request::new(pb::ReleaseHoldRequest {
+    // Analyst operations name the user: no credential, no call.
+    let anonymous = Request::new(pb::ReleaseHoldRequest {
         idempotency_key: key(),
         hold_id: hold.hold_id.clone(),
         reason: "x".into(),
         raise_limit_to: None,
     });
-    anonymous
-        .metadata_mut()
-        .insert("x-tenant-id", super::TENANT.parse().unwrap());
     let anonymous = g.release_hold(anonymous).await.unwrap_err();
     assert_eq!(anonymous.code(), Code::Unauthenticated);
     let released = g

@@ -73,6 +73,7 @@ pub async fn run_suite(backend: Backend) -> Option<Running> {
     if backend == Backend::Postgres {
         settings.common.redis_url = Some(o2c_testkit::redis_url().await?);
     }
+    settings.auth.jwt_issuers = vec![issuer()];
     // Collect due payments promptly so tests can watch them happen.
     settings.payments_policy.collection_interval_ms = 200;
     let suite = start(&settings).await.unwrap();
@@ -112,15 +113,77 @@ pub fn eur(amount: &str) -> Option<Money> {
     })
 }
 
-pub fn as_tenant<T>(message: T) -> Request<T> {
+/// The identity provider the suite trusts (HS256, as a test double of a
+/// real issuer; RS/ES keys are configured the same way with a PEM).
+pub const ISSUER: &str = "https://idp.test.example";
+pub const AUDIENCE: &str = "o2c-gateway";
+pub const JWT_SECRET: &str = "e2e-identity-provider-secret-0123456789";
+
+pub fn issuer() -> o2c_gateway::auth::jwt::IssuerSettings {
+    o2c_gateway::auth::jwt::IssuerSettings {
+        issuer: ISSUER.into(),
+        audience: AUDIENCE.into(),
+        keys: vec![o2c_gateway::auth::jwt::KeySettings {
+            kid: None,
+            algorithm: "HS256".into(),
+            key: JWT_SECRET.into(),
+        }],
+        tenant_claim: "o2c_tenant".into(),
+        roles_claim: "o2c_roles".into(),
+    }
+}
+
+fn now() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap()
+}
+
+/// A token from the suite's issuer; `claims` override or add claims.
+pub fn jwt_with(claims: serde_json::Value) -> String {
+    let mut all = serde_json::json!({
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "analyst-1",
+        "iat": now(),
+        "nbf": now() - 5,
+        "exp": now() + 600,
+        "o2c_tenant": TENANT,
+        "o2c_roles": ["platform_client", "credit_analyst"],
+    });
+    if let (Some(all), Some(extra)) = (all.as_object_mut(), claims.as_object()) {
+        for (k, v) in extra {
+            all.insert(k.clone(), v.clone());
+        }
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &all,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn with_token<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
     request
         .metadata_mut()
-        .insert("x-tenant-id", TENANT.parse().unwrap());
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     request
-        .metadata_mut()
-        .insert("x-user-id", "analyst-1".parse().unwrap());
-    request
+}
+
+/// A call as `user` of the suite's tenant, client and analyst.
+pub fn as_user<T>(message: T, user: &str) -> Request<T> {
+    with_token(message, &jwt_with(serde_json::json!({ "sub": user })))
+}
+
+/// A call as "analyst-1" of the suite's tenant, client and analyst.
+pub fn as_tenant<T>(message: T) -> Request<T> {
+    as_user(message, "analyst-1")
 }
 
 pub fn key() -> String {

@@ -120,15 +120,12 @@ async fn money(backend: Backend) {
     assert_eq!(amount(&auto.exposure.clone().unwrap().receivables), "0.00");
 
     // Part of it is refunded (audited, analyst named), the rest applied later.
-    let mut refund = as_tenant(pb::RefundPaymentRequest {
+    let refund = as_tenant(pb::RefundPaymentRequest {
         idempotency_key: key(),
         payment_id: auto.payment_id.clone(),
         amount: eur("40.00"),
         reason: "customer asked".into(),
     });
-    refund
-        .metadata_mut()
-        .insert("x-user-id", "analyst-1".parse().unwrap());
     let refunded = g.refund_payment(refund).await.unwrap().into_inner();
     assert_eq!(amount(&refunded.unapplied), "60.00");
     assert_eq!(refunded.refund.unwrap().actor, "analyst-1");
@@ -177,26 +174,20 @@ async fn money(backend: Backend) {
     assert_eq!(amount(&note.account_credit), "10.00");
     assert_eq!(amount(&noted.exposure.unwrap().receivables), "0.00");
     // Account credit can be paid out, within the limit and never below zero.
-    let mut payout = as_tenant(pb::PayOutAccountCreditRequest {
+    let payout = as_tenant(pb::PayOutAccountCreditRequest {
         idempotency_key: key(),
         customer_id: customer.clone(),
         amount: eur("6.00"),
         reason: "customer asked".into(),
     });
-    payout
-        .metadata_mut()
-        .insert("x-user-id", "analyst-1".parse().unwrap());
     let paid_out = g.pay_out_account_credit(payout).await.unwrap().into_inner();
     assert_eq!(amount(&paid_out.balance), "4.00");
-    let mut overdraw = as_tenant(pb::PayOutAccountCreditRequest {
+    let overdraw = as_tenant(pb::PayOutAccountCreditRequest {
         idempotency_key: key(),
         customer_id: customer.clone(),
         amount: eur("4.01"),
         reason: "too much".into(),
     });
-    overdraw
-        .metadata_mut()
-        .insert("x-user-id", "analyst-1".parse().unwrap());
     assert_eq!(
         g.pay_out_account_credit(overdraw).await.unwrap_err().code(),
         Code::FailedPrecondition

@@ -8,6 +8,7 @@
 //! retry of an interrupted call redoes the same steps and gets the same
 //! results; the final response is stored and replayed afterwards.
 
+pub mod admin;
 mod convert;
 
 use o2c_kit::client::TracedChannel;
@@ -34,8 +35,6 @@ use tonic::{Code, Request, Response, Status};
 use crate::domain::{self, OrderStatus};
 use crate::storage;
 
-/// Metadata key naming the caller's tenant.
-pub const TENANT_METADATA_KEY: &str = "x-tenant-id";
 /// Most allocations one payment may carry.
 pub const MAX_ALLOCATIONS: usize = 100;
 
@@ -67,36 +66,19 @@ fn missing() -> ApiError {
     ApiError::Internal("validated fields missing".into())
 }
 
-/// The tenant named in the call's metadata.
-fn tenant<T>(request: &Request<T>) -> Result<String, Status> {
-    let value = request
-        .metadata()
-        .get(TENANT_METADATA_KEY)
-        .ok_or_else(|| Status::unauthenticated(format!("missing {TENANT_METADATA_KEY} metadata")))?
-        .to_str()
-        .map_err(|_| Status::unauthenticated(format!("{TENANT_METADATA_KEY} is not text")))?;
-    fields::tenant_id(TENANT_METADATA_KEY, value).map_err(|_| {
-        Status::unauthenticated(format!(
-            "{TENANT_METADATA_KEY} must be 1 to {} letters, digits, '_' or '-'",
-            fields::MAX_TENANT_ID_LENGTH
-        ))
-    })
+/// The tenant of the authenticated caller (see [`crate::auth`]).
+fn tenant<T>(_request: &Request<T>) -> Result<String, Status> {
+    o2c_kit::auth::current()
+        .and_then(|context| context.tenant)
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
 }
 
-/// Metadata key naming the user behind an analyst operation.
-pub const USER_METADATA_KEY: &str = "x-user-id";
-
-/// The user named in the call's metadata (kept in the credit audit).
-fn user<T>(request: &Request<T>) -> Result<String, Status> {
-    let value = request
-        .metadata()
-        .get(USER_METADATA_KEY)
-        .ok_or_else(|| Status::unauthenticated(format!("missing {USER_METADATA_KEY} metadata")))?
-        .to_str()
-        .map_err(|_| Status::unauthenticated(format!("{USER_METADATA_KEY} is not text")))?;
-    fields::text(USER_METADATA_KEY, value, 100).map_err(|_| {
-        Status::unauthenticated(format!("{USER_METADATA_KEY} must be 1 to 100 characters"))
-    })
+/// The user behind the call (a JWT's subject or `key:<id>`), kept in the
+/// credit audit.
+fn user<T>(_request: &Request<T>) -> Result<String, Status> {
+    o2c_kit::auth::current()
+        .and_then(|context| context.user)
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
 }
 
 fn client_key(key: &str) -> Result<(), ApiError> {
@@ -841,6 +823,11 @@ impl GatewayService for GatewayApi {
     ) -> Result<Response<pb::GetAgingResponse>, Status> {
         let tenant = tenant(&request)?;
         let request = request.into_inner();
+        if !request.customer_id.is_empty() {
+            // A customer of another tenant is unknown here, not empty.
+            let id = fields::id::<CustomerId>("customer_id", &request.customer_id)?;
+            self.customer(&tenant, id).await?;
+        }
         let aging = self
             .up
             .invoicing
@@ -1053,13 +1040,15 @@ impl GatewayService for GatewayApi {
         request: Request<pb::GetAccountCreditRequest>,
     ) -> Result<Response<pb::GetAccountCreditResponse>, Status> {
         let tenant = tenant(&request)?;
+        let id = fields::id::<CustomerId>("customer_id", &request.get_ref().customer_id)?;
+        self.customer(&tenant, id).await?;
         let found = self
             .up
             .invoicing
             .clone()
             .get_account_credit(invoicing_pb::GetAccountCreditRequest {
                 tenant_id: tenant,
-                customer_id: request.into_inner().customer_id,
+                customer_id: id.to_string(),
             })
             .await
             .map_err(upstream("invoicing"))?
@@ -1077,6 +1066,8 @@ impl GatewayService for GatewayApi {
         let actor = user(&request)?;
         let request = request.into_inner();
         client_key(&request.idempotency_key)?;
+        let id = fields::id::<CustomerId>("customer_id", &request.customer_id)?;
+        self.customer(&tenant, id).await?;
         let paid = self
             .up
             .invoicing

@@ -34,3 +34,30 @@ pub mod order {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod api_key {
+    use sea_orm::entity::prelude::*;
+
+    /// An API key: only the SHA-256 of its secret is kept.
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "gateway_api_keys")]
+    pub struct Model {
+        /// UUID v7 (simple form): the public part of the key.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        #[sea_orm(indexed)]
+        pub tenant_id: String,
+        /// Role codes, comma-separated.
+        pub roles: String,
+        pub label: String,
+        /// Hex SHA-256 of the secret part.
+        pub secret_sha256: String,
+        pub created_by: String,
+        pub created_at: DateTimeUtc,
+        /// Revoked, or rotated out after a grace: no use from then on.
+        pub expires_at: Option<DateTimeUtc>,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -2,7 +2,7 @@
 
 use sea_orm_migration::prelude::*;
 
-use super::entities::order;
+use super::entities::{api_key, order};
 
 pub struct Migrator;
 
@@ -12,6 +12,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(o2c_kit::idempotency::Migration),
             Box::new(CreateOrders),
+            Box::new(CreateApiKeys),
         ]
     }
 }
@@ -44,5 +45,24 @@ impl MigrationTrait for CreateOrders {
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         o2c_kit::db::drop_table_for(manager, order::Entity).await
+    }
+}
+
+struct CreateApiKeys;
+
+impl MigrationName for CreateApiKeys {
+    fn name(&self) -> &str {
+        "m20261205_000002_create_api_keys"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateApiKeys {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::create_table_for(manager, api_key::Entity).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::drop_table_for(manager, api_key::Entity).await
     }
 }

@@ -1,0 +1,214 @@
+//! Per-tenant request budgets: a token bucket per tenant, kept in Redis so
+//! every gateway replica spends from the same one. Redis refills and spends
+//! in one script on its own clock, so replicas need not agree on the time.
+//! When Redis cannot be reached each replica falls back to a bucket of its
+//! own (the limit then holds per replica) rather than refusing everyone or
+//! letting everyone through.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use o2c_kit::ApiError;
+use o2c_kit::settings::SettingsError;
+
+/// A budget: `per_second` calls sustained, up to `burst` at once.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Budget {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+/// The budgets of all tenants.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RateLimitSettings {
+    /// Every tenant's budget unless listed in `tenants`.
+    pub default: Budget,
+    /// Budgets of particular tenants.
+    pub tenants: BTreeMap<String, Budget>,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            default: Budget {
+                per_second: 200.0,
+                burst: 400.0,
+            },
+            tenants: BTreeMap::new(),
+        }
+    }
+}
+
+impl RateLimitSettings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let check = |key: String, budget: &Budget| {
+            if budget.per_second > 0.0
+                && budget.per_second <= 1_000_000.0
+                && budget.burst >= 1.0
+                && budget.burst <= 10_000_000.0
+            {
+                Ok(())
+            } else {
+                Err(SettingsError::Invalid {
+                    key,
+                    reason: "per_second 0 to 1000000 (exclusive of 0), burst 1 to 10000000".into(),
+                })
+            }
+        };
+        check("auth.rate_limit.default".into(), &self.default)?;
+        for (tenant, budget) in &self.tenants {
+            check(format!("auth.rate_limit.tenants.{tenant}"), budget)?;
+        }
+        Ok(())
+    }
+
+    fn budget(&self, tenant: &str) -> Budget {
+        self.tenants.get(tenant).copied().unwrap_or(self.default)
+    }
+}
+
+/// Refill, then spend one token if there is one. Returns
+/// `{allowed, milliseconds until a token}`.
+const SPEND: &str = r"
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or burst
+local at = tonumber(state[2]) or now_ms
+tokens = math.min(burst, tokens + math.max(0, now_ms - at) * rate / 1000)
+local allowed = 0
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait = math.ceil((1 - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now_ms)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return {allowed, wait}
+";
+
+struct LocalBucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// How often a limiter without a Redis connection tries to make one.
+pub const RECONNECT_EVERY: Duration = Duration::from_secs(5);
+
+/// Spends from tenants' budgets.
+pub struct RateLimiter {
+    settings: RateLimitSettings,
+    redis_url: Option<String>,
+    /// The shared connection, and when it was last tried if there is none.
+    redis: tokio::sync::Mutex<(Option<redis::aio::ConnectionManager>, Option<Instant>)>,
+    script: redis::Script,
+    local: Mutex<HashMap<String, LocalBucket>>,
+}
+
+impl RateLimiter {
+    /// A limiter sharing its buckets through `redis_url` (local buckets
+    /// only without one, or while Redis is unreachable).
+    pub fn new(settings: RateLimitSettings, redis_url: Option<&str>) -> Self {
+        Self {
+            settings,
+            redis_url: redis_url.map(str::to_owned),
+            redis: tokio::sync::Mutex::new((None, None)),
+            script: redis::Script::new(SPEND),
+            local: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The shared connection, (re)connecting at most every
+    /// [`RECONNECT_EVERY`].
+    async fn shared(&self) -> Option<redis::aio::ConnectionManager> {
+        let url = self.redis_url.as_deref()?;
+        let mut state = self.redis.lock().await;
+        if let Some(manager) = &state.0 {
+            return Some(manager.clone());
+        }
+        if state.1.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
+            return None;
+        }
+        state.1 = Some(Instant::now());
+        match o2c_kit::cache::connect(url).await {
+            Ok(manager) => {
+                state.0 = Some(manager.clone());
+                Some(manager)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "rate limits kept per replica: Redis unreachable");
+                None
+            }
+        }
+    }
+
+    /// Spends one call of `tenant`'s budget, or says how long to wait.
+    pub async fn spend(&self, tenant: &str) -> Result<(), ApiError> {
+        let budget = self.settings.budget(tenant);
+        let outcome = match self.shared().await {
+            Some(mut redis) => {
+                let shared: Result<(i64, i64), redis::RedisError> = self
+                    .script
+                    .key(format!("o2c:gateway:rate:{tenant}"))
+                    .arg(budget.per_second)
+                    .arg(budget.burst)
+                    .invoke_async(&mut redis)
+                    .await;
+                match shared {
+                    Ok((allowed, wait_ms)) => Some((allowed == 1, wait_ms)),
+                    // The manager reconnects by itself; meanwhile, locally.
+                    Err(error) => {
+                        tracing::warn!(%error, "shared rate limit unavailable; limiting per replica");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let (allowed, wait_ms) = match outcome {
+            Some(outcome) => outcome,
+            None => self.spend_locally(tenant, budget),
+        };
+        if allowed {
+            Ok(())
+        } else {
+            let wait = Duration::from_millis(u64::try_from(wait_ms.max(1)).unwrap_or(1));
+            Err(ApiError::ResourceExhausted {
+                message: format!(
+                    "tenant {tenant} is over its budget of {} calls per second; retry in {} ms",
+                    budget.per_second,
+                    wait.as_millis()
+                ),
+                retry_after: wait,
+            })
+        }
+    }
+
+    fn spend_locally(&self, tenant: &str, budget: Budget) -> (bool, i64) {
+        let Ok(mut buckets) = self.local.lock() else {
+            return (true, 0);
+        };
+        let now = Instant::now();
+        let bucket = buckets.entry(tenant.to_owned()).or_insert(LocalBucket {
+            tokens: budget.burst,
+            at: now,
+        });
+        let refill = now.duration_since(bucket.at).as_secs_f64() * budget.per_second;
+        bucket.tokens = (bucket.tokens + refill).min(budget.burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            (true, 0)
+        } else {
+            let wait = ((1.0 - bucket.tokens) * 1000.0 / budget.per_second).ceil();
+            (false, wait as i64)
+        }
+    }
+}
