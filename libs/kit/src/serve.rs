@@ -28,15 +28,44 @@ pub enum ServeError {
 }
 
 /// Who may call a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
     /// Only other services of the deployment: every call but health and
     /// reflection needs a valid internal token ([`crate::auth`]).
     Internal,
     /// The public door (the gateway), which authenticates callers itself.
-    Public,
+    /// It also speaks gRPC-Web (HTTP/1.1) for browsers, and answers CORS
+    /// for pages served from `web_origins` (e.g. `https://console.example`).
+    Public { web_origins: Vec<String> },
     /// Anyone, unchecked: a service on its own in a test.
     Open,
+}
+
+/// CORS for gRPC-Web calls from `origins` (none: no cross-origin calls).
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<http::HeaderValue> = origins
+        .iter()
+        .filter_map(|origin| origin.parse().ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([http::Method::POST])
+        .allow_headers([
+            AUTHORIZATION,
+            CONTENT_TYPE,
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("x-grpc-web"),
+            HeaderName::from_static("x-user-agent"),
+            HeaderName::from_static("grpc-timeout"),
+        ])
+        .expose_headers([
+            HeaderName::from_static("grpc-status"),
+            HeaderName::from_static("grpc-message"),
+            HeaderName::from_static("grpc-status-details-bin"),
+        ])
+        .max_age(Duration::from_secs(3600))
 }
 
 /// Serves `routes` (the service named `service_name`, e.g.
@@ -80,8 +109,17 @@ pub async fn serve(
     });
 
     let mut server_stop = stopping_rx.clone();
+    let web = match &access {
+        Access::Public { web_origins } => Some(web_origins.clone()),
+        _ => None,
+    };
     let server = Server::builder()
         .trace_fn(request_span)
+        .accept_http1(web.is_some())
+        .layer(tower::util::option_layer(web.as_deref().map(cors)))
+        .layer(tower::util::option_layer(
+            web.is_some().then(tonic_web::GrpcWebLayer::new),
+        ))
         .layer(tower::util::option_layer(
             (access == Access::Internal).then_some(crate::auth::InternalAuthLayer),
         ))

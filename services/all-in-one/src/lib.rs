@@ -282,7 +282,9 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         // The gateway is the public door and checks callers itself; the
         // others take calls from services of this process only.
         let access = if name == "gateway" {
-            o2c_kit::serve::Access::Public
+            o2c_kit::serve::Access::Public {
+                web_origins: settings.auth.browser_origins.clone(),
+            }
         } else {
             o2c_kit::serve::Access::Internal
         };

@@ -135,7 +135,9 @@ pub async fn run(
     let grace = Duration::from_millis(service.shutdown_grace_ms);
     o2c_kit::serve::serve(
         SERVICE_NAME,
-        o2c_kit::serve::Access::Public,
+        o2c_kit::serve::Access::Public {
+            web_origins: upstreams.auth.browser_origins.clone(),
+        },
         listener,
         routes,
         shutdown,

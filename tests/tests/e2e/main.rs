@@ -74,6 +74,7 @@ pub async fn run_suite(backend: Backend) -> Option<Running> {
         settings.common.redis_url = Some(o2c_testkit::redis_url().await?);
     }
     settings.auth.jwt_issuers = vec![issuer()];
+    settings.auth.browser_origins = vec![CONSOLE_ORIGIN.into()];
     // Collect due payments promptly so tests can watch them happen.
     settings.payments_policy.collection_interval_ms = 200;
     let suite = start(&settings).await.unwrap();
@@ -118,6 +119,8 @@ pub fn eur(amount: &str) -> Option<Money> {
 pub const ISSUER: &str = "https://idp.test.example";
 pub const AUDIENCE: &str = "o2c-gateway";
 pub const JWT_SECRET: &str = "e2e-identity-provider-secret-0123456789";
+/// The operator console's origin, allowed to call from a browser.
+pub const CONSOLE_ORIGIN: &str = "https://console.test.example";
 
 pub fn issuer() -> o2c_gateway::auth::jwt::IssuerSettings {
     o2c_gateway::auth::jwt::IssuerSettings {

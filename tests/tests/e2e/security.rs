@@ -627,3 +627,134 @@ async fn another_tenant_sees_and_changes_nothing_on_sqlite() {
 async fn another_tenant_sees_and_changes_nothing_on_postgres() {
     cross_tenant(Backend::Postgres).await;
 }
+
+/// One HTTP/1.1 exchange with the gateway, as a browser makes it.
+async fn http1(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{head}\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response");
+    let headers = String::from_utf8_lossy(&response[..split]).to_lowercase();
+    (headers, response[split + 4..].to_vec())
+}
+
+/// A gRPC-Web call (application/grpc-web+proto) of `method` with `message`.
+async fn grpc_web(
+    addr: std::net::SocketAddr,
+    method: &str,
+    message: &impl prost::Message,
+    authorization: Option<&str>,
+) -> (String, String) {
+    let payload = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let mut head = format!(
+        "POST /o2c.gateway.v1.GatewayService/{method} HTTP/1.1\r\n\
+         Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\n\
+         Origin: {}",
+        super::CONSOLE_ORIGIN
+    );
+    if let Some(value) = authorization {
+        head.push_str(&format!("\r\nAuthorization: {value}"));
+    }
+    let (headers, body) = http1(addr, &head, &frame).await;
+    (headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn grpc_status(headers: &str, body: &str) -> Option<u32> {
+    [headers, &body.to_lowercase()].iter().find_map(|text| {
+        let at = text.find("grpc-status:")? + "grpc-status:".len();
+        text[at..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// The console's browser reaches the gateway over gRPC-Web with the same
+/// credentials and tenancy; CORS admits only the configured origin.
+async fn browsers_speak_grpc_web(backend: Backend) {
+    use o2c_proto::gateway::v1 as pb;
+    let Some(mut s) = run_suite(backend).await else {
+        return;
+    };
+    let customer = onboard(&mut s.gateway, "1000.00").await;
+    let addr = s.suite.addresses.gateway;
+    let get = pb::GetCustomerRequest {
+        customer_id: customer.clone(),
+    };
+    let token = format!("Bearer {}", super::jwt_with(serde_json::json!({})));
+    let (headers, body) = grpc_web(addr, "GetCustomer", &get, Some(&token)).await;
+    assert!(headers.starts_with("http/1.1 200"), "{headers}");
+    assert!(
+        headers.contains("content-type: application/grpc-web"),
+        "{headers}"
+    );
+    assert!(
+        headers.contains(&format!(
+            "access-control-allow-origin: {}",
+            super::CONSOLE_ORIGIN
+        )),
+        "{headers}"
+    );
+    assert!(body.contains(&customer), "the customer came back: {body:?}");
+    assert_eq!(grpc_status(&headers, &body), Some(0));
+
+    // No credential: UNAUTHENTICATED (16); another tenant: NOT_FOUND (5).
+    let (headers, body) = grpc_web(addr, "GetCustomer", &get, None).await;
+    assert_eq!(grpc_status(&headers, &body), Some(16), "{headers} {body}");
+    let other = format!(
+        "Bearer {}",
+        super::jwt_with(serde_json::json!({ "o2c_tenant": "someone-else" }))
+    );
+    let (headers, body) = grpc_web(addr, "GetCustomer", &get, Some(&other)).await;
+    assert_eq!(grpc_status(&headers, &body), Some(5), "{headers} {body}");
+    assert!(!body.contains(&customer));
+
+    // CORS preflight: the console's origin is allowed, another is not.
+    let preflight = |origin: &str| {
+        format!(
+            "OPTIONS /o2c.gateway.v1.GatewayService/GetCustomer HTTP/1.1\r\n\
+             Origin: {origin}\r\nAccess-Control-Request-Method: POST\r\n\
+             Access-Control-Request-Headers: authorization,content-type,x-grpc-web"
+        )
+    };
+    let (headers, _) = http1(addr, &preflight(super::CONSOLE_ORIGIN), b"").await;
+    assert!(
+        headers.contains(&format!(
+            "access-control-allow-origin: {}",
+            super::CONSOLE_ORIGIN
+        )),
+        "{headers}"
+    );
+    assert!(headers.contains("authorization"), "{headers}");
+    let (headers, _) = http1(addr, &preflight("https://evil.example"), b"").await;
+    assert!(
+        !headers.contains("access-control-allow-origin"),
+        "{headers}"
+    );
+    s.suite.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_speak_grpc_web_on_sqlite() {
+    browsers_speak_grpc_web(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_speak_grpc_web_on_postgres() {
+    browsers_speak_grpc_web(Backend::Postgres).await;
+}

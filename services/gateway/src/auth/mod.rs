@@ -121,6 +121,9 @@ pub struct AuthSettings {
     pub bootstrap_admin_key: Option<String>,
     /// Per-tenant request budgets.
     pub rate_limit: limit::RateLimitSettings,
+    /// Origins whose pages may call the gateway from a browser (gRPC-Web),
+    /// e.g. `https://console.example.com`; the same credentials apply.
+    pub browser_origins: Vec<String>,
 }
 
 impl AuthSettings {
@@ -140,6 +143,17 @@ impl AuthSettings {
                 key: "auth.bootstrap_admin_key".into(),
                 reason: "must be o2c_<32 hex>_<64 hex>".into(),
             });
+        }
+        for (index, origin) in self.browser_origins.iter().enumerate() {
+            let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
+                && !origin.ends_with('/')
+                && origin.parse::<http::HeaderValue>().is_ok();
+            if !valid {
+                return Err(o2c_kit::settings::SettingsError::Invalid {
+                    key: format!("auth.browser_origins[{index}]"),
+                    reason: "an origin: scheme://host[:port], no path".into(),
+                });
+            }
         }
         self.rate_limit.validate()
     }
