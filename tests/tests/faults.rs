@@ -326,9 +326,9 @@ impl Cluster {
                     address("crm-sync"),
                 )),
                 "gateway" => {
-                    for upstream in ["customer", "credit", "invoicing", "payments"] {
+                    for upstream in ["customer", "credit", "invoicing", "payments", "crm-sync"] {
                         vars.push((
-                            format!("O2C_{}_URL", upstream.to_uppercase()),
+                            format!("O2C_{}_URL", upstream.replace('-', "_").to_uppercase()),
                             address(upstream),
                         ));
                     }

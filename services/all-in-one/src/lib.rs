@@ -174,6 +174,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         credit_url: url(addresses.credit),
         invoicing_url: url(addresses.invoicing),
         payments_url: url(addresses.payments),
+        crm_sync_url: url(addresses.crm_sync),
         call_timeout_ms,
         reconcile_interval_ms: settings.reconcile_interval_ms,
         auth: settings.auth.clone(),

@@ -39,6 +39,8 @@ pub struct Upstreams {
     pub credit_url: String,
     pub invoicing_url: String,
     pub payments_url: String,
+    /// The CRM connector, which CRMs reach through the gateway.
+    pub crm_sync_url: String,
     /// Deadline of each call to another service.
     pub call_timeout_ms: u64,
     /// How often every tenant is reconciled (0: only on request).
@@ -54,6 +56,7 @@ impl Default for Upstreams {
             credit_url: "http://127.0.0.1:50052".into(),
             invoicing_url: "http://127.0.0.1:50053".into(),
             payments_url: "http://127.0.0.1:50054".into(),
+            crm_sync_url: "http://127.0.0.1:50055".into(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             reconcile_interval_ms: 600_000,
             auth: auth::AuthSettings::default(),
@@ -119,8 +122,18 @@ pub async fn build(
         grpc::admin::AdminApi::new(keys),
     )
     .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let crm = o2c_proto::crm_sync::v1::crm_sync_service_server::CrmSyncServiceServer::new(
+        grpc::crm::CrmDoor::new(
+            o2c_proto::crm_sync::v1::crm_sync_service_client::CrmSyncServiceClient::new(channel(
+                &upstreams.crm_sync_url,
+                timeout,
+            )?),
+        ),
+    )
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
     Ok(Routes::new(auth::Guarded::new(&guard, gateway))
-        .add_service(auth::Guarded::new(&guard, admin)))
+        .add_service(auth::Guarded::new(&guard, admin))
+        .add_service(auth::Guarded::new(&guard, crm)))
 }
 
 /// Serves on `listener` until `shutdown` resolves.

@@ -1,4 +1,5 @@
-//! A CRM's view through the connector, kept current by credit's events
+//! A CRM's view through the connector, reached through the gateway with a
+//! CRM_CONNECTOR credential, kept current by credit's events
 //! (transactional outbox → relay → idempotent consumer).
 
 use std::time::Duration;
@@ -7,12 +8,22 @@ use o2c_proto::crm_sync::v1 as crm_pb;
 use o2c_proto::gateway::v1 as pb;
 use o2c_testkit::Backend;
 
-use super::{TENANT, as_tenant, eur, key, run_suite};
+use super::{as_tenant, eur, key, run_suite};
+
+type CrmDoor = o2c_proto::crm_sync::v1::crm_sync_service_client::CrmSyncServiceClient<
+    tonic::transport::Channel,
+>;
+
+/// A token of the suite's tenant for a CRM.
+fn crm_token() -> String {
+    super::jwt_with(serde_json::json!({
+        "sub": "hubspot-sync",
+        "o2c_roles": ["crm_connector"],
+    }))
+}
 
 async fn status_until(
-    crm: &mut o2c_proto::crm_sync::v1::crm_sync_service_client::CrmSyncServiceClient<
-        super::Internal,
-    >,
+    crm: &mut CrmDoor,
     expected: impl Fn(&crm_pb::CreditStatus) -> bool,
 ) -> crm_pb::CreditStatus {
     o2c_testkit::eventually(Duration::from_secs(15), || {
@@ -20,11 +31,15 @@ async fn status_until(
         let expected = &expected;
         async move {
             let status = crm
-                .get_credit_status(crm_pb::GetCreditStatusRequest {
-                    tenant_id: TENANT.into(),
-                    crm_system: "hubspot".into(),
-                    external_id: "hs-42".into(),
-                })
+                .get_credit_status(super::with_token(
+                    crm_pb::GetCreditStatusRequest {
+                        // The credential's tenant applies, not this.
+                        tenant_id: "ignored".into(),
+                        crm_system: "hubspot".into(),
+                        external_id: "hs-42".into(),
+                    },
+                    &crm_token(),
+                ))
                 .await
                 .ok()?
                 .into_inner()
@@ -40,17 +55,30 @@ async fn crm_follows_credit(backend: Backend) {
     let Some(mut s) = run_suite(backend).await else {
         return;
     };
-    let pushed = s
-        .crm
-        .upsert_customer(crm_pb::UpsertCustomerRequest {
-            idempotency_key: key(),
-            tenant_id: TENANT.into(),
-            crm_system: "hubspot".into(),
-            external_id: "hs-42".into(),
-            legal_name: "Fjord Foods AS".into(),
-            country_code: "DE".into(),
-            currency_code: "EUR".into(),
-        })
+    let mut door = CrmDoor::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", s.suite.addresses.gateway))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let upsert = crm_pb::UpsertCustomerRequest {
+        idempotency_key: key(),
+        tenant_id: String::new(),
+        crm_system: "hubspot".into(),
+        external_id: "hs-42".into(),
+        legal_name: "Fjord Foods AS".into(),
+        country_code: "DE".into(),
+        currency_code: "EUR".into(),
+    };
+    // Only a CRM credential opens this door.
+    let refused = door
+        .upsert_customer(as_tenant(upsert.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let pushed = door
+        .upsert_customer(super::with_token(upsert, &crm_token()))
         .await
         .unwrap()
         .into_inner();
@@ -75,7 +103,7 @@ async fn crm_follows_credit(backend: Backend) {
         }))
         .await
         .unwrap();
-    let status = status_until(&mut s.crm, |st| {
+    let status = status_until(&mut door, |st| {
         st.credit_limit
             .as_ref()
             .is_some_and(|m| m.amount == "1000.00")
@@ -91,7 +119,7 @@ async fn crm_follows_credit(backend: Backend) {
         }))
         .await
         .unwrap();
-    let status = status_until(&mut s.crm, |st| {
+    let status = status_until(&mut door, |st| {
         st.reserved.as_ref().is_some_and(|m| m.amount == "400.00")
     })
     .await;

@@ -67,6 +67,7 @@ const CLIENT: &[Role] = &[Role::PlatformClient];
 const ANALYST: &[Role] = &[Role::CreditAnalyst];
 const CLIENT_OR_ANALYST: &[Role] = &[Role::PlatformClient, Role::CreditAnalyst];
 const ADMIN: &[Role] = &[Role::Admin];
+const CRM: &[Role] = &[Role::CrmConnector];
 
 /// The roles that may call `path` (`/package.Service/Method`); `None` for
 /// a method this gateway does not know, which nobody may call.
@@ -74,6 +75,7 @@ pub fn required_roles(path: &str) -> Option<&'static [Role]> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     match service {
         "o2c.gateway.v1.AdminService" => Some(ADMIN),
+        "o2c.crm_sync.v1.CrmSyncService" => Some(CRM),
         "o2c.gateway.v1.GatewayService" => Some(match method {
             // What an analyst looks at besides the desk.
             "GetCustomer"

@@ -10,6 +10,7 @@
 
 pub mod admin;
 mod convert;
+pub mod crm;
 
 use o2c_kit::client::TracedChannel;
 use o2c_kit::error::from_upstream;
