@@ -953,13 +953,20 @@ async fn sigkill_every_service_in_turn_loses_and_duplicates_nothing() {
     let credit_port = cluster.lock().await.ports["credit"];
     // Straight to credit, as a service of the deployment.
     o2c_kit::auth::install(INTERNAL_SECRET, "fault-test").unwrap();
-    let mut credit = o2c_proto::credit::v1::credit_service_client::CreditServiceClient::new(
-        o2c_kit::client::channel(
-            &format!("http://127.0.0.1:{credit_port}"),
-            Duration::from_secs(10),
-        )
-        .unwrap(),
-    );
+    let mut credit =
+        o2c_proto::credit::v1::credit_service_client::CreditServiceClient::with_interceptor(
+            Channel::from_shared(format!("http://127.0.0.1:{credit_port}"))
+                .unwrap()
+                .connect_lazy(),
+            |mut request: Request<()>| {
+                let context = o2c_kit::auth::CallContext::for_tenant(TENANT, "fault-test");
+                let token = o2c_kit::auth::mint(&context).unwrap();
+                request
+                    .metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                Ok(request)
+            },
+        );
     for customer in &customers {
         let ledger = credit
             .recompute_exposure(o2c_proto::credit::v1::RecomputeExposureRequest {

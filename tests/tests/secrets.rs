@@ -111,6 +111,8 @@ async fn no_secret_reaches_logs_or_spans() {
         }],
         tenant_claim: "o2c_tenant".into(),
         roles_claim: "o2c_roles".into(),
+        tenants: vec![],
+        platform: false,
     }];
     let suite = start(&settings).await.unwrap();
     let channel = Channel::from_shared(format!("http://{}", suite.addresses.gateway))

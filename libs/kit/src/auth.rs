@@ -39,6 +39,32 @@ pub struct CallContext {
     pub deadline: Option<tokio::time::Instant>,
 }
 
+impl CallContext {
+    /// A service's own work for no tenant in particular: delivering events
+    /// (the only calls a backend takes without a tenant).
+    pub fn service() -> Self {
+        Self {
+            tenant: None,
+            user: Some("service".into()),
+            deadline: None,
+        }
+    }
+
+    /// Work for `tenant` that no caller asked for (collections,
+    /// reconciliation).
+    pub fn for_tenant(tenant: &str, user: &str) -> Self {
+        Self {
+            tenant: Some(tenant.to_owned()),
+            user: Some(user.to_owned()),
+            deadline: None,
+        }
+    }
+}
+
+/// The one method a backend takes without a tenant: event delivery, whose
+/// batches mix tenants (each event names its own).
+pub const TENANTLESS_PATHS: &[&str] = &["/o2c.events.v1.EventsService/Deliver"];
+
 tokio::task_local! {
     static CALL: CallContext;
 }
@@ -268,6 +294,17 @@ where
             return Box::pin(self.inner.call(request));
         }
         match verify_request(request.headers()) {
+            Ok(context)
+                if context.tenant.is_none()
+                    && !TENANTLESS_PATHS.contains(&request.uri().path()) =>
+            {
+                Box::pin(async move {
+                    Ok(tonic::Status::permission_denied(
+                        "a call for no tenant may only deliver events",
+                    )
+                    .into_http())
+                })
+            }
             Ok(context) => {
                 let future = self.inner.call(request);
                 Box::pin(scope(context, future))
@@ -277,11 +314,15 @@ where
     }
 }
 
+/// The secret of this crate's unit tests (one per process).
+#[cfg(test)]
+pub(crate) const TEST_SECRET: &str = "0123456789abcdef0123456789abcdef-test";
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
+    const SECRET: &str = TEST_SECRET;
 
     fn headers(token: &str) -> http::HeaderMap {
         let mut headers = http::HeaderMap::new();

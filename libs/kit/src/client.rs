@@ -82,13 +82,16 @@ impl Interceptor for TracePropagation {
         opentelemetry::global::get_text_map_propagator(|propagator| {
             propagator.inject_context(&context, &mut MetadataInjector(request.metadata_mut()));
         });
-        let call = crate::auth::current().unwrap_or_default();
-        if let Some(token) = crate::auth::mint(&call)
+        // No context, no token: a call made outside any caller's context
+        // (a forgotten scope) is refused by the callee instead of acting
+        // for every tenant.
+        let call = crate::auth::current();
+        if let Some(token) = call.as_ref().and_then(crate::auth::mint)
             && let Ok(value) = MetadataValue::try_from(format!("Bearer {token}"))
         {
             request.metadata_mut().insert("authorization", value);
         }
-        if let Some(deadline) = call.deadline {
+        if let Some(deadline) = call.and_then(|c| c.deadline) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
                 return Err(tonic::Status::deadline_exceeded(
@@ -223,5 +226,63 @@ impl tower::Service<http::Request<tonic::body::Body>> for RetryChannel {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{self, CallContext};
+
+    #[tokio::test]
+    async fn calls_made_for_a_caller_carry_its_tenant_and_what_is_left_of_its_deadline() {
+        auth::install(auth::TEST_SECRET, "client-test").unwrap();
+        let context = CallContext {
+            tenant: Some("acme".into()),
+            user: Some("ana".into()),
+            deadline: Some(tokio::time::Instant::now() + Duration::from_millis(800)),
+        };
+        let request = auth::scope(context, async {
+            TracePropagation.call(tonic::Request::new(())).unwrap()
+        })
+        .await;
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::parse_grpc_timeout)
+            .unwrap();
+        assert!(
+            timeout <= Duration::from_millis(800) && timeout > Duration::from_millis(500),
+            "{timeout:?}"
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            request
+                .metadata()
+                .get("authorization")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+        );
+        let verified = auth::verify_request(&headers).unwrap();
+        assert_eq!(verified.tenant.as_deref(), Some("acme"));
+        assert_eq!(verified.user.as_deref(), Some("ana"));
+    }
+
+    #[tokio::test]
+    async fn a_caller_whose_deadline_passed_is_not_called_for() {
+        let context = CallContext {
+            deadline: Some(tokio::time::Instant::now()),
+            ..Default::default()
+        };
+        let refused = auth::scope(context, async {
+            TracePropagation.call(tonic::Request::new(())).unwrap_err()
+        })
+        .await;
+        assert_eq!(refused.code(), tonic::Code::DeadlineExceeded);
     }
 }

@@ -434,7 +434,13 @@ impl Relay {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ApiError::Internal(format!("undecodable outbox event: {e}")))?;
         let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
-        match client.clone().deliver(pb::DeliverRequest { events }).await {
+        let mut client = client.clone();
+        let delivery = crate::auth::scope(
+            crate::auth::CallContext::service(),
+            client.deliver(pb::DeliverRequest { events }),
+        )
+        .await;
+        match delivery {
             Ok(_) => {
                 outbox_entity::Entity::delete_many()
                     .filter(outbox_entity::Column::Subscriber.eq(name))

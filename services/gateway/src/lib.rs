@@ -79,6 +79,29 @@ pub fn default_settings() -> Settings {
     Settings::local("gateway", DEFAULT_PORT, Upstreams::default())
 }
 
+/// The periodic reconciliation: every tenant that placed orders, each in
+/// its own tenant's call context (the services refuse anything else).
+pub struct Reconciler {
+    api: grpc::GatewayApi,
+    db: sea_orm::DatabaseConnection,
+}
+
+impl Reconciler {
+    /// One pass; returns each tenant with the number of differences found
+    /// (also logged and recorded as the `o2c.reconciliation.differences`
+    /// gauge by the reconciliation itself).
+    pub async fn run_once(&self) -> Result<Vec<(String, usize)>, o2c_kit::ApiError> {
+        let mut found = Vec::new();
+        for tenant in storage::tenants(&self.db).await? {
+            let context = o2c_kit::auth::CallContext::for_tenant(&tenant, "reconciler");
+            let report =
+                o2c_kit::auth::scope(context, self.api.reconcile_tenant(&tenant, None)).await?;
+            found.push((tenant, report.differences.len()));
+        }
+        Ok(found)
+    }
+}
+
 /// Largest request the gateway decodes.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
@@ -116,8 +139,27 @@ pub async fn build(
         authenticator,
         auth::limit::RateLimiter::new(upstreams.auth.rate_limit.clone(), redis_url),
     );
-    let gateway = GatewayServiceServer::new(grpc::GatewayApi::new(db, up))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let api = grpc::GatewayApi::new(db.clone(), up);
+    if upstreams.reconcile_interval_ms > 0 {
+        let reconciler = Reconciler {
+            api: api.clone(),
+            db,
+        };
+        let interval = Duration::from_millis(upstreams.reconcile_interval_ms);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate: let the services come up first.
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                if let Err(error) = reconciler.run_once().await {
+                    tracing::warn!(%error, "reconciliation pass failed; retrying next interval");
+                }
+            }
+        });
+    }
+    let gateway = GatewayServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES);
     let admin = o2c_proto::gateway::v1::admin_service_server::AdminServiceServer::new(
         grpc::admin::AdminApi::new(keys),
     )

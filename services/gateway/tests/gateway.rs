@@ -47,6 +47,8 @@ fn upstreams(down: &str) -> o2c_gateway::Upstreams {
         }],
         tenant_claim: "o2c_tenant".into(),
         roles_claim: "o2c_roles".into(),
+        tenants: vec![],
+        platform: false,
     }];
     upstreams
 }
@@ -427,6 +429,57 @@ async fn credentials(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(order.code(), Code::PermissionDenied);
+    // Requests over the gateway's size limit are refused before any work.
+    let huge = client
+        .create_customer(authorized(
+            pb::CreateCustomerRequest {
+                idempotency_key: "huge".into(),
+                legal_name: "x".repeat(2 * 1024 * 1024),
+                country_code: "DE".into(),
+                currency_code: "EUR".into(),
+            },
+            &new_key,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), Code::OutOfRange, "{huge:?}");
+    // ADMIN belongs to the platform only: a tenant's token claiming it,
+    // or the platform's tenant claimed by a tenant issuer, gets nothing;
+    // and no key of a tenant can be made with it.
+    let tenant_admin = bearer(
+        serde_json::json!({ "o2c_roles": ["admin"] }),
+        hs256(),
+        SECRET,
+    );
+    let refused = admin
+        .list_api_keys(authorized(
+            pb::ListApiKeysRequest {
+                tenant_id: "t2".into(),
+                ..Default::default()
+            },
+            &tenant_admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let posing = bearer(
+        serde_json::json!({ "o2c_tenant": "platform", "o2c_roles": ["admin"] }),
+        hs256(),
+        SECRET,
+    );
+    assert_eq!(call(posing).await, Code::Unauthenticated);
+    let escalation = admin
+        .create_api_key(authorized(
+            pb::CreateApiKeyRequest {
+                tenant_id: "t1".into(),
+                roles: vec![pb::Role::Admin as i32],
+                label: "escalate".into(),
+            },
+            &admin_credential,
+        ))
+        .await
+        .unwrap_err();
+    assert_invalid(&escalation, "roles");
     // A token whose roles are unknown has none.
     let nobody = bearer(
         serde_json::json!({ "o2c_roles": ["root"] }),

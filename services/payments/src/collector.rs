@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use o2c_kit::ApiError;
+use o2c_kit::auth::CallContext;
 use o2c_kit::client::TracedChannel;
 use o2c_kit::clock::Clock;
 use o2c_kit::proto_money;
@@ -73,7 +74,8 @@ impl Collector {
             }
         }
         for session in c::in_state(&self.db, c::COLLECTED, BATCH).await? {
-            match self.apply(&session).await {
+            let context = CallContext::for_tenant(&session.tenant_id, "collector");
+            match o2c_kit::auth::scope(context, self.apply(&session)).await {
                 Ok(()) => pass.applied += 1,
                 Err(error) => {
                     tracing::warn!(session = %session.id, %error, "applying a collection failed; next pass retries")
@@ -81,7 +83,8 @@ impl Collector {
             }
         }
         for session in c::unreported_failures(&self.db, BATCH).await? {
-            match self.report(&session).await {
+            let context = CallContext::for_tenant(&session.tenant_id, "collector");
+            match o2c_kit::auth::scope(context, self.report(&session)).await {
                 Ok(()) => pass.reported += 1,
                 Err(error) => {
                     tracing::warn!(session = %session.id, %error, "reporting a failed collection failed; next pass retries")

@@ -22,15 +22,29 @@ mod security;
 
 pub const TENANT: &str = "acme-eu";
 
-/// A channel as another service of the deployment calls with.
-pub type Internal = o2c_kit::client::TracedChannel;
+/// Calls as a service of the deployment acting for the suite's tenant
+/// (with the process's internal token).
+#[derive(Clone)]
+pub struct ForTenant;
+
+impl tonic::service::Interceptor for ForTenant {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, tonic::Status> {
+        let token =
+            o2c_kit::auth::mint(&o2c_kit::auth::CallContext::for_tenant(TENANT, "e2e")).unwrap();
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        Ok(request)
+    }
+}
+
+pub type Internal = tonic::service::interceptor::InterceptedService<Channel, ForTenant>;
 
 pub fn internal(addr: std::net::SocketAddr) -> Internal {
-    o2c_kit::client::channel(
-        &format!("http://{addr}"),
-        std::time::Duration::from_secs(10),
-    )
-    .unwrap()
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    tonic::service::interceptor::InterceptedService::new(channel, ForTenant)
 }
 
 pub struct Running {
@@ -133,6 +147,8 @@ pub fn issuer() -> o2c_gateway::auth::jwt::IssuerSettings {
         }],
         tenant_claim: "o2c_tenant".into(),
         roles_claim: "o2c_roles".into(),
+        tenants: vec![],
+        platform: false,
     }
 }
 

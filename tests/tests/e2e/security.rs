@@ -72,6 +72,14 @@ async fn backends_refuse_callers_that_bypass_the_gateway(backend: Backend) {
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
 
+    // A token for no tenant may only deliver events.
+    let service = o2c_kit::auth::mint(&CallContext::service()).unwrap();
+    let refused = direct
+        .get_exposure(bearer(read(), &service))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
     // The same token for its own tenant passes.
     let own = o2c_kit::auth::mint(&CallContext {
         tenant: Some(TENANT.into()),

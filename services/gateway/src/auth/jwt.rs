@@ -31,6 +31,14 @@ pub struct IssuerSettings {
     /// `crm_connector`, `admin`).
     #[serde(default = "default_roles_claim")]
     pub roles_claim: String,
+    /// The tenants this issuer may speak for (empty: any tenant but the
+    /// platform's). A tenant's own identity provider lists just its tenant.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    /// Whether this issuer speaks for the platform itself (tenant
+    /// `platform`, whose ADMIN role manages every tenant's keys).
+    #[serde(default)]
+    pub platform: bool,
 }
 
 fn default_tenant_claim() -> String {
@@ -172,8 +180,16 @@ impl Verifier {
             .get(&self.settings.tenant_claim)
             .and_then(Value::as_str)
             .ok_or_else(|| refused("no tenant claim"))?;
-        let tenant = o2c_kit::fields::tenant_id(&self.settings.tenant_claim, tenant)
+        let tenant = o2c_kit::fields::tenant_id_format(&self.settings.tenant_claim, tenant)
             .map_err(|_| refused("the tenant claim is not a tenant id"))?;
+        let allowed = if tenant == super::keys::PLATFORM_TENANT {
+            self.settings.platform
+        } else {
+            self.settings.tenants.is_empty() || self.settings.tenants.contains(&tenant)
+        };
+        if !allowed {
+            return Err(refused("this issuer does not speak for that tenant"));
+        }
         let roles = claims
             .get(&self.settings.roles_claim)
             .and_then(Value::as_array)

@@ -72,8 +72,14 @@ fn record(row: &api_key::Model) -> KeyRecord {
 /// The gateway's keys, with a short cache of verified ones.
 pub struct KeyStore {
     db: DatabaseConnection,
-    cache: Mutex<HashMap<String, (api_key::Model, Instant)>>,
+    /// Verified rows, and ids known not to exist (`None`), with when they
+    /// were read: a flood of made-up keys costs one query per id per
+    /// [`CACHE_FOR`], not one per call.
+    cache: Mutex<HashMap<String, (Option<api_key::Model>, Instant)>>,
 }
+
+/// Most entries the key cache holds before it is cleared.
+pub const CACHE_ENTRIES: usize = 100_000;
 
 impl KeyStore {
     pub fn new(db: DatabaseConnection) -> Self {
@@ -92,12 +98,15 @@ impl KeyStore {
             .filter(|(_, at)| at.elapsed() < CACHE_FOR)
             .map(|(row, _)| row);
         if let Some(row) = cached {
-            return Ok(Some(row));
+            return Ok(row);
         }
         let row = api_key::Entity::find_by_id(id.to_owned())
             .one(&self.db)
             .await?;
-        if let (Some(row), Ok(mut cache)) = (&row, self.cache.lock()) {
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
             cache.insert(id.to_owned(), (row.clone(), Instant::now()));
         }
         Ok(row)
@@ -152,6 +161,7 @@ impl KeyStore {
         let inserted = api_key::Entity::insert(row)
             .exec_with_returning(&self.db)
             .await?;
+        self.forget(id);
         Ok(record(&inserted))
     }
 

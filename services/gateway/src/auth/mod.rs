@@ -221,7 +221,12 @@ impl GatewayAuthLayer {
     }
 
     async fn admit(&self, path: &str, headers: &http::HeaderMap) -> Result<CallContext, ApiError> {
-        let principal = self.auth.authenticate(headers).await?;
+        let mut principal = self.auth.authenticate(headers).await?;
+        // ADMIN manages every tenant's keys, so only the platform's own
+        // principals hold it, however a credential was issued.
+        if principal.tenant != keys::PLATFORM_TENANT {
+            principal.roles.retain(|role| *role != Role::Admin);
+        }
         let allowed = required_roles(path).unwrap_or(&[]);
         if !principal.roles.iter().any(|role| allowed.contains(role)) {
             return Err(ApiError::PermissionDenied(format!(

@@ -104,6 +104,12 @@ impl AdminService for AdminApi {
         if request.roles.is_empty() {
             v.check::<()>(Err(ApiError::invalid("roles", "at least one")));
         }
+        if roles.contains(&Role::Admin) && request.tenant_id != keys::PLATFORM_TENANT {
+            v.check::<()>(Err(ApiError::invalid(
+                "roles",
+                format!("ADMIN only for the tenant {}", keys::PLATFORM_TENANT),
+            )));
+        }
         v.finish()?;
         let (Some(tenant), Some(label)) = (tenant, label) else {
             return Err(ApiError::Internal("validated fields missing".into()).into());
