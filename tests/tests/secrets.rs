@@ -100,7 +100,7 @@ async fn no_secret_reaches_logs_or_spans() {
         )
     });
     let admin_key = o2c_gateway::auth::keys::generate().unwrap().1;
-    settings.auth.bootstrap_admin_key = Some(admin_key.clone());
+    settings.auth.bootstrap_admin_key = Some(o2c_kit::settings::Secret::new(admin_key.clone()));
     settings.auth.jwt_issuers = vec![o2c_gateway::auth::jwt::IssuerSettings {
         issuer: ISSUER.into(),
         audience: "o2c".into(),

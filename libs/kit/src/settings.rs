@@ -62,6 +62,29 @@ impl ServiceSettings {
     }
 }
 
+/// A setting that must never be printed: `Debug` shows `<redacted>`, and
+/// it is read (deserialized) but never written back out.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Shared by all services: observability and the optional cache.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CommonSettings {
@@ -75,7 +98,7 @@ pub struct CommonSettings {
     /// calls with (at least 32 characters; the same everywhere). Required
     /// by the single-service binaries; the all-in-one makes its own.
     #[serde(skip_serializing)]
-    pub internal_auth_secret: Option<String>,
+    pub internal_auth_secret: Option<Secret>,
 }
 
 impl CommonSettings {
@@ -89,7 +112,7 @@ impl CommonSettings {
             });
         }
         if let Some(secret) = &self.internal_auth_secret
-            && secret.len() < crate::auth::MIN_SECRET_LENGTH
+            && secret.expose().len() < crate::auth::MIN_SECRET_LENGTH
         {
             return Err(SettingsError::Invalid {
                 key: "internal_auth_secret".into(),

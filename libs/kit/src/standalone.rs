@@ -67,7 +67,12 @@ where
     settings.service.validate("")?;
     settings.common.validate()?;
     settings.extra.validate()?;
-    let Some(secret) = settings.common.internal_auth_secret.as_deref() else {
+    let Some(secret) = settings
+        .common
+        .internal_auth_secret
+        .as_ref()
+        .map(settings::Secret::expose)
+    else {
         anyhow::bail!(
             "internal_auth_secret is required: set O2C_INTERNAL_AUTH_SECRET to the same secret \
              (at least {} characters) for every service of the deployment",

@@ -43,8 +43,13 @@ fn authorized<T>(credential: &MetadataValue<Ascii>, message: T) -> Request<T> {
 }
 
 /// Seeds the demo tenant through the gateway at `gateway`, with a key of
-/// its own made with the admin key `admin_key`.
-pub async fn seed(gateway: SocketAddr, admin_key: &str) -> anyhow::Result<Seeded> {
+/// its own made with the admin key `admin_key`, which is revoked afterwards
+/// when `revoke_admin` (a key made for this run only).
+pub async fn seed(
+    gateway: SocketAddr,
+    admin_key: &str,
+    revoke_admin: bool,
+) -> anyhow::Result<Seeded> {
     let channel = Channel::from_shared(format!("http://{gateway}"))?
         .connect()
         .await
@@ -64,6 +69,19 @@ pub async fn seed(gateway: SocketAddr, admin_key: &str) -> anyhow::Result<Seeded
         .await?
         .into_inner();
     let key = created.secret;
+    if revoke_admin {
+        let (admin_id, _) =
+            o2c_gateway::auth::keys::parse(admin_key).context("malformed admin key")?;
+        AdminServiceClient::new(channel.clone())
+            .revoke_api_key(authorized(
+                &format!("ApiKey {admin_key}").parse()?,
+                pb::RevokeApiKeyRequest {
+                    key_id: admin_id.to_owned(),
+                    reason: "made for one demo run".into(),
+                },
+            ))
+            .await?;
+    }
     let credential: MetadataValue<Ascii> = format!("ApiKey {key}").parse()?;
     let mut client = GatewayServiceClient::new(channel);
     let customer = client

@@ -147,7 +147,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
     // other with one secret: the configured one, else a random one (no one
     // outside the process needs to know it).
     match &settings.common.internal_auth_secret {
-        Some(secret) => o2c_kit::auth::install(secret, "o2c")?,
+        Some(secret) => o2c_kit::auth::install(secret.expose(), "o2c")?,
         None if o2c_kit::auth::installed() => {}
         None => o2c_kit::auth::install(&o2c_kit::auth::random_secret()?, "o2c")?,
     }

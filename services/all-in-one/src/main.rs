@@ -17,8 +17,11 @@ async fn main() -> anyhow::Result<()> {
     }
     // The demo makes its tenant's key with an admin key; without one
     // configured, a fresh one nobody else ever sees.
-    if settings.seed_demo && settings.auth.bootstrap_admin_key.is_none() {
-        settings.auth.bootstrap_admin_key = Some(o2c_gateway::auth::keys::generate()?.1);
+    let made_admin_key = settings.seed_demo && settings.auth.bootstrap_admin_key.is_none();
+    if made_admin_key {
+        settings.auth.bootstrap_admin_key = Some(o2c_kit::settings::Secret::new(
+            o2c_gateway::auth::keys::generate()?.1,
+        ));
     }
     settings.validate()?;
     let _telemetry = telemetry::init(
@@ -44,9 +47,10 @@ async fn main() -> anyhow::Result<()> {
         let admin_key = settings
             .auth
             .bootstrap_admin_key
-            .clone()
+            .as_ref()
+            .map(|key| key.expose().to_owned())
             .unwrap_or_default();
-        match demo::seed(a.gateway, &admin_key).await {
+        match demo::seed(a.gateway, &admin_key, made_admin_key).await {
             Ok(seeded) => {
                 println!(
                     "\nDemo tenant '{}' seeded; its API key (client and analyst): {}\nTry:",

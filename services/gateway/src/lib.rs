@@ -129,7 +129,7 @@ pub async fn build(
     };
     let keys = std::sync::Arc::new(auth::keys::KeyStore::new(db.clone()));
     if let Some(key) = &upstreams.auth.bootstrap_admin_key {
-        keys.ensure_bootstrap(key)
+        keys.ensure_bootstrap(key.expose())
             .await
             .map_err(|e| anyhow::anyhow!("bootstrap admin key: {e}"))?;
     }

@@ -36,7 +36,7 @@ fn upstreams(down: &str) -> o2c_gateway::Upstreams {
         reconcile_interval_ms: 0,
         ..Default::default()
     };
-    upstreams.auth.bootstrap_admin_key = Some(admin_key());
+    upstreams.auth.bootstrap_admin_key = Some(o2c_kit::settings::Secret::new(admin_key()));
     upstreams.auth.jwt_issuers = vec![IssuerSettings {
         issuer: ISSUER.into(),
         audience: AUDIENCE.into(),

@@ -120,7 +120,7 @@ pub struct AuthSettings {
     /// An admin API key (`o2c_<id>_<secret>`) to create the first keys with;
     /// recorded (hashed) at start. Keep it in a secret store.
     #[serde(skip_serializing)]
-    pub bootstrap_admin_key: Option<String>,
+    pub bootstrap_admin_key: Option<o2c_kit::settings::Secret>,
     /// Per-tenant request budgets.
     pub rate_limit: limit::RateLimitSettings,
     /// Origins whose pages may call the gateway from a browser (gRPC-Web),
@@ -139,7 +139,7 @@ impl AuthSettings {
             })?;
         }
         if let Some(key) = &self.bootstrap_admin_key
-            && keys::parse(key).is_none()
+            && keys::parse(key.expose()).is_none()
         {
             return Err(o2c_kit::settings::SettingsError::Invalid {
                 key: "auth.bootstrap_admin_key".into(),
