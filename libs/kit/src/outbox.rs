@@ -151,12 +151,13 @@ impl Extractor for EventExtractor<'_> {
 }
 
 /// A span for applying `event` that continues the producer's trace.
-pub fn consumer_span(event: &pb::Event) -> tracing::Span {
+pub fn consumer_span(event: &pb::Event, consumer: &'static str) -> tracing::Span {
     let span = tracing::info_span!(
         "event.consume",
         otel.kind = "consumer",
+        messaging.consumer = consumer,
         event.id = %event.event_id,
-        aggregate = %event.aggregate_id,
+        aggregate.kind = %event.aggregate_type,
     );
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&EventExtractor(event)));
@@ -263,6 +264,9 @@ pub async fn seen(conn: &impl ConnectionTrait, event_id: &str) -> Result<bool, A
 /// What a service does with the events delivered to it.
 #[tonic::async_trait]
 pub trait Consumer: Send + Sync + 'static {
+    /// The consuming service, as spans name it (e.g. `crm-sync`).
+    const NAME: &'static str;
+
     /// What the effect of one event leaves for after its commit.
     type Applied: Send;
 
@@ -336,7 +340,7 @@ impl<C: Consumer> EventsService for Inbox<C> {
     ) -> Result<tonic::Response<pb::DeliverResponse>, tonic::Status> {
         for event in &request.get_ref().events {
             self.deliver_one(event)
-                .instrument(consumer_span(event))
+                .instrument(consumer_span(event, C::NAME))
                 .await?;
         }
         Ok(tonic::Response::new(pb::DeliverResponse {}))
@@ -551,7 +555,7 @@ mod tests {
                 "{}",
                 event.traceparent
             );
-            let consumer = consumer_span(&event);
+            let consumer = consumer_span(&event, "test");
             let consumer_context = consumer.context();
             let consumer_span = consumer_context.span();
             let continued = consumer_span.span_context();

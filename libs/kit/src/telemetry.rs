@@ -39,6 +39,24 @@ impl Drop for TelemetryGuard {
     }
 }
 
+impl TelemetryGuard {
+    /// Exports the spans ended so far (tests, and before a planned stop).
+    pub fn flush(&self) {
+        if let Some(provider) = &self.provider
+            && let Err(error) = provider.force_flush()
+        {
+            tracing::warn!(%error, "flushing spans failed");
+        }
+    }
+}
+
+/// Sets `key` on the current span (an attribute of the exported span):
+/// for facts worth querying traces by, never personal data or secrets.
+pub fn annotate(key: &'static str, value: impl Into<String>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    tracing::Span::current().set_attribute(key, value.into());
+}
+
 /// Installs the global subscriber for `service_name`.
 pub fn init(
     service_name: &'static str,

@@ -414,6 +414,8 @@ fn invoice_state(
 /// the event as delivered.
 #[tonic::async_trait]
 impl o2c_kit::outbox::Consumer for CreditApi {
+    const NAME: &'static str = "credit";
+
     type Applied = Option<(String, SyncedInvoice)>;
 
     async fn apply(
@@ -698,6 +700,13 @@ impl CreditService for CreditApi {
             policy = domain::POLICY_VERSION,
             "credit decision"
         );
+        // Codes only: no customer data on the span.
+        o2c_kit::telemetry::annotate("credit.decision", checked.outcome.code());
+        o2c_kit::telemetry::annotate(
+            "credit.reasons",
+            domain::Reason::join(&checked.reasons).to_string(),
+        );
+        o2c_kit::telemetry::annotate("credit.policy", domain::POLICY_VERSION);
         let response = pb::CheckAndReserveResponse {
             decision: Some(checked_decision(&checked)?),
         };

@@ -77,6 +77,8 @@ pub struct EventsApi;
 
 #[tonic::async_trait]
 impl o2c_kit::outbox::Consumer for EventsApi {
+    const NAME: &'static str = "crm-sync";
+
     type Applied = ();
 
     async fn apply(&self, txn: &DatabaseTransaction, event: &pb::Event) -> Result<(), ApiError> {

@@ -876,6 +876,8 @@ fn tenant_and_invoice(
 /// back to payments as `AllocationRefused`.
 #[tonic::async_trait]
 impl o2c_kit::outbox::Consumer for InvoicingApi {
+    const NAME: &'static str = "invoicing";
+
     type Applied = ();
 
     async fn apply(

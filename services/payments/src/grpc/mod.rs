@@ -97,6 +97,8 @@ fn minimal(payment: &Payment) -> pb::Payment {
 /// not apply returns to the payment's unapplied cash, exactly once.
 #[tonic::async_trait]
 impl o2c_kit::outbox::Consumer for PaymentsApi {
+    const NAME: &'static str = "payments";
+
     type Applied = ();
 
     async fn apply(
