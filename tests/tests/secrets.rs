@@ -80,7 +80,7 @@ async fn no_secret_reaches_logs_or_spans() {
     let writer = logs.clone();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_subscriber::EnvFilter::new(
-            "info,sqlx=warn,sea_orm=warn,h2=warn,tower=warn,hyper=warn,\
+            "info,sqlx=warn,h2=warn,tower=warn,hyper=warn,\
              o2c_kit=debug,o2c_gateway=debug,o2c_customer=debug,o2c_credit=debug,\
              o2c_invoicing=debug,o2c_payments=debug,o2c_crm_sync=debug",
         ))

@@ -4,8 +4,9 @@
 //! span of its own. Each order's trace holds the gateway's, credit's,
 //! invoicing's and payments' server spans and the event consumers' spans
 //! (the asynchronous hops, crm-sync among them), every span's parent is in
-//! the same trace, and the credit decision is on its span. Its own test
-//! binary: telemetry installs the process-wide subscriber.
+//! the same trace, database statements and Redis commands appear as spans,
+//! and the credit decision is on its span. Its own test binary: telemetry
+//! installs the process-wide subscriber.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -128,6 +129,9 @@ async fn each_order_is_one_trace_across_every_service() {
         tenants: vec![],
         platform: false,
     }];
+    // Redis too when it runs (always under CI=true), for its spans.
+    let redis = o2c_testkit::redis_url().await;
+    settings.common.redis_url = redis.clone();
     let suite = start(&settings).await.unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -331,6 +335,16 @@ async fn each_order_is_one_trace_across_every_service() {
                 reaches_gateway,
                 "an asynchronous hop descends from the order's call"
             );
+        }
+        // Database statements and Redis commands are spans of the call
+        // that made them.
+        let systems: HashSet<String> = in_trace
+            .iter()
+            .filter_map(|s| attribute(s, "db.system"))
+            .collect();
+        assert!(systems.contains("sqlite"), "{systems:?}");
+        if redis.is_some() {
+            assert!(systems.contains("redis"), "{systems:?}");
         }
         let decision = in_trace
             .iter()

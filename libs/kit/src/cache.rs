@@ -10,6 +10,17 @@ pub const COMMAND_TIMEOUT_MS: u64 = 250;
 /// Timeout of (re)connecting.
 pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
 
+/// The client span of one Redis command (`operation`: HGET, EVALSHA, …).
+pub fn span(operation: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "redis",
+        otel.kind = "client",
+        db.system = "redis",
+        db.operation = operation,
+        cache.hit = tracing::field::Empty,
+    )
+}
+
 /// Connects to Redis at `url`. The manager reconnects by itself after
 /// failures; commands fail fast (and callers fall back) meanwhile.
 pub async fn connect(url: &str) -> Result<ConnectionManager, redis::RedisError> {

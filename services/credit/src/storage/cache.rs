@@ -7,6 +7,7 @@
 //! update can linger. Every Redis failure is logged and treated as a miss.
 
 use redis::aio::ConnectionManager;
+use tracing::Instrument;
 
 use crate::domain::Exposure;
 
@@ -88,13 +89,19 @@ impl ExposureCache {
     pub async fn get(&self, tenant_id: &str, customer_id: &str) -> Option<Exposure> {
         let mut redis = self.connection()?;
         let key = Self::key(tenant_id, customer_id);
-        match redis::cmd("HGET")
+        let span = o2c_kit::cache::span("HGET");
+        let read = redis::cmd("HGET")
             .arg(&key)
             .arg("value")
             .query_async::<Option<String>>(&mut redis)
-            .await
-        {
-            Ok(value) => value.as_deref().and_then(Exposure::from_cache_value),
+            .instrument(span.clone())
+            .await;
+        match read {
+            Ok(value) => {
+                let found = value.as_deref().and_then(Exposure::from_cache_value);
+                span.record("cache.hit", found.is_some());
+                found
+            }
             Err(error) => {
                 tracing::warn!(%error, "exposure cache read failed; using the database");
                 None
@@ -115,6 +122,7 @@ impl ExposureCache {
             .arg(exposure.to_cache_value())
             .arg(ENTRY_TTL_MS)
             .invoke_async::<i64>(&mut redis)
+            .instrument(o2c_kit::cache::span("EVALSHA"))
             .await;
         if let Err(error) = result {
             tracing::warn!(%error, "exposure cache write failed");

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use o2c_kit::ApiError;
 use o2c_kit::settings::SettingsError;
@@ -160,6 +161,7 @@ impl RateLimiter {
                     .arg(budget.per_second)
                     .arg(budget.burst)
                     .invoke_async(&mut redis)
+                    .instrument(o2c_kit::cache::span("EVALSHA"))
                     .await;
                 match shared {
                     Ok((allowed, wait_ms)) => Some((allowed == 1, wait_ms)),
