@@ -106,6 +106,7 @@ async fn each_order_is_one_trace_across_every_service() {
         "o2c-traces-test",
         Some(&format!("http://{addr}")),
         o2c_kit::settings::LogFormat::Text,
+        None,
     )
     .unwrap();
 

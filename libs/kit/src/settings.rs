@@ -92,8 +92,12 @@ pub struct CommonSettings {
     pub otlp_endpoint: Option<String>,
     /// `redis://host:port`; no cache when unset.
     pub redis_url: Option<String>,
-    /// `text` (default) or `json` log lines.
+    /// `text` (default) or `json` log lines (JSON lines carry trace_id and
+    /// span_id).
     pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `info,o2c_credit=debug`; `RUST_LOG` when
+    /// unset, else `info` with noisy libraries at `warn`.
+    pub log_level: Option<String>,
     /// The secret every service of a deployment signs and checks internal
     /// calls with (at least 32 characters; the same everywhere). Required
     /// by the single-service binaries; the all-in-one makes its own.

@@ -84,6 +84,7 @@ where
         binary,
         settings.common.otlp_endpoint.as_deref(),
         settings.common.log_format,
+        settings.common.log_level.as_deref(),
     )?;
     let addr = settings.service.listen_addr;
     let listener = TcpListener::bind(addr)

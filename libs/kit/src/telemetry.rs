@@ -20,6 +20,8 @@ pub enum TelemetryError {
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
     #[error("installing the tracing subscriber: {0}")]
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
+    #[error("log_level: {0}")]
+    Level(#[from] tracing_subscriber::filter::ParseError),
 }
 
 /// Flushes and shuts down span export when dropped.
@@ -57,15 +59,131 @@ pub fn annotate(key: &'static str, value: impl Into<String>) {
     tracing::Span::current().set_attribute(key, value.into());
 }
 
-/// Installs the global subscriber for `service_name`.
+/// The log filter unless `log_level` or `RUST_LOG` says otherwise.
+pub const DEFAULT_LOG_LEVEL: &str = "info,sqlx=warn,h2=warn,tower=warn,hyper=warn";
+
+/// JSON log lines that carry the OpenTelemetry trace and span ids of the
+/// span the event happened in, so a log line leads to its trace:
+/// `{"timestamp", "level", "target", "message", "fields", "span",
+/// "trace_id", "span_id"}`.
+/// Pair it with [`DispatchCapture`] in the same subscriber: the formatter
+/// reads span ids through the dispatcher, which a formatter is not given.
+#[derive(Clone, Default)]
+pub struct JsonWithTraceIds {
+    dispatch: std::sync::Arc<std::sync::OnceLock<tracing::dispatcher::WeakDispatch>>,
+}
+
+impl JsonWithTraceIds {
+    /// The layer that hands this formatter its dispatcher.
+    pub fn capture(&self) -> DispatchCapture {
+        DispatchCapture(self.dispatch.clone())
+    }
+}
+
+/// Remembers the dispatcher it is registered with (see [`JsonWithTraceIds`]).
+pub struct DispatchCapture(std::sync::Arc<std::sync::OnceLock<tracing::dispatcher::WeakDispatch>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for DispatchCapture {
+    fn on_register_dispatch(&self, dispatch: &tracing::Dispatch) {
+        let _ = self.0.set(dispatch.downgrade());
+    }
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JsonWithTraceIds
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use opentelemetry::trace::TraceContextExt;
+        use serde_json::Value;
+        let mut fields = serde_json::Map::new();
+        event.record(&mut JsonFields(&mut fields));
+        let metadata = event.metadata();
+        let mut line = serde_json::Map::new();
+        line.insert(
+            "timestamp".into(),
+            Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        );
+        line.insert("level".into(), Value::String(metadata.level().to_string()));
+        line.insert("target".into(), Value::String(metadata.target().to_owned()));
+        if let Some(message) = fields.remove("message") {
+            line.insert("message".into(), message);
+        }
+        line.insert("fields".into(), Value::Object(fields));
+        if let Some(span) = ctx.lookup_current() {
+            line.insert("span".into(), Value::String(span.name().to_owned()));
+            let context = self
+                .dispatch
+                .get()
+                .and_then(tracing::dispatcher::WeakDispatch::upgrade)
+                .and_then(|dispatch| {
+                    tracing_opentelemetry::get_otel_context(&span.id(), &dispatch)
+                });
+            let ids = context
+                .map(|context| context.span().span_context().clone())
+                .unwrap_or_else(opentelemetry::trace::SpanContext::empty_context);
+            if ids.is_valid() {
+                line.insert("trace_id".into(), Value::String(ids.trace_id().to_string()));
+                line.insert("span_id".into(), Value::String(ids.span_id().to_string()));
+            }
+        }
+        writeln!(writer, "{}", Value::Object(line))
+    }
+}
+
+struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for JsonFields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(
+            field.name().to_owned(),
+            serde_json::Value::String(format!("{value:?}")),
+        );
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(
+            field.name().to_owned(),
+            serde_json::Value::String(value.to_owned()),
+        );
+    }
+
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+}
+
+/// Installs the global subscriber for `service_name`: the log filter from
+/// `log_level` (else `RUST_LOG`, else [`DEFAULT_LOG_LEVEL`]), text or JSON
+/// lines, and spans exported over OTLP/gRPC when `otlp_endpoint` is set.
+/// Spans get trace ids even without an endpoint, so JSON lines carry them.
 pub fn init(
     service_name: &'static str,
     otlp_endpoint: Option<&str>,
     format: LogFormat,
+    log_level: Option<&str>,
 ) -> Result<TelemetryGuard, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,tower=warn,hyper=warn"));
+    let filter = match log_level {
+        Some(level) => EnvFilter::try_new(level)?,
+        None => {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_LEVEL))
+        }
+    };
     let provider = match otlp_endpoint {
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -81,15 +199,24 @@ pub fn init(
         }
         None => None,
     };
-    let otel_layer = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service_name)));
-    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    // Without an endpoint, spans still get ids (for the log lines) and are
+    // dropped when they end.
+    let tracer = match &provider {
+        Some(provider) => provider.tracer(service_name),
+        None => SdkTracerProvider::builder().build().tracer(service_name),
+    };
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_opentelemetry::layer().with_tracer(tracer));
     match format {
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init()?,
-        LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json())
-            .try_init()?,
+        LogFormat::Json => {
+            let json = JsonWithTraceIds::default();
+            registry
+                .with(json.capture())
+                .with(tracing_subscriber::fmt::layer().event_format(json))
+                .try_init()?
+        }
     }
     Ok(TelemetryGuard { provider })
 }
@@ -109,4 +236,65 @@ pub fn gauge(
         .map(|(k, v)| KeyValue::new(*k, v.clone()))
         .collect();
     gauge.record(value, &attributes);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::{TraceContextExt, TracerProvider};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    #[test]
+    fn json_lines_carry_the_trace_and_span_ids_of_their_span() {
+        let lines = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = lines.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let json = JsonWithTraceIds::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+            .with(json.capture())
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(json)
+                    .with_writer(move || SinkWriter(sink.clone())),
+            );
+        let (trace_id, span_id) = tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("grpc.server");
+            let _entered = span.enter();
+            tracing::info!(
+                customer_count = 3_u64,
+                outcome = "APPROVE",
+                "credit decision"
+            );
+            let context = span.context();
+            let ids = context.span().span_context().clone();
+            (ids.trace_id().to_string(), ids.span_id().to_string())
+        });
+        let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(line["message"], "credit decision");
+        assert_eq!(line["level"], "INFO");
+        assert_eq!(line["span"], "grpc.server");
+        assert_eq!(line["fields"]["customer_count"], 3);
+        assert_eq!(line["fields"]["outcome"], "APPROVE");
+        assert_eq!(line["trace_id"], trace_id.as_str());
+        assert_eq!(line["span_id"], span_id.as_str());
+        assert_eq!(trace_id.len(), 32);
+    }
+
+    struct SinkWriter(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SinkWriter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 }

@@ -28,6 +28,7 @@ async fn main() -> anyhow::Result<()> {
         "o2c-all-in-one",
         settings.common.otlp_endpoint.as_deref(),
         settings.common.log_format,
+        settings.common.log_level.as_deref(),
     )?;
     let suite = start(&settings).await?;
     let a = suite.addresses;
