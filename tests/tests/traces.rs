@@ -19,6 +19,12 @@ use o2c_proto::common::v1::Money;
 use o2c_proto::gateway::v1 as pb;
 use o2c_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
 use opentelemetry::trace::TraceContextExt;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -53,6 +59,69 @@ impl TraceService for Receiver {
             }
         }
         Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// A real OTLP/gRPC metrics receiver that keeps the metric names and the
+/// attribute sets it is sent.
+#[derive(Clone, Default)]
+struct Metrics(Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>);
+
+#[tonic::async_trait]
+impl MetricsService for Metrics {
+    async fn export(
+        &self,
+        request: Request<ExportMetricsServiceRequest>,
+    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+        let mut seen = self.0.lock().unwrap();
+        for resource in request.into_inner().resource_metrics {
+            for scope in resource.scope_metrics {
+                for metric in scope.metrics {
+                    let points: Vec<Vec<opentelemetry_proto::tonic::common::v1::KeyValue>> =
+                        match &metric.data {
+                            Some(Data::Sum(sum)) => sum
+                                .data_points
+                                .iter()
+                                .map(|p| p.attributes.clone())
+                                .collect(),
+                            Some(Data::Gauge(gauge)) => gauge
+                                .data_points
+                                .iter()
+                                .map(|p| p.attributes.clone())
+                                .collect(),
+                            Some(Data::Histogram(histogram)) => histogram
+                                .data_points
+                                .iter()
+                                .map(|p| p.attributes.clone())
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                    for attributes in points {
+                        let attributes = attributes
+                            .iter()
+                            .map(|kv| {
+                                let value = kv
+                                    .value
+                                    .as_ref()
+                                    .and_then(|v| v.value.as_ref())
+                                    .map(|v| match v {
+                                        Value::StringValue(s) => s.clone(),
+                                        Value::IntValue(i) => i.to_string(),
+                                        other => format!("{other:?}"),
+                                    })
+                                    .unwrap_or_default();
+                                (kv.key.clone(), value)
+                            })
+                            .collect();
+                        seen.push((metric.name.clone(), attributes));
+                    }
+                }
+            }
+        }
+        Ok(Response::new(ExportMetricsServiceResponse {
             partial_success: None,
         }))
     }
@@ -95,11 +164,13 @@ impl Interceptor for Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_order_is_one_trace_across_every_service() {
     let receiver = Receiver::default();
+    let metrics = Metrics::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(receiver.clone()))
+            .add_service(MetricsServiceServer::new(metrics.clone()))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
     let telemetry = o2c_kit::telemetry::init(
@@ -356,6 +427,32 @@ async fn each_order_is_one_trace_across_every_service() {
             Some("APPROVE")
         );
         assert_eq!(attribute(decision, "credit.reasons").as_deref(), Some(""));
+    }
+
+    // The same run's metrics reached the receiver over OTLP: RPC rate,
+    // errors and duration; decisions by outcome; utilisation; outbox lag;
+    // cache lookups (with Redis).
+    telemetry.flush();
+    let seen = metrics.0.lock().unwrap().clone();
+    let has = |name: &str, key: &str, value: &str| {
+        seen.iter().any(|(metric, attributes)| {
+            metric == name && attributes.iter().any(|(k, v)| k == key && v == value)
+        })
+    };
+    assert!(
+        has("rpc.server.duration", "rpc.method", "PlaceOrder"),
+        "{seen:?}"
+    );
+    assert!(has("rpc.server.duration", "rpc.grpc.status_code", "0"));
+    assert!(has("o2c.credit.decisions", "outcome", "APPROVE"));
+    assert!(
+        seen.iter()
+            .any(|(m, _)| m == "o2c.credit.exposure.utilisation")
+    );
+    assert!(has("o2c.outbox.pending", "subscriber", "crm-sync"));
+    assert!(has("o2c.outbox.lag", "subscriber", "credit"));
+    if redis.is_some() {
+        assert!(has("o2c.cache.lookups", "cache", "credit.exposure"));
     }
     suite.stop().await.unwrap();
 }

@@ -26,6 +26,7 @@ pub mod db;
 pub mod error;
 pub mod fields;
 pub mod idempotency;
+pub mod metrics;
 pub mod outbox;
 pub mod proto_money;
 pub mod serve;

@@ -427,8 +427,11 @@ impl Relay {
             .all(&self.db)
             .await?;
         let Some(first) = rows.first() else {
+            crate::metrics::outbox(name, 0, Duration::ZERO);
             return Ok(0);
         };
+        let waiting = (now - first.created_at).to_std().unwrap_or(Duration::ZERO);
+        crate::metrics::outbox(name, self.pending(name).await?, waiting);
         if first.next_attempt_at > now {
             return Ok(0);
         }

@@ -116,6 +116,7 @@ pub async fn serve(
     let server = Server::builder()
         .trace_fn(request_span)
         .accept_http1(web.is_some())
+        .layer(crate::metrics::RpcMetricsLayer)
         .layer(tower::util::option_layer(web.as_deref().map(cors)))
         .layer(tower::util::option_layer(
             web.is_some().then(tonic_web::GrpcWebLayer::new),

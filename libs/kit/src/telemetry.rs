@@ -29,6 +29,7 @@ pub enum TelemetryError {
 pub struct TelemetryGuard {
     // None when no OTLP endpoint is configured.
     provider: Option<SdkTracerProvider>,
+    meters: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
 }
 
 impl Drop for TelemetryGuard {
@@ -38,16 +39,27 @@ impl Drop for TelemetryGuard {
         {
             eprintln!("flushing spans failed: {error}");
         }
+        if let Some(meters) = self.meters.take()
+            && let Err(error) = meters.shutdown()
+        {
+            eprintln!("flushing metrics failed: {error}");
+        }
     }
 }
 
 impl TelemetryGuard {
-    /// Exports the spans ended so far (tests, and before a planned stop).
+    /// Exports the spans ended so far and the metrics recorded so far
+    /// (tests, and before a planned stop).
     pub fn flush(&self) {
         if let Some(provider) = &self.provider
             && let Err(error) = provider.force_flush()
         {
             tracing::warn!(%error, "flushing spans failed");
+        }
+        if let Some(meters) = &self.meters
+            && let Err(error) = meters.force_flush()
+        {
+            tracing::warn!(%error, "flushing metrics failed");
         }
     }
 }
@@ -199,6 +211,21 @@ pub fn init(
         }
         None => None,
     };
+    let meters = match otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()?;
+            let meters = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+                .with_resource(Resource::builder().with_service_name(service_name).build())
+                .with_periodic_exporter(exporter)
+                .build();
+            opentelemetry::global::set_meter_provider(meters.clone());
+            Some(meters)
+        }
+        None => None,
+    };
     // Without an endpoint, spans still get ids (for the log lines) and are
     // dropped when they end.
     let tracer = match &provider {
@@ -218,7 +245,7 @@ pub fn init(
                 .try_init()?
         }
     }
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { provider, meters })
 }
 
 /// Records a gauge through the global OpenTelemetry meter (a no-op until a

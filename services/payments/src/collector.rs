@@ -68,9 +68,15 @@ impl Collector {
         for session in c::due(&self.db, now, BATCH).await? {
             pass.attempted += 1;
             match self.attempt(&session).await? {
-                Some(true) => pass.collected += 1,
-                Some(false) => {}
-                None => pass.failed += 1,
+                Some(true) => {
+                    pass.collected += 1;
+                    o2c_kit::metrics::collection("collected");
+                }
+                Some(false) => o2c_kit::metrics::collection("declined"),
+                None => {
+                    pass.failed += 1;
+                    o2c_kit::metrics::collection("failed");
+                }
             }
         }
         for session in c::in_state(&self.db, c::COLLECTED, BATCH).await? {

@@ -162,6 +162,17 @@ impl Exposure {
         self.reserved_minor.saturating_add(self.receivable_minor)
     }
 
+    /// Exposure as a percentage of the limit (None without a limit).
+    pub fn utilisation_percent(&self) -> Option<f64> {
+        if self.limit_minor <= 0 {
+            return None;
+        }
+        let used = self.reserved_minor.saturating_add(self.receivable_minor);
+        // Minor units of one account fit an f64 exactly enough for a ratio.
+        #[allow(clippy::cast_precision_loss)]
+        Some(used as f64 * 100.0 / self.limit_minor as f64)
+    }
+
     pub fn available_minor(&self) -> i64 {
         self.limit_minor.saturating_sub(self.total_minor())
     }

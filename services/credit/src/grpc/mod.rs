@@ -199,6 +199,9 @@ impl CreditApi {
     async fn after_sync(&self, tenant: &str, synced: SyncedInvoice) {
         for exposure in &synced.exposures {
             self.cache.put(tenant, exposure).await;
+            if let Some(percent) = exposure.utilisation_percent() {
+                o2c_kit::metrics::exposure_utilisation(percent);
+            }
         }
         self.alerts.publish(synced.alerts);
     }
@@ -248,6 +251,9 @@ impl CreditApi {
         let response = idempotency::commit(&self.db, txn, scope, key, bytes, response).await?;
         for exposure in exposures {
             self.cache.put(tenant, exposure).await;
+            if let Some(percent) = exposure.utilisation_percent() {
+                o2c_kit::metrics::exposure_utilisation(percent);
+            }
         }
         self.alerts.publish(alerts);
         Ok(Response::new(response))
@@ -707,6 +713,10 @@ impl CreditService for CreditApi {
             domain::Reason::join(&checked.reasons).to_string(),
         );
         o2c_kit::telemetry::annotate("credit.policy", domain::POLICY_VERSION);
+        o2c_kit::metrics::credit_decision(
+            checked.outcome.code(),
+            domain::Reason::join(&checked.reasons).to_string(),
+        );
         let response = pb::CheckAndReserveResponse {
             decision: Some(checked_decision(&checked)?),
         };

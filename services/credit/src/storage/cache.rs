@@ -100,9 +100,14 @@ impl ExposureCache {
             Ok(value) => {
                 let found = value.as_deref().and_then(Exposure::from_cache_value);
                 span.record("cache.hit", found.is_some());
+                o2c_kit::metrics::cache_lookup(
+                    "credit.exposure",
+                    if found.is_some() { "hit" } else { "miss" },
+                );
                 found
             }
             Err(error) => {
+                o2c_kit::metrics::cache_lookup("credit.exposure", "error");
                 tracing::warn!(%error, "exposure cache read failed; using the database");
                 None
             }
