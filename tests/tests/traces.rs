@@ -67,7 +67,10 @@ impl TraceService for Receiver {
 /// A real OTLP/gRPC metrics receiver that keeps the metric names and the
 /// attribute sets it is sent.
 #[derive(Clone, Default)]
-struct Metrics(Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>);
+struct Metrics(Arc<Mutex<Vec<Point>>>);
+
+/// A metric's name and one data point's attributes.
+type Point = (String, Vec<(String, String)>);
 
 #[tonic::async_trait]
 impl MetricsService for Metrics {
