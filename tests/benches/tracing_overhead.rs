@@ -31,9 +31,6 @@ use tonic::{Request, Response, Status};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-const JWT_SECRET: &str = "bench-issuer-secret-0123456789abcdef";
-const ISSUER: &str = "https://idp.bench";
-
 #[derive(Clone, Default)]
 struct Receiver(Arc<AtomicU64>);
 
@@ -132,35 +129,13 @@ async fn main() {
     }
     let mut settings = Settings::ephemeral(|name| urls[name].clone());
     settings.common.redis_url = o2c_testkit::redis_url().await;
-    settings.auth.jwt_issuers = vec![o2c_gateway::auth::jwt::IssuerSettings {
-        issuer: ISSUER.into(),
-        audience: "o2c".into(),
-        keys: vec![o2c_gateway::auth::jwt::KeySettings {
-            kid: None,
-            algorithm: "HS256".into(),
-            key: JWT_SECRET.into(),
-        }],
-        tenant_claim: "o2c_tenant".into(),
-        roles_claim: "o2c_roles".into(),
-        tenants: vec![],
-        platform: false,
-    }];
+    settings.auth.jwt_issuers = vec![o2c_tests::identity::issuer()];
     settings.auth.rate_limit.default.per_second = 1_000_000.0;
     settings.auth.rate_limit.default.burst = 1_000_000.0;
     let suite = start(&settings).await.unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &serde_json::json!({
-            "iss": ISSUER, "aud": "o2c", "sub": "bench", "exp": now + 3600,
-            "o2c_tenant": "bench", "o2c_roles": ["platform_client", "credit_analyst"],
-        }),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = o2c_tests::identity::token(serde_json::json!({
+        "sub": "bench", "o2c_tenant": "bench", "o2c_roles": ["platform_client", "credit_analyst"],
+    }));
     let credential: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
     let channel = Channel::from_shared(format!("http://{}", suite.addresses.gateway))
         .unwrap()

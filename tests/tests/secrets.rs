@@ -23,8 +23,6 @@ use tonic::Request;
 use tonic::transport::Channel;
 use tracing_subscriber::layer::SubscriberExt;
 
-const JWT_SECRET: &str = "secrets-test-issuer-secret-0123456789";
-const ISSUER: &str = "https://idp.secrets.test";
 const CARD: &str = "4111111111111111";
 const TOKEN: &str = "tok_live_9f8e7d6c5b4a";
 const AGENCY_REFERENCE: &str = "DE31554017";
@@ -101,19 +99,7 @@ async fn no_secret_reaches_logs_or_spans() {
     });
     let admin_key = o2c_gateway::auth::keys::generate().unwrap().1;
     settings.auth.bootstrap_admin_key = Some(o2c_kit::settings::Secret::new(admin_key.clone()));
-    settings.auth.jwt_issuers = vec![o2c_gateway::auth::jwt::IssuerSettings {
-        issuer: ISSUER.into(),
-        audience: "o2c".into(),
-        keys: vec![o2c_gateway::auth::jwt::KeySettings {
-            kid: None,
-            algorithm: "HS256".into(),
-            key: JWT_SECRET.into(),
-        }],
-        tenant_claim: "o2c_tenant".into(),
-        roles_claim: "o2c_roles".into(),
-        tenants: vec![],
-        platform: false,
-    }];
+    settings.auth.jwt_issuers = vec![o2c_tests::identity::issuer()];
     let suite = start(&settings).await.unwrap();
     let channel = Channel::from_shared(format!("http://{}", suite.addresses.gateway))
         .unwrap()
@@ -135,19 +121,9 @@ async fn no_secret_reaches_logs_or_spans() {
         .unwrap()
         .into_inner();
     let api_key = created.secret;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let jwt = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &serde_json::json!({
-            "iss": ISSUER, "aud": "o2c", "sub": "ana", "exp": now + 600,
-            "o2c_tenant": "t1", "o2c_roles": ["platform_client", "credit_analyst"],
-        }),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .unwrap();
+    let jwt = o2c_tests::identity::token(serde_json::json!({
+        "sub": "ana", "o2c_tenant": "t1", "o2c_roles": ["platform_client", "credit_analyst"],
+    }));
     let mut gateway = GatewayServiceClient::new(channel);
     let customer = gateway
         .create_customer(with(

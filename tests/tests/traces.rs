@@ -39,9 +39,6 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-const JWT_SECRET: &str = "traces-test-issuer-secret-0123456789";
-const ISSUER: &str = "https://idp.traces.test";
-
 /// A real OTLP/gRPC trace receiver that keeps what it is sent.
 #[derive(Clone, Default)]
 struct Receiver(Arc<Mutex<Vec<Span>>>);
@@ -191,36 +188,14 @@ async fn each_order_is_one_trace_across_every_service() {
             dir.path().join(format!("{name}.db")).display()
         )
     });
-    settings.auth.jwt_issuers = vec![o2c_gateway::auth::jwt::IssuerSettings {
-        issuer: ISSUER.into(),
-        audience: "o2c".into(),
-        keys: vec![o2c_gateway::auth::jwt::KeySettings {
-            kid: None,
-            algorithm: "HS256".into(),
-            key: JWT_SECRET.into(),
-        }],
-        tenant_claim: "o2c_tenant".into(),
-        roles_claim: "o2c_roles".into(),
-        tenants: vec![],
-        platform: false,
-    }];
+    settings.auth.jwt_issuers = vec![o2c_tests::identity::issuer()];
     // Redis too when it runs (always under CI=true), for its spans.
     let redis = o2c_testkit::redis_url().await;
     settings.common.redis_url = redis.clone();
     let suite = start(&settings).await.unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &serde_json::json!({
-            "iss": ISSUER, "aud": "o2c", "sub": "ana", "exp": now + 600,
-            "o2c_tenant": "t1", "o2c_roles": ["platform_client", "credit_analyst"],
-        }),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = o2c_tests::identity::token(serde_json::json!({
+        "sub": "ana", "o2c_tenant": "t1", "o2c_roles": ["platform_client", "credit_analyst"],
+    }));
     let channel = Channel::from_shared(format!("http://{}", suite.addresses.gateway))
         .unwrap()
         .connect()

@@ -128,49 +128,16 @@ pub fn eur(amount: &str) -> Option<Money> {
     })
 }
 
-/// The identity provider the suite trusts (HS256, as a test double of a
-/// real issuer; RS/ES keys are configured the same way with a PEM).
-pub const ISSUER: &str = "https://idp.test.example";
-pub const AUDIENCE: &str = "o2c-gateway";
-pub const JWT_SECRET: &str = "e2e-identity-provider-secret-0123456789";
+pub use o2c_tests::identity::issuer;
+
 /// The operator console's origin, allowed to call from a browser.
 pub const CONSOLE_ORIGIN: &str = "https://console.test.example";
 
-pub fn issuer() -> o2c_gateway::auth::jwt::IssuerSettings {
-    o2c_gateway::auth::jwt::IssuerSettings {
-        issuer: ISSUER.into(),
-        audience: AUDIENCE.into(),
-        keys: vec![o2c_gateway::auth::jwt::KeySettings {
-            kid: None,
-            algorithm: "HS256".into(),
-            key: JWT_SECRET.into(),
-        }],
-        tenant_claim: "o2c_tenant".into(),
-        roles_claim: "o2c_roles".into(),
-        tenants: vec![],
-        platform: false,
-    }
-}
-
-fn now() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-    )
-    .unwrap()
-}
-
-/// A token from the suite's issuer; `claims` override or add claims.
+/// A token of the suite's tenant ("analyst-1", client and analyst);
+/// `claims` override or add claims.
 pub fn jwt_with(claims: serde_json::Value) -> String {
     let mut all = serde_json::json!({
-        "iss": ISSUER,
-        "aud": AUDIENCE,
         "sub": "analyst-1",
-        "iat": now(),
-        "nbf": now() - 5,
-        "exp": now() + 600,
         "o2c_tenant": TENANT,
         "o2c_roles": ["platform_client", "credit_analyst"],
     });
@@ -179,12 +146,7 @@ pub fn jwt_with(claims: serde_json::Value) -> String {
             all.insert(k.clone(), v.clone());
         }
     }
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &all,
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .unwrap()
+    o2c_tests::identity::token(all)
 }
 
 pub fn with_token<T>(message: T, token: &str) -> Request<T> {
