@@ -107,8 +107,10 @@ pub const RECONNECT_EVERY: Duration = Duration::from_secs(5);
 pub struct RateLimiter {
     settings: RateLimitSettings,
     redis_url: Option<String>,
-    /// The shared connection, and when it was last tried if there is none.
-    redis: tokio::sync::Mutex<(Option<redis::aio::ConnectionManager>, Option<Instant>)>,
+    /// The shared connection, once made (it reconnects by itself after).
+    redis: std::sync::RwLock<Option<redis::aio::ConnectionManager>>,
+    /// When making it was last tried; held while one call tries.
+    connecting: tokio::sync::Mutex<Option<Instant>>,
     script: redis::Script,
     local: Mutex<HashMap<String, LocalBucket>>,
 }
@@ -120,7 +122,8 @@ impl RateLimiter {
         Self {
             settings,
             redis_url: redis_url.map(str::to_owned),
-            redis: tokio::sync::Mutex::new((None, None)),
+            redis: std::sync::RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(None),
             script: redis::Script::new(SPEND),
             local: Mutex::new(HashMap::new()),
         }
@@ -130,17 +133,21 @@ impl RateLimiter {
     /// [`RECONNECT_EVERY`].
     async fn shared(&self) -> Option<redis::aio::ConnectionManager> {
         let url = self.redis_url.as_deref()?;
-        let mut state = self.redis.lock().await;
-        if let Some(manager) = &state.0 {
-            return Some(manager.clone());
+        if let Some(manager) = self.redis.read().ok().and_then(|made| made.clone()) {
+            return Some(manager);
         }
-        if state.1.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
+        // While one call connects, the others do not wait for it: they
+        // spend from the local bucket.
+        let mut tried = self.connecting.try_lock().ok()?;
+        if tried.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
             return None;
         }
-        state.1 = Some(Instant::now());
+        *tried = Some(Instant::now());
         match o2c_kit::cache::connect(url).await {
             Ok(manager) => {
-                state.0 = Some(manager.clone());
+                if let Ok(mut made) = self.redis.write() {
+                    *made = Some(manager.clone());
+                }
                 Some(manager)
             }
             Err(error) => {
