@@ -41,6 +41,31 @@ pub enum Access {
     Open,
 }
 
+/// Packages whose services the public door serves.
+pub const PUBLIC_PACKAGES: &[&str] = &["o2c.gateway.v1", "o2c.crm_sync.v1"];
+
+/// The suite's descriptors with every service outside [`PUBLIC_PACKAGES`]
+/// removed.
+fn public_descriptors() -> Vec<u8> {
+    use prost::Message;
+    match prost_types::FileDescriptorSet::decode(o2c_proto::FILE_DESCRIPTOR_SET) {
+        Ok(mut set) => {
+            for file in &mut set.file {
+                if !PUBLIC_PACKAGES.contains(&file.package()) {
+                    file.service.clear();
+                }
+            }
+            set.encode_to_vec()
+        }
+        // Generated at build time from our own protos: cannot fail to
+        // decode; describe nothing rather than everything if it did.
+        Err(error) => {
+            tracing::error!(%error, "descriptor set undecodable; reflection serves nothing");
+            Vec::new()
+        }
+    }
+}
+
 /// CORS for gRPC-Web calls from `origins` (none: no cross-origin calls).
 fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
     use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName};
@@ -86,12 +111,18 @@ pub async fn serve(
         .set_service_status(service_name, ServingStatus::Serving)
         .await;
 
+    // The public door describes only its own services: the internal ones'
+    // definitions stay out (their messages stay, the gateway's use them).
+    let descriptors = match &access {
+        Access::Public { .. } => public_descriptors(),
+        _ => o2c_proto::FILE_DESCRIPTOR_SET.to_vec(),
+    };
     let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(o2c_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(&descriptors)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(o2c_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(&descriptors)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
@@ -205,5 +236,54 @@ impl Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|key| key.as_str()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    #[test]
+    fn the_public_door_describes_its_own_services_only() {
+        let set = prost_types::FileDescriptorSet::decode(public_descriptors().as_slice()).unwrap();
+        let services: Vec<String> = set
+            .file
+            .iter()
+            .flat_map(|f| {
+                f.service
+                    .iter()
+                    .map(move |s| format!("{}.{}", f.package(), s.name()))
+            })
+            .collect();
+        for public in [
+            "o2c.gateway.v1.GatewayService",
+            "o2c.gateway.v1.AdminService",
+            "o2c.crm_sync.v1.CrmSyncService",
+        ] {
+            assert!(
+                services.iter().any(|s| s == public),
+                "{public} in {services:?}"
+            );
+        }
+        for internal in [
+            "o2c.credit.v1.CreditService",
+            "o2c.invoicing.v1.InvoicingService",
+            "o2c.payments.v1.PaymentsService",
+            "o2c.customer.v1.CustomerService",
+            "o2c.events.v1.EventsService",
+        ] {
+            assert!(
+                !services.iter().any(|s| s == internal),
+                "{internal} is hidden"
+            );
+        }
+        // The messages the public services use are still described.
+        assert!(
+            set.file
+                .iter()
+                .any(|f| f.package() == "o2c.credit.v1" && !f.message_type.is_empty())
+        );
     }
 }
