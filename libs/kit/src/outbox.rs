@@ -431,7 +431,13 @@ impl Relay {
             return Ok(0);
         };
         let waiting = (now - first.created_at).to_std().unwrap_or(Duration::ZERO);
-        crate::metrics::outbox(name, self.pending(name).await?, waiting);
+        // A short batch is the whole backlog; only a full one needs counting.
+        let pending = if (rows.len() as u64) < BATCH {
+            rows.len() as u64
+        } else {
+            self.pending(name).await?
+        };
+        crate::metrics::outbox(name, pending, waiting);
         if first.next_attempt_at > now {
             return Ok(0);
         }
