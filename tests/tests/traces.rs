@@ -192,6 +192,8 @@ async fn each_order_is_one_trace_across_every_service() {
     // Redis too when it runs (always under CI=true), for its spans.
     let redis = o2c_testkit::redis_url().await;
     settings.common.redis_url = redis.clone();
+    // The periodic reconciliation runs too (nobody calls the RPC here).
+    settings.reconcile_interval_ms = 200;
     let suite = start(&settings).await.unwrap();
     let token = o2c_tests::identity::token(serde_json::json!({
         "sub": "ana", "o2c_tenant": "t1", "o2c_roles": ["platform_client", "credit_analyst"],
@@ -432,5 +434,9 @@ async fn each_order_is_one_trace_across_every_service() {
     if redis.is_some() {
         assert!(has("o2c.cache.lookups", "cache", "credit.exposure"));
     }
+    assert!(
+        has("o2c.reconciliation.differences", "tenant", "t1"),
+        "the periodic reconciliation ran"
+    );
     suite.stop().await.unwrap();
 }
