@@ -171,7 +171,7 @@ async fn each_order_is_one_trace_across_every_service() {
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(receiver.clone()))
             .add_service(MetricsServiceServer::new(metrics.clone()))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+            .serve_with_incoming(o2c_kit::serve::incoming(listener)),
     );
     let telemetry = o2c_kit::telemetry::init(
         "o2c-traces-test",

@@ -159,7 +159,11 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+        // Replies go out at once: with Nagle's algorithm on, a reply
+        // written in more than one segment waited for the caller's delayed
+        // ACK (40 ms on Linux) before its last part left; measured by the
+        // suite benchmark, where it cost a credit check 44 ms at p50.
+        .serve_with_incoming_shutdown(incoming(listener), async move {
             let _ = server_stop.wait_for(|stopping| *stopping).await;
         });
     tokio::pin!(server);
@@ -286,4 +290,10 @@ mod tests {
                 .any(|f| f.package() == "o2c.credit.v1" && !f.message_type.is_empty())
         );
     }
+}
+
+/// Accepted connections with `TCP_NODELAY` (tonic applies its own
+/// `tcp_nodelay` default only to addresses it binds itself).
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }

@@ -203,7 +203,7 @@ async fn an_unavailable_answer_is_retried_within_bounds() {
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(flaky)
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+                .serve_with_incoming(o2c_kit::serve::incoming(listener)),
         );
         let channel =
             o2c_kit::client::channel(&format!("http://{addr}"), Duration::from_secs(5)).unwrap();
