@@ -143,6 +143,48 @@ where
 }
 
 /// The stored response for (scope, key), checking the request matches.
+/// The response recorded for `key` as read in `conn` (a transaction the
+/// caller already holds, where several requests share one commit), or
+/// None when the key is new; as [`begin`] it refuses a different request
+/// under the same key.
+pub async fn stored_in<R>(
+    conn: &impl ConnectionTrait,
+    scope: &str,
+    key: &str,
+    request: &[u8],
+) -> Result<Option<R>, ApiError>
+where
+    R: prost::Message + Default,
+{
+    stored(conn, scope, key, request).await
+}
+
+/// Records `response` for `key` in `conn`, the caller's transaction, which
+/// the caller commits. A concurrent request that recorded the key first
+/// makes this fail with [`is_unique_violation`] on the returned error's
+/// cause: the caller rolls back and answers with [`stored_in`] afterwards.
+pub async fn record_in<R>(
+    conn: &impl ConnectionTrait,
+    scope: &str,
+    key: &str,
+    request: &[u8],
+    response: &R,
+) -> Result<(), DbErr>
+where
+    R: prost::Message + Default,
+{
+    entity::Entity::insert(entity::ActiveModel {
+        scope: Set(scope.to_owned()),
+        key: Set(key.to_owned()),
+        request: Set(request.to_vec()),
+        response: Set(Some(response.encode_to_vec())),
+        created_at: Set(chrono::Utc::now()),
+    })
+    .exec_without_returning(conn)
+    .await
+    .map(|_| ())
+}
+
 async fn stored<R>(
     conn: &impl ConnectionTrait,
     scope: &str,

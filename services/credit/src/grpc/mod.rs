@@ -3,6 +3,7 @@
 //! transaction, and only after commit refreshes the exposure cache and
 //! publishes its alerts.
 
+mod batch;
 mod convert;
 
 use std::collections::HashMap;
@@ -85,6 +86,8 @@ pub struct CreditApi {
     alerts: AlertHub,
     /// Who gets an `ExposureChanged` event for every change.
     subscribers: Arc<Vec<String>>,
+    /// Credit checks waiting for their customer's running batch.
+    batcher: batch::SharedBatcher,
 }
 
 impl CreditApi {
@@ -101,6 +104,7 @@ impl CreditApi {
             config: Arc::new(config),
             alerts,
             subscribers: Arc::new(subscribers),
+            batcher: Arc::default(),
         }
     }
 
@@ -669,72 +673,16 @@ impl CreditService for CreditApi {
         else {
             return Err(missing().into());
         };
-        let scope = format!("{tenant}/credit.CheckAndReserve");
-        let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
-        let txn = match self.begin(&scope, key, &bytes).await? {
-            Begun::Replay(response) => return Ok(Response::new(response)),
-            Begun::Fresh(txn) => txn,
-        };
-        // An order is checked once; changing its amount is an amendment
-        // and a held order is worked from the hold queue.
-        if storage::order_has_reservation(&txn, &tenant, &order).await? {
-            return Err(ApiError::from(CreditError::OrderAlreadyReserved(order)).into());
-        }
-        if storage::order_has_hold(&txn, &tenant, &order).await? {
-            return Err(ApiError::from(CreditError::OrderHeld(order)).into());
-        }
-        let account = storage::find_account(&txn, &tenant, customer).await?;
-        if let Some(account) = &account {
-            same_currency("amount", &amount, account)?;
-        }
-        let now = self.now();
-        let ctx = self.context(now);
-        let checked = check::check_order(
-            &txn,
-            &ctx,
-            &tenant,
+        let check = batch::Check {
+            scope: format!("{tenant}/credit.CheckAndReserve"),
+            key: request.idempotency_key.clone(),
+            bytes: request.encode_to_vec(),
+            tenant,
             customer,
-            account.as_ref(),
-            &order,
+            order,
             amount,
-            true,
-        )
-        .await?;
-        tracing::info!(
-            outcome = checked.outcome.code(),
-            reasons = %domain::Reason::join(&checked.reasons),
-            policy = domain::POLICY_VERSION,
-            "credit decision"
-        );
-        // Codes only: no customer data on the span.
-        o2c_kit::telemetry::annotate("credit.decision", checked.outcome.code());
-        o2c_kit::telemetry::annotate(
-            "credit.reasons",
-            domain::Reason::join(&checked.reasons).to_string(),
-        );
-        o2c_kit::telemetry::annotate("credit.policy", domain::POLICY_VERSION);
-        o2c_kit::metrics::credit_decision(
-            checked.outcome.code(),
-            domain::Reason::join(&checked.reasons).to_string(),
-        );
-        let response = pb::CheckAndReserveResponse {
-            decision: Some(checked_decision(&checked)?),
         };
-        let exposures = match &checked.account {
-            Some(account) => self.touched(&txn, account).await?,
-            None => Vec::new(),
-        };
-        self.finish(
-            txn,
-            &scope,
-            key,
-            &bytes,
-            response,
-            &tenant,
-            &exposures,
-            checked.alerts,
-        )
-        .await
+        self.check_in_batch(check).await.map(Response::new)
     }
 
     async fn sync_receivable(

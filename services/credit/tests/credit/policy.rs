@@ -176,6 +176,125 @@ async fn no_over_commit_with_1000_concurrent_reservations_postgres() {
     race(Backend::Postgres, 42, true).await;
 }
 
+/// Checks for one customer arriving together are decided in shared
+/// transactions (group commit); each is still answered on its own. Thirty
+/// orders of 1.00 against a limit of 15.00, sent at once with retries of
+/// ten of them (same key), second checks of ten orders under new keys, and
+/// five checks in the wrong currency: exactly fifteen approvals and fifteen
+/// holds, every retry answered with its original's decision, every second
+/// check of an order refused, every wrong currency refused, and the
+/// exposure equal to the approvals.
+async fn batch_answers_each_check_on_its_own(backend: Backend) {
+    let Some(mut h) = start(backend, "batch").await else {
+        return;
+    };
+    let customer = open_with_limit(&mut h.client, "15.00").await;
+    let request = |key: String, order: String, currency: &str| pb::CheckAndReserveRequest {
+        idempotency_key: key,
+        tenant_id: TENANT.into(),
+        customer_id: customer.clone(),
+        order_id: order,
+        amount: Some(o2c_proto::common::v1::Money {
+            amount: "1.00".into(),
+            currency_code: currency.into(),
+        }),
+    };
+    let mut requests = Vec::new();
+    for i in 0..30 {
+        requests.push((
+            "first",
+            i,
+            request(format!("k-{i}"), format!("o-{i}"), "EUR"),
+        ));
+    }
+    for i in 0..10 {
+        requests.push((
+            "retry",
+            i,
+            request(format!("k-{i}"), format!("o-{i}"), "EUR"),
+        ));
+        requests.push((
+            "again",
+            i,
+            request(format!("again-{i}"), format!("o-{i}"), "EUR"),
+        ));
+    }
+    for i in 0..5 {
+        requests.push((
+            "usd",
+            i,
+            request(format!("usd-{i}"), format!("usd-{i}"), "USD"),
+        ));
+    }
+    // Interleaved, so retries and second checks share batches with their
+    // originals.
+    let mut rng = Seeded(20261205);
+    for i in (1..requests.len()).rev() {
+        let j = usize::try_from(rng.next_u64() % (i as u64 + 1)).unwrap();
+        requests.swap(i, j);
+    }
+    let mut tasks = Vec::new();
+    for (kind, i, request) in requests {
+        let mut client = h.client.clone();
+        tasks.push(tokio::spawn(async move {
+            let answer = client
+                .check_and_reserve(request)
+                .await
+                .map(|r| r.into_inner().decision.unwrap());
+            (kind, i, answer)
+        }));
+    }
+    let mut by_order: std::collections::HashMap<
+        usize,
+        Vec<(&str, Result<pb::CreditDecision, Code>)>,
+    > = std::collections::HashMap::new();
+    for task in tasks {
+        let (kind, i, answer) = task.await.unwrap();
+        let answer = answer.map_err(|status| status.code());
+        if kind == "usd" {
+            assert_eq!(answer.unwrap_err(), Code::InvalidArgument, "usd-{i}");
+            continue;
+        }
+        by_order.entry(i).or_default().push((kind, answer));
+    }
+    let (mut approved, mut held) = (0, 0);
+    for (i, answers) in &by_order {
+        // One decision per order, whichever of its checks made it; every
+        // other answer is that decision (a retry) or ALREADY_EXISTS.
+        let decisions: std::collections::BTreeSet<String> = answers
+            .iter()
+            .filter_map(|(_, a)| a.as_ref().ok().map(|d| d.decision_id.clone()))
+            .collect();
+        assert_eq!(decisions.len(), 1, "order o-{i}: {answers:?}");
+        for (kind, answer) in answers {
+            if let Err(code) = answer {
+                assert_eq!(*code, Code::AlreadyExists, "order o-{i}, {kind}");
+            }
+        }
+        let decision = answers.iter().find_map(|(_, a)| a.as_ref().ok()).unwrap();
+        match decision.decision() {
+            pb::Decision::Approve => approved += 1,
+            pb::Decision::Hold => held += 1,
+            other => panic!("order o-{i}: {other:?}"),
+        }
+    }
+    assert_eq!((approved, held), (15, 15));
+    let e = assert_consistent(&mut h.client, &customer).await;
+    assert_eq!(amount(&e.reserved), "15.00");
+    assert_eq!(amount(&e.available), "0.00");
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_answers_each_check_on_its_own_sqlite() {
+    batch_answers_each_check_on_its_own(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_answers_each_check_on_its_own_postgres() {
+    batch_answers_each_check_on_its_own(Backend::Postgres).await;
+}
+
 async fn every_reason(backend: Backend) {
     let Some(mut h) = start(backend, "reasons").await else {
         return;
