@@ -267,6 +267,55 @@ where
     ))
 }
 
+/// As [`claim`], inside the caller's transaction, which commits the claim
+/// with the caller's own first writes. A concurrent claim of the same key
+/// is waited out by the database (`ON CONFLICT DO NOTHING`) and then read,
+/// never turned into an error that would abort the transaction.
+pub async fn claim_in<R, C>(
+    conn: &C,
+    scope: &str,
+    key: &str,
+    request: &[u8],
+) -> Result<Claim<R>, ApiError>
+where
+    R: prost::Message + Default,
+    C: ConnectionTrait,
+{
+    validate_key(key)?;
+    let inserted = entity::Entity::insert(entity::ActiveModel {
+        scope: Set(scope.to_owned()),
+        key: Set(key.to_owned()),
+        request: Set(request.to_vec()),
+        response: Set(None),
+        created_at: Set(chrono::Utc::now()),
+    })
+    .on_conflict(
+        sea_orm::sea_query::OnConflict::columns([entity::Column::Scope, entity::Column::Key])
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(conn)
+    .await?;
+    if inserted == 1 {
+        return Ok(Claim::Fresh);
+    }
+    let Some(found) = entity::Entity::find_by_id((scope.to_owned(), key.to_owned()))
+        .one(conn)
+        .await?
+    else {
+        return Err(ApiError::Aborted(
+            "concurrent requests with the same idempotency key; retry".into(),
+        ));
+    };
+    if found.request != request {
+        return Err(reused());
+    }
+    Ok(match found.response {
+        Some(bytes) => Claim::Done(decode(&bytes)?),
+        None => Claim::Resumed,
+    })
+}
+
 /// Stores the response of a claimed key.
 pub async fn complete<R, C>(conn: &C, scope: &str, key: &str, response: &R) -> Result<(), ApiError>
 where

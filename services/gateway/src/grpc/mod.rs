@@ -12,6 +12,9 @@ pub mod admin;
 mod convert;
 pub mod crm;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use o2c_kit::client::TracedChannel;
 use o2c_kit::error::from_upstream;
 use o2c_kit::fields::{self, Violations};
@@ -30,7 +33,7 @@ use o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient;
 use o2c_proto::payments::v1 as payments_pb;
 use o2c_proto::payments::v1::payments_service_client::PaymentsServiceClient;
 use prost::Message;
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, TransactionTrait};
 use tonic::{Code, Request, Response, Status};
 
 use crate::domain::{self, OrderStatus};
@@ -55,11 +58,22 @@ pub struct Upstream {
 pub struct GatewayApi {
     db: DatabaseConnection,
     up: Upstream,
+    /// Each customer's currency, which never changes (nor does a customer
+    /// go away): an order needs the customer service once per customer.
+    currencies: Arc<Mutex<HashMap<(String, CustomerId), String>>>,
 }
+
+/// Customers whose currency the gateway remembers; past that it forgets
+/// them all and starts again.
+const MAX_REMEMBERED_CUSTOMERS: usize = 100_000;
 
 impl GatewayApi {
     pub fn new(db: DatabaseConnection, up: Upstream) -> Self {
-        Self { db, up }
+        Self {
+            db,
+            up,
+            currencies: Arc::default(),
+        }
     }
 }
 
@@ -107,6 +121,31 @@ fn present<T>(value: Option<T>, what: &str) -> Result<T, ApiError> {
 }
 
 impl GatewayApi {
+    /// The currency of the tenant's customer `id` (NOT_FOUND when there is
+    /// no such customer), from memory after the first ask.
+    async fn customer_currency(&self, tenant: &str, id: CustomerId) -> Result<String, ApiError> {
+        let key = (tenant.to_owned(), id);
+        let remembered = self
+            .currencies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .cloned();
+        if let Some(currency) = remembered {
+            return Ok(currency);
+        }
+        let currency = self.customer(tenant, id).await?.currency_code;
+        let mut currencies = self
+            .currencies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if currencies.len() >= MAX_REMEMBERED_CUSTOMERS {
+            currencies.clear();
+        }
+        currencies.insert(key, currency.clone());
+        Ok(currency)
+    }
+
     async fn customer(
         &self,
         tenant: &str,
@@ -399,61 +438,58 @@ impl GatewayService for GatewayApi {
         };
         let scope = format!("{tenant}/gateway.PlaceOrder");
         let key = &request.idempotency_key;
-        let claim = self.claim(&scope, key, &request.encode_to_vec()).await?;
-        let fresh = match claim {
-            Claim::Done(response) => return Ok(Response::new(response)),
-            Claim::Fresh => true,
-            Claim::Resumed => false,
-        };
-        let result = async {
-            if fresh {
-                let customer = self.customer(&tenant, customer_id).await.map_err(refused)?;
-                if customer.currency_code != amount.currency().code() {
-                    return Err(refused(ApiError::invalid(
-                        "amount.currency_code",
-                        format!("must be the customer's currency {}", customer.currency_code),
-                    )));
-                }
-            }
-            let order =
-                storage::order_for_key(&self.db, &tenant, key, customer_id, &reference, amount)
-                    .await?;
-            let checked = self
-                .up
-                .credit
-                .clone()
-                .check_and_reserve(credit_pb::CheckAndReserveRequest {
-                    idempotency_key: derived(key, "reserve"),
-                    tenant_id: tenant.clone(),
-                    customer_id: customer_id.to_string(),
-                    order_id: order.id.to_string(),
-                    amount: Some(proto_money::to_proto(&amount)),
-                })
-                .await
-                .map_err(upstream("credit"))?;
-            let decision = present(checked.into_inner().decision, "decision")?;
-            let (status, reasons) = convert::decision(&decision)?;
-            let reservation =
-                (!decision.reservation_id.is_empty()).then_some(decision.reservation_id.as_str());
-            let hold = (!decision.hold_id.is_empty()).then_some(decision.hold_id.as_str());
-            let order = storage::record_decision(
-                &self.db,
-                &tenant,
-                order.id,
-                status,
-                &reasons,
-                reservation,
-                hold,
+        // The customer first: a refusal leaves nothing behind, and the key
+        // stays free for a corrected request.
+        let currency = self.customer_currency(&tenant, customer_id).await?;
+        if currency != amount.currency().code() {
+            return Err(ApiError::invalid(
+                "amount.currency_code",
+                format!("must be the customer's currency {currency}"),
             )
-            .await?;
-            tracing::info!(order = %order.id, status = status.code(), ?reasons, "order placed");
-            Ok(pb::PlaceOrderResponse {
-                order: Some(convert::order(&order)),
-                exposure: decision.exposure.map(convert::exposure),
-            })
+            .into());
         }
-        .await;
-        Ok(Response::new(self.finish(&scope, key, result).await?))
+        // The claim and the order commit together; a retry of an
+        // interrupted call finds both and resumes with the same order.
+        let txn = self.db.begin().await.map_err(ApiError::from)?;
+        if let Claim::Done(response) =
+            idempotency::claim_in(&txn, &scope, key, &request.encode_to_vec()).await?
+        {
+            return Ok(Response::new(response));
+        }
+        let order =
+            storage::order_for_key(&txn, &tenant, key, customer_id, &reference, amount).await?;
+        txn.commit().await.map_err(ApiError::from)?;
+        let checked = self
+            .up
+            .credit
+            .clone()
+            .check_and_reserve(credit_pb::CheckAndReserveRequest {
+                idempotency_key: derived(key, "reserve"),
+                tenant_id: tenant.clone(),
+                customer_id: customer_id.to_string(),
+                order_id: order.id.to_string(),
+                amount: Some(proto_money::to_proto(&amount)),
+            })
+            .await
+            .map_err(upstream("credit"))?;
+        let decision = present(checked.into_inner().decision, "decision")?;
+        let (status, reasons) = convert::decision(&decision)?;
+        let reservation =
+            (!decision.reservation_id.is_empty()).then_some(decision.reservation_id.as_str());
+        let hold = (!decision.hold_id.is_empty()).then_some(decision.hold_id.as_str());
+        // The decision and the stored response commit together too.
+        let txn = self.db.begin().await.map_err(ApiError::from)?;
+        let order =
+            storage::record_decision(&txn, &tenant, order.id, status, &reasons, reservation, hold)
+                .await?;
+        let response = pb::PlaceOrderResponse {
+            order: Some(convert::order(&order)),
+            exposure: decision.exposure.map(convert::exposure),
+        };
+        idempotency::complete(&txn, &scope, key, &response).await?;
+        txn.commit().await.map_err(ApiError::from)?;
+        tracing::info!(order = %order.id, status = status.code(), ?reasons, "order placed");
+        Ok(Response::new(response))
     }
 
     async fn get_order(
