@@ -83,7 +83,13 @@ async fn evaluate_and_reserve(
 ) -> Result<(Outcome, Vec<Reason>, AccountState), ApiError> {
     let today = ctx.now.date_naive();
     for attempt in 1..=MAX_RESERVE_ATTEMPTS {
-        let fresh = super::account_by_id(conn, &account.id.to_string()).await?;
+        // The caller read `account` in this transaction a moment ago; a
+        // retry reads again, since a concurrent change made it stale.
+        let fresh = if attempt == 1 {
+            account.clone()
+        } else {
+            super::account_by_id(conn, &account.id.to_string()).await?
+        };
         let state = super::policy_state(conn, &fresh).await?;
         let (outcome, reasons) = domain::evaluate(ctx.policy, Some(&state), amount_minor, today);
         if outcome != Outcome::Approve {
@@ -192,7 +198,15 @@ pub async fn check_order(
     };
     let (outcome, reasons, state) = evaluate_and_reserve(conn, ctx, account, amount_minor).await?;
     let mut alerts = Vec::new();
-    let after = super::account_by_id(conn, &account.id.to_string()).await?;
+    // A reservation changed the account: read what it is now. Otherwise
+    // it is as the decision saw it.
+    let after = if outcome == Outcome::Approve {
+        super::account_by_id(conn, &account.id.to_string()).await?
+    } else {
+        let mut seen = account.clone();
+        seen.exposure = state.exposure;
+        seen
+    };
     let reservation = if outcome == Outcome::Approve {
         let expires_at = ctx.now + ctx.reservation_ttl;
         let reservation =

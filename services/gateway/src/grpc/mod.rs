@@ -451,13 +451,16 @@ impl GatewayService for GatewayApi {
         // The claim and the order commit together; a retry of an
         // interrupted call finds both and resumes with the same order.
         let txn = self.db.begin().await.map_err(ApiError::from)?;
-        if let Claim::Done(response) =
-            idempotency::claim_in(&txn, &scope, key, &request.encode_to_vec()).await?
+        let order = match idempotency::claim_in(&txn, &scope, key, &request.encode_to_vec()).await?
         {
-            return Ok(Response::new(response));
-        }
-        let order =
-            storage::order_for_key(&txn, &tenant, key, customer_id, &reference, amount).await?;
+            Claim::Done(response) => return Ok(Response::new(response)),
+            Claim::Fresh => {
+                storage::insert_order(&txn, &tenant, key, customer_id, &reference, amount).await?
+            }
+            Claim::Resumed => {
+                storage::order_for_key(&txn, &tenant, key, customer_id, &reference, amount).await?
+            }
+        };
         txn.commit().await.map_err(ApiError::from)?;
         let checked = self
             .up

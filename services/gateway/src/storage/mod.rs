@@ -6,7 +6,6 @@ pub mod migrations;
 use o2c_kit::ApiError;
 use o2c_money::ids::{CustomerId, OrderId};
 use o2c_money::{Currency, Money};
-use sea_orm::ActiveValue::Set;
 use sea_orm::ConnectionTrait;
 use sea_orm::entity::prelude::*;
 
@@ -74,30 +73,53 @@ pub async fn order_for_key(
         .filter(order::Column::PlaceKey.eq(place_key))
         .one(conn)
         .await?;
-    if let Some(row) = existing {
-        return to_domain(row);
+    match existing {
+        Some(row) => to_domain(row),
+        None => {
+            insert_order(
+                conn,
+                tenant_id,
+                place_key,
+                customer_id,
+                client_reference,
+                amount,
+            )
+            .await
+        }
     }
+}
+
+/// Creates the (pending) order of the PlaceOrder call with `place_key`,
+/// whose key was just claimed, so no order has it yet.
+pub async fn insert_order(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    place_key: &str,
+    customer_id: CustomerId,
+    client_reference: &str,
+    amount: Money,
+) -> Result<Order, ApiError> {
     let now = chrono::Utc::now();
-    let id = OrderId::new();
-    order::Entity::insert(order::ActiveModel {
-        id: Set(id.to_string()),
-        tenant_id: Set(tenant_id.to_owned()),
-        place_key: Set(place_key.to_owned()),
-        customer_id: Set(customer_id.to_string()),
-        client_reference: Set(client_reference.to_owned()),
-        currency_code: Set(amount.currency().code().to_owned()),
-        amount_minor: Set(amount.minor_units()),
-        status: Set(OrderStatus::Pending.code().to_owned()),
-        reasons: Set(String::new()),
-        reservation_id: Set(None),
-        hold_id: Set(None),
-        invoice_id: Set(None),
-        created_at: Set(now),
-        updated_at: Set(now),
-    })
-    .exec(conn)
-    .await?;
-    get(conn, tenant_id, id).await
+    let row = order::Model {
+        id: OrderId::new().to_string(),
+        tenant_id: tenant_id.to_owned(),
+        place_key: place_key.to_owned(),
+        customer_id: customer_id.to_string(),
+        client_reference: client_reference.to_owned(),
+        currency_code: amount.currency().code().to_owned(),
+        amount_minor: amount.minor_units(),
+        status: OrderStatus::Pending.code().to_owned(),
+        reasons: String::new(),
+        reservation_id: None,
+        hold_id: None,
+        invoice_id: None,
+        created_at: now,
+        updated_at: now,
+    };
+    order::Entity::insert(order::ActiveModel::from(row.clone()))
+        .exec_without_returning(conn)
+        .await?;
+    to_domain(row)
 }
 
 pub async fn get(
@@ -137,9 +159,11 @@ pub async fn record_decision(
         .col_expr(order::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
         .filter(order::Column::Id.eq(id.to_string()))
         .filter(order::Column::TenantId.eq(tenant_id))
-        .exec(conn)
-        .await?;
-    get(conn, tenant_id, id).await
+        .exec_with_returning(conn)
+        .await?
+        .into_iter()
+        .next()
+        .map_or_else(|| Err(ApiError::not_found("order", id)), to_domain)
 }
 
 /// Marks the order invoiced.
