@@ -523,6 +523,10 @@ async fn rate_limits(redis: Option<String>) {
             burst: 3.0,
         },
     );
+    settings.auth.rate_limit.default = o2c_gateway::auth::limit::Budget {
+        per_second: 40.0,
+        burst: 4.0,
+    };
     let mut replicas = Vec::new();
     for _ in 0..2 {
         let routes = o2c_gateway::build(&service, &settings, redis.as_deref())
@@ -565,6 +569,35 @@ async fn rate_limits(redis: Option<String>) {
         assert!(
             delay > Duration::from_secs(1) && delay <= Duration::from_secs(10),
             "{delay:?}"
+        );
+    }
+    // A busier tenant's replicas lease tokens from Redis several at a time
+    // (40 calls per second: two per 50 ms lease), yet together admit no
+    // more than the shared bucket allows: its burst of 4 plus what refilled
+    // meanwhile.
+    if shared {
+        let busy = format!("busy-{}", uuid::Uuid::new_v4().simple());
+        let token = bearer(serde_json::json!({ "o2c_tenant": busy }), hs256(), SECRET);
+        let mut clients = Vec::new();
+        for replica in &replicas {
+            clients.push(GatewayServiceClient::new(replica.channel().await));
+        }
+        let started = std::time::Instant::now();
+        let mut admitted = 0;
+        for n in 0..24 {
+            let code = clients[n % 2]
+                .get_order(authorized(unknown_order(), &token))
+                .await
+                .unwrap_err()
+                .code();
+            if code == Code::NotFound {
+                admitted += 1;
+            }
+        }
+        let refilled = (started.elapsed().as_secs_f64() * 40.0).ceil() as usize;
+        assert!(
+            (2..=4 + refilled).contains(&admitted),
+            "{admitted} admitted; burst 4 + {refilled} refilled"
         );
     }
     // Another tenant is not affected.
