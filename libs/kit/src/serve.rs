@@ -243,6 +243,12 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// Accepted connections with `TCP_NODELAY` (tonic applies its own
+/// `tcp_nodelay` default only to addresses it binds itself).
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
@@ -290,10 +296,4 @@ mod tests {
                 .any(|f| f.package() == "o2c.credit.v1" && !f.message_type.is_empty())
         );
     }
-}
-
-/// Accepted connections with `TCP_NODELAY` (tonic applies its own
-/// `tcp_nodelay` default only to addresses it binds itself).
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
 }

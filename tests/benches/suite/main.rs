@@ -472,7 +472,7 @@ async fn main() {
     let mut samples: [Vec<Duration>; 6] = Default::default();
     let mut n = 0u64;
     for _ in 0..rounds {
-        for kind in 0..6 {
+        for (kind, bucket) in samples.iter_mut().enumerate() {
             for _ in 0..100 {
                 n += 1;
                 let customer = customers[(n % spread as u64) as usize].clone();
@@ -517,7 +517,7 @@ async fn main() {
                             .unwrap();
                     }
                 }
-                samples[kind].push(started.elapsed());
+                bucket.push(started.elapsed());
             }
         }
     }

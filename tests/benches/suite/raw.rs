@@ -1,9 +1,9 @@
 //! The raw database baseline: the least a durable reservation can cost on
-//! this PostgreSQL. One transaction per reservation: a conditional
-//! `UPDATE … SET exposure = exposure + $amount WHERE id = $id AND exposure
-//! + $amount <= credit_limit` and, when it matched, one `INSERT` of the
-//! reservation row; through the same driver (sqlx under sea-orm) and pool
-//! size the services use.
+//! this PostgreSQL. One transaction per reservation: a conditional update
+//! (`exposure = exposure + $amount` where `exposure + $amount <=
+//! credit_limit`) and, when it matched, one `INSERT` of the reservation row,
+//! through the same driver (sqlx under sea-orm) and pool size the services
+//! use.
 
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,

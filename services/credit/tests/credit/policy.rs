@@ -184,6 +184,10 @@ async fn no_over_commit_with_1000_concurrent_reservations_postgres() {
 /// holds, every retry answered with its original's decision, every second
 /// check of an order refused, every wrong currency refused, and the
 /// exposure equal to the approvals.
+/// What one check of an order was answered: its kind and its decision or
+/// error code.
+type Answered = (&'static str, Result<pb::CreditDecision, Code>);
+
 async fn batch_answers_each_check_on_its_own(backend: Backend) {
     let Some(mut h) = start(backend, "batch").await else {
         return;
@@ -244,10 +248,8 @@ async fn batch_answers_each_check_on_its_own(backend: Backend) {
             (kind, i, answer)
         }));
     }
-    let mut by_order: std::collections::HashMap<
-        usize,
-        Vec<(&str, Result<pb::CreditDecision, Code>)>,
-    > = std::collections::HashMap::new();
+    let mut by_order: std::collections::HashMap<usize, Vec<Answered>> =
+        std::collections::HashMap::new();
     for task in tasks {
         let (kind, i, answer) = task.await.unwrap();
         let answer = answer.map_err(|status| status.code());
