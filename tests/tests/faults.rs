@@ -334,6 +334,15 @@ impl Cluster {
                     }
                     vars.push(("O2C_RECONCILE_INTERVAL_MS".into(), "0".into()));
                     vars.push(("O2C_AUTH__BOOTSTRAP_ADMIN_KEY".into(), admin_key()));
+                    // The verifier replays 1,000 orders back to back, faster
+                    // than the default budget; rate limits have their own
+                    // tests (services/gateway/tests).
+                    for part in ["PER_SECOND", "BURST"] {
+                        vars.push((
+                            format!("O2C_AUTH__RATE_LIMIT__DEFAULT__{part}"),
+                            "100000".into(),
+                        ));
+                    }
                 }
                 _ => {}
             }

@@ -10,7 +10,8 @@
 //! calls per second) and spends them locally, so a busy tenant's calls do
 //! not each wait for Redis. Leased tokens are already spent from the shared
 //! bucket, so replicas together never admit more than it allows; a lease
-//! unused for [`LEASE_LIFETIME`] lapses.
+//! unused for [`LEASE_LIFETIME`] lapses. One call per replica and tenant
+//! fetches the next lease; the others take a single token meanwhile.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -111,12 +112,30 @@ struct LocalBucket {
 /// The share of a tenant's per-second budget a replica leases at a time.
 pub const LEASE_SPAN: Duration = Duration::from_millis(50);
 /// How long leased tokens stay spendable.
-pub const LEASE_LIFETIME: Duration = Duration::from_millis(250);
+pub const LEASE_LIFETIME: Duration = Duration::from_secs(1);
 
 /// Tokens leased from the shared bucket, not spent yet.
 struct Lease {
     tokens: u64,
     taken_at: Instant,
+    /// A call is fetching the next lease: the others take one token each
+    /// meanwhile, so concurrent calls do not each lease (and strand) a
+    /// span of the budget.
+    fetching: bool,
+}
+
+/// Ends a lease fetch however the fetching call ends (also when it is
+/// cancelled mid-way), keeping what it brought.
+struct Fetching<'a> {
+    limiter: &'a RateLimiter,
+    tenant: &'a str,
+    brought: u64,
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        self.limiter.keep_leased(self.tenant, self.brought);
+    }
 }
 
 fn lease_size(budget: Budget) -> u64 {
@@ -193,19 +212,31 @@ impl RateLimiter {
         let budget = self.settings.budget(tenant);
         let outcome = match self.shared().await {
             Some(mut redis) => {
+                let mut fetching = self.start_fetch(tenant).then_some(Fetching {
+                    limiter: self,
+                    tenant,
+                    brought: 0,
+                });
+                let want = if fetching.is_some() {
+                    lease_size(budget)
+                } else {
+                    1
+                };
                 let shared: Result<(u64, i64), redis::RedisError> = self
                     .script
                     .key(format!("o2c:gateway:rate:{tenant}"))
                     .arg(budget.per_second)
                     .arg(budget.burst)
-                    .arg(lease_size(budget))
+                    .arg(want)
                     .invoke_async(&mut redis)
                     .instrument(o2c_kit::cache::span("EVALSHA"))
                     .await;
                 match shared {
                     Ok((taken, wait_ms)) => {
                         // One for this call; the rest for the next ones.
-                        self.keep_leased(tenant, taken.saturating_sub(1));
+                        if let Some(fetching) = fetching.as_mut() {
+                            fetching.brought = taken.saturating_sub(1);
+                        }
                         Some((taken >= 1, wait_ms))
                     }
                     // The manager reconnects by itself; meanwhile, locally.
@@ -250,23 +281,37 @@ impl RateLimiter {
         }
     }
 
+    /// True when no other call of this replica is fetching `tenant`'s next
+    /// lease: this one does.
+    fn start_fetch(&self, tenant: &str) -> bool {
+        let Ok(mut leases) = self.leases.lock() else {
+            return false;
+        };
+        let lease = leases.entry(tenant.to_owned()).or_insert(Lease {
+            tokens: 0,
+            taken_at: Instant::now(),
+            fetching: false,
+        });
+        !std::mem::replace(&mut lease.fetching, true)
+    }
+
+    /// Ends a fetch, keeping the `tokens` it brought.
     fn keep_leased(&self, tenant: &str, tokens: u64) {
-        if tokens == 0 {
-            return;
-        }
         let Ok(mut leases) = self.leases.lock() else {
             return;
         };
-        let now = Instant::now();
-        let lease = leases.entry(tenant.to_owned()).or_insert(Lease {
-            tokens: 0,
-            taken_at: now,
-        });
+        let Some(lease) = leases.get_mut(tenant) else {
+            return;
+        };
+        lease.fetching = false;
+        if tokens == 0 {
+            return;
+        }
         if lease.taken_at.elapsed() >= LEASE_LIFETIME {
             lease.tokens = 0;
         }
         lease.tokens += tokens;
-        lease.taken_at = now;
+        lease.taken_at = Instant::now();
     }
 
     fn spend_locally(&self, tenant: &str, budget: Budget) -> (bool, i64) {
