@@ -76,6 +76,26 @@ fn decode<R: prost::Message + Default>(bytes: &[u8]) -> Result<R, ApiError> {
     R::decode(bytes).map_err(|e| ApiError::Internal(format!("stored response undecodable: {e}")))
 }
 
+/// The stored record of `key`, with its response once there is one.
+fn record(
+    scope: &str,
+    key: &str,
+    request: &[u8],
+    response: Option<Vec<u8>>,
+) -> entity::ActiveModel {
+    entity::ActiveModel {
+        scope: Set(scope.to_owned()),
+        key: Set(key.to_owned()),
+        request: Set(request.to_vec()),
+        response: Set(response),
+        created_at: Set(chrono::Utc::now()),
+    }
+}
+
+fn concurrent() -> ApiError {
+    ApiError::Aborted("concurrent requests with the same idempotency key; retry".into())
+}
+
 /// The outcome of [`begin`].
 pub enum Begun<R> {
     /// The key was used before with this request: return this response.
@@ -120,23 +140,17 @@ pub async fn commit<R>(
 where
     R: prost::Message + Default,
 {
-    let record = entity::ActiveModel {
-        scope: Set(scope.to_owned()),
-        key: Set(key.to_owned()),
-        request: Set(request.to_vec()),
-        response: Set(Some(response.encode_to_vec())),
-        created_at: Set(chrono::Utc::now()),
-    };
-    match entity::Entity::insert(record).exec(&txn).await {
+    let stored_record = record(scope, key, request, Some(response.encode_to_vec()));
+    match entity::Entity::insert(stored_record).exec(&txn).await {
         Ok(_) => {
             txn.commit().await?;
             Ok(response)
         }
         Err(error) if is_unique_violation(&error) => {
             txn.rollback().await?;
-            stored::<R>(db, scope, key, request).await?.ok_or_else(|| {
-                ApiError::Aborted("concurrent request with the same idempotency key; retry".into())
-            })
+            stored::<R>(db, scope, key, request)
+                .await?
+                .ok_or_else(concurrent)
         }
         Err(error) => Err(error.into()),
     }
@@ -173,16 +187,10 @@ pub async fn record_in<R>(
 where
     R: prost::Message + Default,
 {
-    entity::Entity::insert(entity::ActiveModel {
-        scope: Set(scope.to_owned()),
-        key: Set(key.to_owned()),
-        request: Set(request.to_vec()),
-        response: Set(Some(response.encode_to_vec())),
-        created_at: Set(chrono::Utc::now()),
-    })
-    .exec_without_returning(conn)
-    .await
-    .map(|_| ())
+    entity::Entity::insert(record(scope, key, request, Some(response.encode_to_vec())))
+        .exec_without_returning(conn)
+        .await
+        .map(|_| ())
 }
 
 async fn stored<R>(
@@ -224,6 +232,32 @@ pub enum Claim<R> {
     Done(R),
 }
 
+/// What an existing record of `key` means for a claim of `request`.
+async fn claimed<R, C>(
+    conn: &C,
+    scope: &str,
+    key: &str,
+    request: &[u8],
+) -> Result<Option<Claim<R>>, ApiError>
+where
+    R: prost::Message + Default,
+    C: ConnectionTrait,
+{
+    let Some(found) = entity::Entity::find_by_id((scope.to_owned(), key.to_owned()))
+        .one(conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    if found.request != request {
+        return Err(reused());
+    }
+    Ok(Some(match found.response {
+        Some(bytes) => Claim::Done(decode(&bytes)?),
+        None => Claim::Resumed,
+    }))
+}
+
 /// Pins `request` to (scope, key) before any remote effect.
 pub async fn claim<R, C>(
     conn: &C,
@@ -237,34 +271,19 @@ where
 {
     validate_key(key)?;
     for _ in 0..MAX_ATTEMPTS {
-        if let Some(found) = entity::Entity::find_by_id((scope.to_owned(), key.to_owned()))
-            .one(conn)
-            .await?
-        {
-            if found.request != request {
-                return Err(reused());
-            }
-            return Ok(match found.response {
-                Some(bytes) => Claim::Done(decode(&bytes)?),
-                None => Claim::Resumed,
-            });
+        if let Some(found) = claimed(conn, scope, key, request).await? {
+            return Ok(found);
         }
-        let record = entity::ActiveModel {
-            scope: Set(scope.to_owned()),
-            key: Set(key.to_owned()),
-            request: Set(request.to_vec()),
-            response: Set(None),
-            created_at: Set(chrono::Utc::now()),
-        };
-        match entity::Entity::insert(record).exec(conn).await {
+        match entity::Entity::insert(record(scope, key, request, None))
+            .exec(conn)
+            .await
+        {
             Ok(_) => return Ok(Claim::Fresh),
             Err(error) if is_unique_violation(&error) => continue,
             Err(error) => return Err(error.into()),
         }
     }
-    Err(ApiError::Aborted(
-        "concurrent requests with the same idempotency key; retry".into(),
-    ))
+    Err(concurrent())
 }
 
 /// As [`claim`], inside the caller's transaction, which commits the claim
@@ -282,38 +301,20 @@ where
     C: ConnectionTrait,
 {
     validate_key(key)?;
-    let inserted = entity::Entity::insert(entity::ActiveModel {
-        scope: Set(scope.to_owned()),
-        key: Set(key.to_owned()),
-        request: Set(request.to_vec()),
-        response: Set(None),
-        created_at: Set(chrono::Utc::now()),
-    })
-    .on_conflict(
-        sea_orm::sea_query::OnConflict::columns([entity::Column::Scope, entity::Column::Key])
-            .do_nothing()
-            .to_owned(),
-    )
-    .exec_without_returning(conn)
-    .await?;
+    let inserted = entity::Entity::insert(record(scope, key, request, None))
+        .on_conflict(
+            sea_orm::sea_query::OnConflict::columns([entity::Column::Scope, entity::Column::Key])
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(conn)
+        .await?;
     if inserted == 1 {
         return Ok(Claim::Fresh);
     }
-    let Some(found) = entity::Entity::find_by_id((scope.to_owned(), key.to_owned()))
-        .one(conn)
+    claimed(conn, scope, key, request)
         .await?
-    else {
-        return Err(ApiError::Aborted(
-            "concurrent requests with the same idempotency key; retry".into(),
-        ));
-    };
-    if found.request != request {
-        return Err(reused());
-    }
-    Ok(match found.response {
-        Some(bytes) => Claim::Done(decode(&bytes)?),
-        None => Claim::Resumed,
-    })
+        .ok_or_else(concurrent)
 }
 
 /// Stores the response of a claimed key.
