@@ -28,17 +28,34 @@ pub fn binaries() -> Option<PathBuf> {
     Some(exe.parent()?.parent()?.to_path_buf())
 }
 
-/// Builds the binaries (a no-op when they are up to date).
+/// Builds the binaries (a no-op when they are up to date). This benchmark
+/// is named in the same build so that cargo resolves the same features for
+/// both and the binaries reuse the dependencies the benchmark was built
+/// with, instead of a second optimized build of them all.
 pub fn build(workspace: &Path) -> std::io::Result<bool> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
-    command
-        .current_dir(workspace)
-        .args(["build", "--release", "--quiet"]);
-    for (binary, _) in SERVICES {
-        command.args(["--bin", binary]);
+    command.current_dir(workspace).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "o2c-tests",
+        "--bench",
+        "suite",
+        "--bins",
+    ]);
+    for package in [
+        "o2c-customer",
+        "o2c-credit",
+        "o2c-invoicing",
+        "o2c-payments",
+        "o2c-crm-sync",
+        "o2c-gateway",
+        "o2c-all-in-one",
+    ] {
+        command.args(["-p", package]);
     }
-    command.args(["--bin", ALL_IN_ONE]);
     Ok(command.status()?.success())
 }
 
