@@ -35,6 +35,33 @@ pub fn binaries() -> Option<PathBuf> {
 pub fn build(workspace: &Path) -> std::io::Result<bool> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
+    // What cargo adds to a benchmark's environment would make the inner
+    // build's fingerprints differ from those of a build started from a
+    // shell, and so rebuild every dependency each time: leave it out.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || name == "RUST_RECURSION_COUNT"
+            || name == "RUSTUP_TOOLCHAIN_SOURCE"
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
+    // Cargo also put the target directory's library paths first.
+    let target = binaries()
+        .and_then(|dir| dir.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| workspace.join("target"));
+    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+        let kept: Vec<_> = std::env::split_paths(&paths)
+            .filter(|path| !path.starts_with(&target))
+            .collect();
+        if kept.is_empty() {
+            command.env_remove("LD_LIBRARY_PATH");
+        } else if let Ok(joined) = std::env::join_paths(kept) {
+            command.env("LD_LIBRARY_PATH", joined);
+        }
+    }
     command.current_dir(workspace).args([
         "build",
         "--release",
