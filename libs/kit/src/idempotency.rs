@@ -92,7 +92,8 @@ fn record(
     }
 }
 
-fn concurrent() -> ApiError {
+/// The answer to a request whose key another request holds right now.
+pub fn concurrent() -> ApiError {
     ApiError::Aborted("concurrent requests with the same idempotency key; retry".into())
 }
 

@@ -255,6 +255,17 @@ mod tests {
 
     use super::*;
 
+    #[tokio::test]
+    async fn accepted_connections_send_without_delay() {
+        use tokio_stream::StreamExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut accepted = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let stream = accepted.next().await.unwrap().unwrap();
+        assert!(stream.nodelay().unwrap());
+    }
+
     #[test]
     fn the_public_door_describes_its_own_services_only() {
         let set = prost_types::FileDescriptorSet::decode(public_descriptors().as_slice()).unwrap();

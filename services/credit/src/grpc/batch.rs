@@ -21,7 +21,7 @@
 //! Batches for different customers run side by side.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use o2c_kit::ApiError;
 use o2c_kit::idempotency;
@@ -236,10 +236,7 @@ impl CreditApi {
                 .await
             {
                 Ok(Some(response)) => Ok(response),
-                Ok(None) => Err(ApiError::Aborted(
-                    "concurrent request with the same idempotency key; retry".into(),
-                )
-                .into()),
+                Ok(None) => Err(idempotency::concurrent().into()),
                 Err(error) => Err(error.into()),
             };
             let _ = pending.reply.send(answer);
@@ -370,6 +367,3 @@ impl CreditApi {
         })
     }
 }
-
-/// Shared by every clone of the service.
-pub type SharedBatcher = Arc<Batcher>;

@@ -87,7 +87,7 @@ pub struct CreditApi {
     /// Who gets an `ExposureChanged` event for every change.
     subscribers: Arc<Vec<String>>,
     /// Credit checks waiting for their customer's running batch.
-    batcher: batch::SharedBatcher,
+    batcher: Arc<batch::Batcher>,
 }
 
 impl CreditApi {
