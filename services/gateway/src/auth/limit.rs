@@ -252,7 +252,9 @@ impl RateLimiter {
             Some(outcome) => outcome,
             None => self.spend_locally(tenant, budget),
         };
-        if allowed {
+        // The shared bucket was empty, but a call that fetched a lease
+        // meanwhile may have brought back a token this call can have.
+        if allowed || self.spend_leased(tenant) {
             Ok(())
         } else {
             let wait = Duration::from_millis(u64::try_from(wait_ms.max(1)).unwrap_or(1));
