@@ -23,6 +23,11 @@ macro_rules! id_type {
                 Self(Uuid::now_v7())
             }
 
+            /// The id that is `uuid`.
+            pub const fn from_uuid(uuid: Uuid) -> Self {
+                Self(uuid)
+            }
+
             /// The underlying UUID.
             pub fn as_uuid(&self) -> Uuid {
                 self.0

@@ -302,6 +302,7 @@ mod collections {
                 customer_id: customer.clone(),
                 order_id: order.clone(),
                 amount: eur("100.00"),
+                client_reference: String::new(),
             })
             .await
             .unwrap()

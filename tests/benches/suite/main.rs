@@ -482,6 +482,7 @@ async fn main() {
                     customer_id: customer.clone(),
                     order_id: format!("direct-{n}"),
                     amount: eur(ORDER_AMOUNT),
+                    client_reference: String::new(),
                 };
                 let started = Instant::now();
                 match kind {

@@ -18,6 +18,7 @@ mod credit_desk;
 mod crm;
 mod events;
 mod money;
+mod orders;
 mod security;
 
 pub const TENANT: &str = "acme-eu";
@@ -951,6 +952,7 @@ async fn reconciliation_finds_what_bypassed_the_flow(backend: Backend) {
             customer_id: customer.clone(),
             order_id: "phantom".into(),
             amount: eur("5.00"),
+            client_reference: String::new(),
         })
         .await
         .unwrap();

@@ -65,6 +65,7 @@ async fn backends_refuse_callers_that_bypass_the_gateway(backend: Backend) {
         customer_id: customer.clone(),
         order_id: "sneaky".into(),
         amount: super::eur("10.00"),
+        client_reference: String::new(),
     };
     let refused = direct
         .check_and_reserve(bearer(write, &other))

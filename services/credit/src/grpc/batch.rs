@@ -45,6 +45,8 @@ pub(super) struct Check {
     pub tenant: String,
     pub customer: CustomerId,
     pub order: String,
+    /// The client's reference for the order.
+    pub reference: String,
     pub amount: Money,
     /// Idempotency scope, key and the request's bytes.
     pub scope: String,
@@ -330,6 +332,7 @@ impl CreditApi {
             c.customer,
             account.as_ref(),
             &c.order,
+            &c.reference,
             c.amount,
             true,
         )

@@ -149,6 +149,8 @@ pub fn decision(d: &Decision, after: Option<&Exposure>) -> Result<pb::CreditDeci
         amount: Some(proto_money::to_proto(&amount)),
         hold_id: d.hold_id.clone().unwrap_or_default(),
         inputs: d.inputs_json.clone(),
+        client_reference: d.client_reference.clone(),
+        customer_id: d.customer_id.clone(),
     })
 }
 

@@ -33,6 +33,8 @@ use crate::storage::{self, Account, Alert, AlertKind, LimitUpdate, cache::Exposu
 
 /// Longest order id accepted from callers.
 pub const MAX_ORDER_ID_LENGTH: usize = 100;
+/// Longest client reference of an order.
+pub const MAX_CLIENT_REFERENCE_LENGTH: usize = 100;
 /// Longest reason text on limit changes, holds and releases.
 pub const MAX_REASON_LENGTH: usize = 500;
 /// Longest actor (user id).
@@ -666,10 +668,15 @@ impl CreditService for CreditApi {
             "amount",
             request.amount.as_ref(),
         ));
+        let reference = v.check(fields::optional_text(
+            "client_reference",
+            &request.client_reference,
+            MAX_CLIENT_REFERENCE_LENGTH,
+        ));
         v.check(idempotency::validate_key(&request.idempotency_key));
         v.finish()?;
-        let (Some(tenant), Some(customer), Some(order), Some(amount)) =
-            (tenant, customer, order, amount)
+        let (Some(tenant), Some(customer), Some(order), Some(amount), Some(reference)) =
+            (tenant, customer, order, amount, reference)
         else {
             return Err(missing().into());
         };
@@ -680,6 +687,7 @@ impl CreditService for CreditApi {
             tenant,
             customer,
             order,
+            reference,
             amount,
         };
         self.check_in_batch(check).await.map(Response::new)
@@ -1833,6 +1841,7 @@ impl CreditApi {
             account.exposure.customer_id,
             Some(account),
             &hold.order_id,
+            "",
             amount,
             false,
         )

@@ -115,6 +115,9 @@ pub mod decision {
         pub customer_id: String,
         #[sea_orm(indexed)]
         pub order_id: String,
+        /// The client's reference for the order (empty when none, and on
+        /// re-checks and amendments).
+        pub client_reference: String,
         pub amount_minor: i64,
         pub currency_code: String,
         pub outcome: String,

@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(o2c_kit::outbox::Migration),
             Box::new(CreateLedger),
             Box::new(o2c_kit::outbox::InboxIndex),
+            Box::new(DecisionReference),
         ]
     }
 }
@@ -95,5 +96,52 @@ impl MigrationTrait for CreateLedger {
         o2c_kit::db::drop_table_for(manager, receivable::Entity).await?;
         o2c_kit::db::drop_table_for(manager, reservation::Entity).await?;
         o2c_kit::db::drop_table_for(manager, account::Entity).await
+    }
+}
+
+/// Decisions keep the client's reference of the order, so the gateway can
+/// rebuild an order from its decision alone.
+struct DecisionReference;
+
+impl MigrationName for DecisionReference {
+    fn name(&self) -> &str {
+        "m20261205_000001_credit_decision_client_reference"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for DecisionReference {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // A database created from the current tables has it already.
+        if manager
+            .has_column("credit_decisions", "client_reference")
+            .await?
+        {
+            return Ok(());
+        }
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(decision::Entity)
+                    .add_column(
+                        ColumnDef::new(decision::Column::ClientReference)
+                            .string()
+                            .not_null()
+                            .default(""),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(decision::Entity)
+                    .drop_column(decision::Column::ClientReference)
+                    .to_owned(),
+            )
+            .await
     }
 }

@@ -959,6 +959,8 @@ pub struct DecisionRecord<'a> {
     pub tenant_id: &'a str,
     pub customer_id: CustomerId,
     pub order_id: &'a str,
+    /// The client's reference, on the first check of an order only.
+    pub client_reference: &'a str,
     pub amount_minor: i64,
     pub currency: Currency,
     pub outcome: Outcome,
@@ -984,6 +986,7 @@ pub async fn insert_decision(
         tenant_id: Set(record.tenant_id.to_owned()),
         customer_id: Set(record.customer_id.to_string()),
         order_id: Set(record.order_id.to_owned()),
+        client_reference: Set(record.client_reference.to_owned()),
         amount_minor: Set(record.amount_minor),
         currency_code: Set(record.currency.code().to_owned()),
         outcome: Set(record.outcome.code().to_owned()),

@@ -137,6 +137,7 @@ pub async fn reserve(
             customer_id: customer.into(),
             order_id: order.into(),
             amount: eur(amount),
+            client_reference: String::new(),
         })
         .await
         .unwrap()
@@ -346,6 +347,7 @@ async fn idempotency(backend: Backend) {
         customer_id: customer.clone(),
         order_id: "order-1".into(),
         amount: eur("60.00"),
+        client_reference: String::new(),
     };
     let first = h
         .client
@@ -404,6 +406,7 @@ async fn bad_input(backend: Backend) {
         customer_id: customer.clone(),
         order_id: "order-1".into(),
         amount: eur("10.00"),
+        client_reference: String::new(),
     };
     type Change = Box<dyn Fn(&mut pb::CheckAndReserveRequest)>;
     let cases: Vec<(&str, Change)> = vec![

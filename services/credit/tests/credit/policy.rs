@@ -202,6 +202,7 @@ async fn batch_answers_each_check_on_its_own(backend: Backend) {
             amount: "1.00".into(),
             currency_code: currency.into(),
         }),
+        client_reference: String::new(),
     };
     let mut requests = Vec::new();
     for i in 0..30 {

@@ -8,6 +8,29 @@ pub const MAX_CLIENT_KEY_LENGTH: usize = 150;
 /// Longest net term accepted when invoicing an order.
 pub const MAX_NET_DAYS: i32 = 365;
 
+/// The id of the order a tenant's PlaceOrder call with idempotency key
+/// `key` creates: the same for every retry of the call, in every gateway
+/// replica, so the credit check a retry repeats is for the same order. A
+/// UUID (version 8) from SHA-256 of both.
+pub fn order_id_for(tenant: &str, key: &str) -> o2c_money::ids::OrderId {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"o2c.gateway.PlaceOrder\0")
+        .chain_update(tenant.as_bytes())
+        .chain_update(b"\0")
+        .chain_update(key.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    o2c_money::ids::OrderId::from_uuid(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+}
+
+/// Whether `id` can be one [`order_id_for`] made (orders placed before ids
+/// were derived have random, time-ordered ones).
+pub fn is_placed_id(id: o2c_money::ids::OrderId) -> bool {
+    id.as_uuid().get_version_num() == 8
+}
+
 /// Where an order stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrderStatus {
@@ -58,6 +81,18 @@ impl OrderStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_order_id_is_the_same_for_the_same_call_and_differs_otherwise() {
+        let id = order_id_for("acme", "order-1");
+        assert_eq!(id, order_id_for("acme", "order-1"));
+        assert_ne!(id, order_id_for("acme", "order-2"));
+        assert_ne!(id, order_id_for("globex", "order-1"));
+        // The separator keeps tenant and key apart.
+        assert_ne!(order_id_for("ab", "c"), order_id_for("a", "bc"));
+        assert!(is_placed_id(id));
+        assert!(!is_placed_id(o2c_money::ids::OrderId::new()));
+    }
 
     #[test]
     fn only_reserved_orders_can_be_invoiced() {

@@ -33,11 +33,12 @@ use o2c_proto::invoicing::v1::invoicing_service_client::InvoicingServiceClient;
 use o2c_proto::payments::v1 as payments_pb;
 use o2c_proto::payments::v1::payments_service_client::PaymentsServiceClient;
 use prost::Message;
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::DatabaseConnection;
 use tonic::{Code, Request, Response, Status};
 
 use crate::domain::{self, OrderStatus};
 use crate::storage;
+use crate::storage::journal::Journal;
 
 /// Most allocations one payment may carry.
 pub const MAX_ALLOCATIONS: usize = 100;
@@ -58,6 +59,8 @@ pub struct Upstream {
 pub struct GatewayApi {
     db: DatabaseConnection,
     up: Upstream,
+    /// Writes placed orders behind the PlaceOrder calls.
+    journal: Journal,
     /// Each customer's currency, which never changes (nor does a customer
     /// go away): an order needs the customer service once per customer.
     currencies: Arc<Mutex<HashMap<(String, CustomerId), String>>>,
@@ -66,10 +69,47 @@ pub struct GatewayApi {
 /// Customers whose currency the gateway remembers; past that it forgets
 /// them all and starts again.
 const MAX_REMEMBERED_CUSTOMERS: usize = 100_000;
+/// Credit decisions read per page when rebuilding an order.
+const DECISION_PAGE_SIZE: i32 = 100;
+/// Pages of decisions read at most when rebuilding an order.
+const MAX_DECISION_PAGES: usize = 10;
+
+/// The order a credit check placed, as its decision records it.
+fn placed_order(decision: &credit_pb::CreditDecision) -> Result<storage::Order, ApiError> {
+    let (status, reasons) = convert::decision(decision)?;
+    let malformed = |what: &str| ApiError::Internal(format!("credit decision with invalid {what}"));
+    let id = decision
+        .order_id
+        .parse::<OrderId>()
+        .map_err(|_| malformed("order_id"))?;
+    let customer_id = decision
+        .customer_id
+        .parse::<CustomerId>()
+        .map_err(|_| malformed("customer_id"))?;
+    let amount = proto_money::parse_positive("amount", decision.amount.as_ref())
+        .map_err(|_| malformed("amount"))?;
+    let created_at = chrono::DateTime::parse_from_rfc3339(&decision.decided_at)
+        .map_err(|_| malformed("decided_at"))?
+        .with_timezone(&chrono::Utc);
+    let set = |value: &str| (!value.is_empty()).then(|| value.to_owned());
+    Ok(storage::Order {
+        id,
+        customer_id,
+        client_reference: decision.client_reference.clone(),
+        amount,
+        status,
+        reasons,
+        reservation_id: set(&decision.reservation_id),
+        hold_id: set(&decision.hold_id),
+        invoice_id: None,
+        created_at,
+    })
+}
 
 impl GatewayApi {
     pub fn new(db: DatabaseConnection, up: Upstream) -> Self {
         Self {
+            journal: Journal::start(db.clone()),
             db,
             up,
             currencies: Arc::default(),
@@ -121,6 +161,70 @@ fn present<T>(value: Option<T>, what: &str) -> Result<T, ApiError> {
 }
 
 impl GatewayApi {
+    /// The tenant's order `id`: from the gateway's rows once its journal
+    /// wrote it, else rebuilt from its credit decision.
+    async fn order(&self, tenant: &str, id: OrderId) -> Result<storage::Order, ApiError> {
+        match storage::get(&self.db, tenant, id).await {
+            Err(ApiError::NotFound(_)) => {}
+            found => return found,
+        }
+        self.journal.flush().await;
+        match storage::get(&self.db, tenant, id).await {
+            Err(ApiError::NotFound(_)) => {}
+            found => return found,
+        }
+        // Only orders placed with derived ids are written behind; any
+        // other id was written before its PlaceOrder answered.
+        if !domain::is_placed_id(id) {
+            return Err(ApiError::not_found("order", id));
+        }
+        // Placed through another replica that has not written it yet, or
+        // one that stopped before it did.
+        let placement = self.placement(tenant, id).await?;
+        let order = placed_order(&placement)?;
+        storage::insert_if_absent(&self.db, storage::row(tenant, "", &order)).await?;
+        tracing::info!(order = %id, "order rebuilt from its credit decision");
+        storage::get(&self.db, tenant, id).await
+    }
+
+    /// The credit decision that placed order `id` (its first), NOT_FOUND
+    /// when credit never decided on it.
+    async fn placement(
+        &self,
+        tenant: &str,
+        id: OrderId,
+    ) -> Result<credit_pb::CreditDecision, ApiError> {
+        let mut credit = self.up.credit.clone();
+        let mut oldest = None;
+        let mut page_token = String::new();
+        // Decisions come newest first; an order has one per check and
+        // amendment, so a few pages at most.
+        for _ in 0..MAX_DECISION_PAGES {
+            let page = credit
+                .list_decisions(credit_pb::ListDecisionsRequest {
+                    tenant_id: tenant.to_owned(),
+                    customer_id: String::new(),
+                    order_id: id.to_string(),
+                    page_size: DECISION_PAGE_SIZE,
+                    page_token,
+                })
+                .await
+                .map_err(upstream("credit"))?
+                .into_inner();
+            if let Some(last) = page.decisions.into_iter().last() {
+                oldest = Some(last);
+            }
+            if page.next_page_token.is_empty() {
+                return oldest.ok_or_else(|| ApiError::not_found("order", id));
+            }
+            page_token = page.next_page_token;
+        }
+        Err(ApiError::Internal(format!(
+            "order {id} has more than {} credit decisions",
+            MAX_DECISION_PAGES * DECISION_PAGE_SIZE as usize
+        )))
+    }
+
     /// The currency of the tenant's customer `id` (NOT_FOUND when there is
     /// no such customer), from memory after the first ask.
     async fn customer_currency(&self, tenant: &str, id: CustomerId) -> Result<String, ApiError> {
@@ -436,7 +540,6 @@ impl GatewayService for GatewayApi {
         else {
             return Err(missing().into());
         };
-        let scope = format!("{tenant}/gateway.PlaceOrder");
         let key = &request.idempotency_key;
         // The customer first: a refusal leaves nothing behind, and the key
         // stays free for a corrected request.
@@ -448,20 +551,12 @@ impl GatewayService for GatewayApi {
             )
             .into());
         }
-        // The claim and the order commit together; a retry of an
-        // interrupted call finds both and resumes with the same order.
-        let txn = self.db.begin().await.map_err(ApiError::from)?;
-        let order = match idempotency::claim_in(&txn, &scope, key, &request.encode_to_vec()).await?
-        {
-            Claim::Done(response) => return Ok(Response::new(response)),
-            Claim::Fresh => {
-                storage::insert_order(&txn, &tenant, key, customer_id, &reference, amount).await?
-            }
-            Claim::Resumed => {
-                storage::order_for_key(&txn, &tenant, key, customer_id, &reference, amount).await?
-            }
-        };
-        txn.commit().await.map_err(ApiError::from)?;
+        // The order id follows from the tenant and the key, so a retry asks
+        // credit about the same order under the same key and gets the
+        // decision it made the first time; a different request under the
+        // key is refused there. Credit's decision is the durable record of
+        // the order; the gateway's row follows (`storage::journal`).
+        let order_id = domain::order_id_for(&tenant, key);
         let checked = self
             .up
             .credit
@@ -470,29 +565,40 @@ impl GatewayService for GatewayApi {
                 idempotency_key: derived(key, "reserve"),
                 tenant_id: tenant.clone(),
                 customer_id: customer_id.to_string(),
-                order_id: order.id.to_string(),
+                order_id: order_id.to_string(),
                 amount: Some(proto_money::to_proto(&amount)),
+                client_reference: reference,
             })
-            .await
-            .map_err(upstream("credit"))?;
-        let decision = present(checked.into_inner().decision, "decision")?;
-        let (status, reasons) = convert::decision(&decision)?;
-        let reservation =
-            (!decision.reservation_id.is_empty()).then_some(decision.reservation_id.as_str());
-        let hold = (!decision.hold_id.is_empty()).then_some(decision.hold_id.as_str());
-        // The decision and the stored response commit together too.
-        let txn = self.db.begin().await.map_err(ApiError::from)?;
-        let order =
-            storage::record_decision(&txn, &tenant, order.id, status, &reasons, reservation, hold)
-                .await?;
-        let response = pb::PlaceOrderResponse {
+            .await;
+        let checked = match checked {
+            Ok(checked) => checked.into_inner(),
+            Err(status) => {
+                // A call placed before order ids were derived from keys
+                // left its answer in the gateway's own idempotency records.
+                if status.code() == Code::InvalidArgument
+                    && let Some(response) = idempotency::stored_in(
+                        &self.db,
+                        &format!("{tenant}/gateway.PlaceOrder"),
+                        key,
+                        &request.encode_to_vec(),
+                    )
+                    .await?
+                {
+                    return Ok(Response::new(response));
+                }
+                return Err(from_upstream("credit", status).into());
+            }
+        };
+        let decision = present(checked.decision, "decision")?;
+        let order = placed_order(&decision)?;
+        self.journal
+            .record(storage::row(&tenant, key, &order))
+            .await?;
+        tracing::info!(order = %order.id, status = order.status.code(), reasons = ?order.reasons, "order placed");
+        Ok(Response::new(pb::PlaceOrderResponse {
             order: Some(convert::order(&order)),
             exposure: decision.exposure.map(convert::exposure),
-        };
-        idempotency::complete(&txn, &scope, key, &response).await?;
-        txn.commit().await.map_err(ApiError::from)?;
-        tracing::info!(order = %order.id, status = status.code(), ?reasons, "order placed");
-        Ok(Response::new(response))
+        }))
     }
 
     async fn get_order(
@@ -501,7 +607,7 @@ impl GatewayService for GatewayApi {
     ) -> Result<Response<pb::GetOrderResponse>, Status> {
         let tenant = tenant(&request)?;
         let id = fields::id::<OrderId>("order_id", &request.get_ref().order_id)?;
-        let order = storage::get(&self.db, &tenant, id).await?;
+        let order = self.order(&tenant, id).await?;
         Ok(Response::new(pb::GetOrderResponse {
             order: Some(convert::order(&order)),
         }))
@@ -532,9 +638,7 @@ impl GatewayService for GatewayApi {
             return Ok(Response::new(response));
         }
         let result = async {
-            let order = storage::get(&self.db, &tenant, order_id)
-                .await
-                .map_err(refused)?;
+            let order = self.order(&tenant, order_id).await.map_err(refused)?;
             if !order.status.can_invoice() {
                 return Err(refused(ApiError::FailedPrecondition(format!(
                     "order {} is {}; only approved orders can be invoiced",
@@ -1286,7 +1390,7 @@ impl GatewayService for GatewayApi {
         let (Some(order_id), Some(amount)) = (order_id, amount) else {
             return Err(missing().into());
         };
-        let order = storage::get(&self.db, &tenant, order_id).await?;
+        let order = self.order(&tenant, order_id).await?;
         if order.status != OrderStatus::Approved {
             return Err(ApiError::FailedPrecondition(format!(
                 "order {} is {}; only approved, not yet invoiced orders can be amended",
@@ -1337,7 +1441,7 @@ impl GatewayService for GatewayApi {
         let (Some(order_id), Some(reason)) = (order_id, reason) else {
             return Err(missing().into());
         };
-        let order = storage::get(&self.db, &tenant, order_id).await?;
+        let order = self.order(&tenant, order_id).await?;
         let reason = if reason.is_empty() {
             "cancelled by the client".to_owned()
         } else {
@@ -1865,6 +1969,8 @@ impl GatewayApi {
         tenant: &str,
         only: Option<CustomerId>,
     ) -> Result<pb::ReconcileResponse, ApiError> {
+        // Orders placed just before are compared too.
+        self.journal.flush().await;
         let mut customers = Vec::new();
         match only {
             Some(customer) => customers.push(customer),
@@ -2368,7 +2474,7 @@ impl GatewayApi {
         let Ok(order_id) = hold.order_id.parse::<OrderId>() else {
             return Ok(None);
         };
-        let order = match storage::get(&self.db, tenant, order_id).await {
+        let order = match self.order(tenant, order_id).await {
             Ok(order) => order,
             Err(ApiError::NotFound(_)) => return Ok(None),
             Err(error) => return Err(error),

@@ -12,9 +12,10 @@ pub mod order {
         #[sea_orm(primary_key, auto_increment = false)]
         pub id: String,
         pub tenant_id: String,
-        /// The key of the PlaceOrder call that created it (unique per
-        /// tenant), so a retried call finds its order instead of making a
-        /// second one.
+        /// The key of the PlaceOrder call that created it (the order id is
+        /// derived from it and the tenant, so a retried call finds its
+        /// order); empty when the order was rebuilt from its credit
+        /// decision.
         pub place_key: String,
         #[sea_orm(indexed)]
         pub customer_id: String,

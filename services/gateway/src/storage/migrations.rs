@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
             Box::new(o2c_kit::idempotency::Migration),
             Box::new(CreateOrders),
             Box::new(CreateApiKeys),
+            Box::new(PlaceKeyNotUnique),
         ]
     }
 }
@@ -64,5 +65,46 @@ impl MigrationTrait for CreateApiKeys {
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         o2c_kit::db::drop_table_for(manager, api_key::Entity).await
+    }
+}
+
+/// Order ids are derived from the tenant and the PlaceOrder key, so the id
+/// keeps a key to one order; an order rebuilt from its credit decision has
+/// no key to keep (see `storage::journal`).
+struct PlaceKeyNotUnique;
+
+impl MigrationName for PlaceKeyNotUnique {
+    fn name(&self) -> &str {
+        "m20261205_000003_orders_place_key_not_unique"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for PlaceKeyNotUnique {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_index(
+                Index::drop()
+                    .name("ux_orders_tenant_place_key")
+                    .table(order::Entity)
+                    .if_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_orders_tenant_place_key")
+                    .table(order::Entity)
+                    .col(order::Column::TenantId)
+                    .col(order::Column::PlaceKey)
+                    .unique()
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await
     }
 }

@@ -1,6 +1,7 @@
 //! The gateway's own database: the order workflow and idempotency claims.
 
 pub mod entities;
+pub mod journal;
 pub mod migrations;
 
 use o2c_kit::ApiError;
@@ -58,68 +59,38 @@ fn to_domain(row: order::Model) -> Result<Order, ApiError> {
     })
 }
 
-/// The order created by the PlaceOrder call with `place_key`, creating it
-/// (pending) on first use.
-pub async fn order_for_key(
-    conn: &impl ConnectionTrait,
-    tenant_id: &str,
-    place_key: &str,
-    customer_id: CustomerId,
-    client_reference: &str,
-    amount: Money,
-) -> Result<Order, ApiError> {
-    let existing = order::Entity::find()
-        .filter(order::Column::TenantId.eq(tenant_id))
-        .filter(order::Column::PlaceKey.eq(place_key))
-        .one(conn)
-        .await?;
-    match existing {
-        Some(row) => to_domain(row),
-        None => {
-            insert_order(
-                conn,
-                tenant_id,
-                place_key,
-                customer_id,
-                client_reference,
-                amount,
-            )
-            .await
-        }
+/// The row of an order that was just decided: `place_key` is the key of
+/// the PlaceOrder call that placed it (empty when the order was rebuilt
+/// from its credit decision).
+pub fn row(tenant_id: &str, place_key: &str, order: &Order) -> order::Model {
+    order::Model {
+        id: order.id.to_string(),
+        tenant_id: tenant_id.to_owned(),
+        place_key: place_key.to_owned(),
+        customer_id: order.customer_id.to_string(),
+        client_reference: order.client_reference.clone(),
+        currency_code: order.amount.currency().code().to_owned(),
+        amount_minor: order.amount.minor_units(),
+        status: order.status.code().to_owned(),
+        reasons: order.reasons.join(","),
+        reservation_id: order.reservation_id.clone(),
+        hold_id: order.hold_id.clone(),
+        invoice_id: order.invoice_id.clone(),
+        created_at: order.created_at,
+        updated_at: order.created_at,
     }
 }
 
-/// Creates the (pending) order of the PlaceOrder call with `place_key`,
-/// whose key was just claimed, so no order has it yet.
-pub async fn insert_order(
+/// Inserts `row` unless its order is there already (then that is kept).
+pub async fn insert_if_absent(
     conn: &impl ConnectionTrait,
-    tenant_id: &str,
-    place_key: &str,
-    customer_id: CustomerId,
-    client_reference: &str,
-    amount: Money,
-) -> Result<Order, ApiError> {
-    let now = chrono::Utc::now();
-    let row = order::Model {
-        id: OrderId::new().to_string(),
-        tenant_id: tenant_id.to_owned(),
-        place_key: place_key.to_owned(),
-        customer_id: customer_id.to_string(),
-        client_reference: client_reference.to_owned(),
-        currency_code: amount.currency().code().to_owned(),
-        amount_minor: amount.minor_units(),
-        status: OrderStatus::Pending.code().to_owned(),
-        reasons: String::new(),
-        reservation_id: None,
-        hold_id: None,
-        invoice_id: None,
-        created_at: now,
-        updated_at: now,
-    };
-    order::Entity::insert(order::ActiveModel::from(row.clone()))
+    row: order::Model,
+) -> Result<(), ApiError> {
+    order::Entity::insert(order::ActiveModel::from(row))
+        .on_conflict_do_nothing()
         .exec_without_returning(conn)
         .await?;
-    to_domain(row)
+    Ok(())
 }
 
 pub async fn get(

@@ -1,0 +1,174 @@
+//! Placing orders: a retry is the same order, a different request under
+//! the same key is refused, and a gateway that has no row for an order
+//! (the replica that placed it stopped before its journal wrote the row)
+//! rebuilds it from the credit decision and works on from there.
+
+use o2c_proto::gateway::v1 as pb;
+use o2c_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
+use o2c_testkit::{Backend, assert_invalid};
+
+use super::{Running, amount, as_tenant, eur, exposure, issuer, key, onboard, run_suite};
+
+/// Another gateway on the same services, with a database of its own.
+async fn bare_gateway(
+    s: &Running,
+    backend: Backend,
+) -> (o2c_testkit::Served, o2c_testkit::TestDatabase) {
+    let db = o2c_testkit::database(backend, "gateway_bare")
+        .await
+        .unwrap();
+    let mut service = o2c_kit::settings::ServiceSettings::local("gateway", 0);
+    service.database_url = db.url.clone();
+    let a = &s.suite.addresses;
+    let upstreams = o2c_gateway::Upstreams {
+        customer_url: format!("http://{}", a.customer),
+        credit_url: format!("http://{}", a.credit),
+        invoicing_url: format!("http://{}", a.invoicing),
+        payments_url: format!("http://{}", a.payments),
+        crm_sync_url: format!("http://{}", a.crm_sync),
+        reconcile_interval_ms: 0,
+        auth: o2c_gateway::auth::AuthSettings {
+            jwt_issuers: vec![issuer()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let routes = o2c_gateway::build(&service, &upstreams, None)
+        .await
+        .unwrap();
+    (
+        o2c_testkit::serve(o2c_gateway::SERVICE_NAME, routes).await,
+        db,
+    )
+}
+
+async fn placing_orders(backend: Backend) {
+    let Some(mut s) = run_suite(backend).await else {
+        return;
+    };
+    let customer = onboard(&mut s.gateway, "100.00").await;
+    let place = |key: &str, reference: &str, value: &str| pb::PlaceOrderRequest {
+        idempotency_key: key.into(),
+        customer_id: customer.clone(),
+        client_reference: reference.into(),
+        amount: eur(value),
+    };
+    let first_key = key();
+    let placed = s
+        .gateway
+        .place_order(as_tenant(place(&first_key, "PO-1", "30.00")))
+        .await
+        .unwrap()
+        .into_inner();
+    let order = placed.order.clone().unwrap();
+    assert_eq!(order.status(), pb::OrderStatus::Approved);
+
+    // A retry is answered with the same order, and reserves nothing more.
+    let again = s
+        .gateway
+        .place_order(as_tenant(place(&first_key, "PO-1", "30.00")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.order, placed.order);
+    assert_eq!(
+        amount(&exposure(&mut s.gateway, &customer).await.reserved),
+        "30.00"
+    );
+
+    // The same key with another amount or reference is refused.
+    for (reference, value) in [("PO-1", "31.00"), ("PO-2", "30.00")] {
+        let refused = s
+            .gateway
+            .place_order(as_tenant(place(&first_key, reference, value)))
+            .await
+            .unwrap_err();
+        assert_invalid(&refused, "idempotency_key");
+    }
+    assert_eq!(
+        amount(&exposure(&mut s.gateway, &customer).await.reserved),
+        "30.00"
+    );
+
+    // Over the limit: held.
+    let held = s
+        .gateway
+        .place_order(as_tenant(place(&key(), "PO-3", "90.00")))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(held.status(), pb::OrderStatus::Held);
+
+    // A gateway without rows for either order reads both as placed.
+    let (bare, _db) = bare_gateway(&s, backend).await;
+    let mut bare = GatewayServiceClient::new(bare.channel().await);
+    let read = |order: &pb::Order| {
+        as_tenant(pb::GetOrderRequest {
+            order_id: order.order_id.clone(),
+        })
+    };
+    let rebuilt = bare.get_order(read(&order)).await.unwrap().into_inner();
+    assert_eq!(rebuilt.order.as_ref(), Some(&order));
+    let rebuilt = bare.get_order(read(&held)).await.unwrap().into_inner();
+    assert_eq!(rebuilt.order.as_ref(), Some(&held));
+
+    // And works on from there: the held order is released, the approved
+    // one cancelled, each changing credit as it should.
+    let hold = bare
+        .get_credit_profile(as_tenant(pb::GetCreditProfileRequest {
+            customer_id: customer.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .open_holds
+        .remove(0);
+    let released = bare
+        .release_hold(as_tenant(pb::ReleaseHoldRequest {
+            idempotency_key: key(),
+            hold_id: hold.hold_id,
+            reason: "known customer".into(),
+            raise_limit_to: eur("150.00"),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.order.unwrap().status(), pb::OrderStatus::Approved);
+    let cancelled = bare
+        .cancel_order(as_tenant(pb::CancelOrderRequest {
+            idempotency_key: key(),
+            order_id: order.order_id.clone(),
+            reason: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(cancelled.status(), pb::OrderStatus::Cancelled);
+    assert_eq!(
+        amount(&exposure(&mut bare, &customer).await.reserved),
+        "90.00"
+    );
+
+    // An order credit never decided on is not found.
+    let unknown = bare
+        .get_order(as_tenant(pb::GetOrderRequest {
+            order_id: o2c_gateway::domain::order_id_for(super::TENANT, &key()).to_string(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placing_orders_on_sqlite() {
+    placing_orders(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placing_orders_on_postgres() {
+    placing_orders(Backend::Postgres).await;
+}
