@@ -14,7 +14,9 @@
 //! duration of the call; outgoing calls made while handling it carry the
 //! same tenant and user and the remaining deadline (`grpc-timeout`).
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{LazyLock, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -79,7 +81,7 @@ pub async fn scope<F: std::future::Future>(context: CallContext, future: F) -> F
     CALL.scope(context, future).await
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Claims {
     iss: String,
     aud: String,
@@ -185,10 +187,74 @@ fn verify_with(signer: &Signer, token: &str) -> Result<Claims, jsonwebtoken::err
 }
 
 /// A token for an outgoing call made in `context` (None when this process
-/// has no secret installed).
+/// has no secret installed). A token minted for the same tenant and user
+/// is reused for the first half of its lifetime: signing is not per call.
 pub fn mint(context: &CallContext) -> Option<String> {
-    SIGNER.get().and_then(|signer| mint_with(signer, context))
+    let signer = SIGNER.get()?;
+    let key = (context.tenant.clone(), context.user.clone());
+    let now = now_secs();
+    if let Some(token) = MINTED.get(&key, now) {
+        return Some(token);
+    }
+    let token = mint_with(signer, context)?;
+    MINTED.put(key, token.clone(), now + TOKEN_TTL_SECS / 2);
+    Some(token)
 }
+
+/// Values that hold until a time (Unix seconds), such as tokens for their
+/// lifetime, so a token is signed or checked once rather than on every
+/// call. Bounded: when [`TokenMemo::CAPACITY`] entries are held, it starts
+/// again empty.
+pub struct TokenMemo<K, V> {
+    entries: Mutex<HashMap<K, (V, u64)>>,
+}
+
+impl<K: Eq + Hash, V: Clone> Default for TokenMemo<K, V> {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Eq + Hash, V: Clone> TokenMemo<K, V> {
+    /// Most entries held.
+    pub const CAPACITY: usize = 4096;
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<K, (V, u64)>> {
+        // Every change is one insert or a clear: consistent whatever a
+        // panicking holder did.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The value of `key` if it still holds at `now`.
+    pub fn get<Q>(&self, key: &Q, now: u64) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.entries()
+            .get(key)
+            .filter(|(_, until)| now < *until)
+            .map(|(value, _)| value.clone())
+    }
+
+    /// Keeps `value` for `key` until `until` (exclusive).
+    pub fn put(&self, key: K, value: V, until: u64) {
+        let mut entries = self.entries();
+        if entries.len() >= Self::CAPACITY {
+            entries.clear();
+        }
+        entries.insert(key, (value, until));
+    }
+}
+
+type Minted = TokenMemo<(Option<String>, Option<String>), String>;
+
+/// Tokens minted by this process, by tenant and user.
+static MINTED: LazyLock<Minted> = LazyLock::new(TokenMemo::default);
+/// Tokens this process verified, until they expire.
+static VERIFIED: LazyLock<TokenMemo<String, Claims>> = LazyLock::new(TokenMemo::default);
 
 /// Parses a `grpc-timeout` header value (`100m`, `5S`, …).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -229,10 +295,20 @@ pub fn verify_request(headers: &http::HeaderMap) -> Result<CallContext, tonic::S
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| tonic::Status::unauthenticated("an internal service token is required"))?;
-    let claims = verify_with(signer, token).map_err(|error| {
-        tracing::warn!(%error, "internal token refused");
-        tonic::Status::unauthenticated("invalid internal service token")
-    })?;
+    let now = now_secs();
+    let claims = match VERIFIED.get(token, now) {
+        Some(claims) => claims,
+        None => {
+            let claims = verify_with(signer, token).map_err(|error| {
+                tracing::warn!(%error, "internal token refused");
+                tonic::Status::unauthenticated("invalid internal service token")
+            })?;
+            // Until it expires; past that the full check (with its
+            // leeway) decides again.
+            VERIFIED.put(token.to_owned(), claims.clone(), claims.exp);
+            claims
+        }
+    };
     Ok(CallContext {
         tenant: claims.tenant,
         user: claims.user,
@@ -329,6 +405,38 @@ mod tests {
         );
         headers.insert("grpc-timeout", "1500m".parse().unwrap());
         headers
+    }
+
+    #[test]
+    fn a_memo_holds_a_value_until_its_time_and_starts_again_when_full() {
+        let memo: TokenMemo<String, u32> = TokenMemo::default();
+        memo.put("a".into(), 1, 100);
+        assert_eq!(memo.get("a", 99), Some(1));
+        assert_eq!(memo.get("a", 100), None);
+        assert_eq!(memo.get("b", 0), None);
+        let capacity = TokenMemo::<String, u32>::CAPACITY;
+        for n in 0..capacity {
+            memo.put(n.to_string(), 2, 100);
+        }
+        // Full at the last put: emptied, then that one kept.
+        assert_eq!(memo.get("a", 0), None);
+        assert_eq!(memo.get(&(capacity - 1).to_string(), 0), Some(2));
+    }
+
+    #[test]
+    fn a_minted_token_is_reused_for_the_same_caller_and_not_for_another() {
+        install(SECRET, "test").unwrap();
+        let acme = CallContext::for_tenant("acme", "u1");
+        let first = mint(&acme).unwrap();
+        assert_eq!(mint(&acme), Some(first.clone()));
+        let other = mint(&CallContext::for_tenant("globex", "u1")).unwrap();
+        assert_ne!(other, first);
+        // Each verifies as its own caller, the second time from memory.
+        for _ in 0..2 {
+            let context = verify_request(&headers(&other)).unwrap();
+            assert_eq!(context.tenant.as_deref(), Some("globex"));
+            assert_eq!(context.user.as_deref(), Some("u1"));
+        }
     }
 
     #[test]

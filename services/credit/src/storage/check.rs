@@ -73,14 +73,14 @@ fn inputs_json(state: &AccountState, amount_minor: i64, ctx: &Context<'_>) -> St
 }
 
 /// Evaluates the policy on fresh state and, when it approves, reserves
-/// atomically. Returns the verdict, the state it was taken on, and whether
-/// the amount is now reserved.
+/// atomically. Returns the verdict, the state it was taken on, and the
+/// account as the reservation left it (when it reserved).
 async fn evaluate_and_reserve(
     conn: &impl ConnectionTrait,
     ctx: &Context<'_>,
     account: &Account,
     amount_minor: i64,
-) -> Result<(Outcome, Vec<Reason>, AccountState), ApiError> {
+) -> Result<(Outcome, Vec<Reason>, AccountState, Option<Account>), ApiError> {
     let today = ctx.now.date_naive();
     for attempt in 1..=MAX_RESERVE_ATTEMPTS {
         // The caller read `account` in this transaction a moment ago; a
@@ -93,16 +93,16 @@ async fn evaluate_and_reserve(
         let state = super::policy_state(conn, &fresh).await?;
         let (outcome, reasons) = domain::evaluate(ctx.policy, Some(&state), amount_minor, today);
         if outcome != Outcome::Approve {
-            return Ok((outcome, reasons, state));
+            return Ok((outcome, reasons, state, None));
         }
         match super::try_reserve(conn, &fresh, amount_minor, ctx.now).await? {
-            None => return Ok((Outcome::Approve, Vec::new(), state)),
-            Some(reason) if attempt == MAX_RESERVE_ATTEMPTS => {
-                return Ok((Outcome::Hold, vec![reason], state));
+            Ok(after) => return Ok((Outcome::Approve, Vec::new(), state, Some(after))),
+            Err(reason) if attempt == MAX_RESERVE_ATTEMPTS => {
+                return Ok((Outcome::Hold, vec![reason], state, None));
             }
             // Something changed between our read and the guarded write:
             // evaluate again on the new state.
-            Some(_) => continue,
+            Err(_) => continue,
         }
     }
     Err(ApiError::Internal(
@@ -198,16 +198,18 @@ pub async fn check_order(
             alerts: Vec::new(),
         });
     };
-    let (outcome, reasons, state) = evaluate_and_reserve(conn, ctx, account, amount_minor).await?;
+    let (outcome, reasons, state, reserved) =
+        evaluate_and_reserve(conn, ctx, account, amount_minor).await?;
     let mut alerts = Vec::new();
-    // A reservation changed the account: read what it is now. Otherwise
-    // it is as the decision saw it.
-    let after = if outcome == Outcome::Approve {
-        super::account_by_id(conn, &account.id.to_string()).await?
-    } else {
-        let mut seen = account.clone();
-        seen.exposure = state.exposure;
-        seen
+    // A reservation changed the account, and its write returned it as it
+    // is now. Otherwise it is as the decision saw it.
+    let after = match reserved {
+        Some(after) => after,
+        None => {
+            let mut seen = account.clone();
+            seen.exposure = state.exposure;
+            seen
+        }
     };
     let reservation = if outcome == Outcome::Approve {
         let expires_at = ctx.now + ctx.reservation_ttl;
@@ -293,7 +295,7 @@ pub async fn amend(
             inputs_json(&state, difference, ctx),
         )
     } else {
-        let (outcome, reasons, state) =
+        let (outcome, reasons, state, _) =
             evaluate_and_reserve(conn, ctx, &account, difference).await?;
         (outcome, reasons, inputs_json(&state, difference, ctx))
     };

@@ -473,13 +473,14 @@ pub async fn set_controls(
 
 /// Reserves `amount_minor` on `account` if and only if it fits under its
 /// limit and, for a group member, under the parent's limit for the group:
-/// Ok(None) when reserved, Ok(Some(reason)) when refused.
+/// Ok(Ok(the account as it is now)) when reserved, Ok(Err(reason)) when
+/// refused.
 pub async fn try_reserve(
     conn: &impl ConnectionTrait,
     account: &Account,
     amount_minor: i64,
     now: DateTime<Utc>,
-) -> Result<Option<Reason>, ApiError> {
+) -> Result<Result<Account, Reason>, ApiError> {
     if let Some(parent) = &account.parent_account_id {
         let grew = account::Entity::update_many()
             .col_expr(
@@ -500,7 +501,7 @@ pub async fn try_reserve(
             .exec(conn)
             .await?;
         if grew.rows_affected != 1 {
-            return Ok(Some(Reason::GroupLimitExceeded));
+            return Ok(Err(Reason::GroupLimitExceeded));
         }
     }
     let reserved = account::Entity::update_many()
@@ -529,16 +530,16 @@ pub async fn try_reserve(
                 .sub(Expr::col(account::Column::GroupExposureMinor))
                 .gte(amount_minor),
         )
-        .exec(conn)
+        .exec_with_returning(conn)
         .await?;
-    if reserved.rows_affected == 1 {
-        return Ok(None);
+    if let Some(row) = reserved.into_iter().next() {
+        return to_account(row).map(Ok);
     }
     if let Some(parent) = &account.parent_account_id {
         // Undo our own group increment; still in this transaction.
         shift_group(conn, parent, -amount_minor, now).await?;
     }
-    Ok(Some(Reason::OverLimit))
+    Ok(Err(Reason::OverLimit))
 }
 
 async fn shift_group(
@@ -641,24 +642,25 @@ pub async fn insert_reservation(
     now: DateTime<Utc>,
     expires_at: DateTime<Utc>,
 ) -> Result<Reservation, ApiError> {
-    let id = ReservationId::new();
-    let result = reservation::Entity::insert(reservation::ActiveModel {
-        id: Set(id.to_string()),
-        tenant_id: Set(account.tenant_id.clone()),
-        account_id: Set(account.id.to_string()),
-        customer_id: Set(account.exposure.customer_id.to_string()),
-        order_id: Set(order_id.to_owned()),
-        amount_minor: Set(amount_minor),
-        state: Set(STATE_OPEN.to_owned()),
-        invoice_id: Set(None),
-        created_at: Set(now),
-        expires_at: Set(expires_at),
-        resolved_at: Set(None),
-    })
-    .exec(conn)
-    .await;
+    let row = reservation::Model {
+        id: ReservationId::new().to_string(),
+        tenant_id: account.tenant_id.clone(),
+        account_id: account.id.to_string(),
+        customer_id: account.exposure.customer_id.to_string(),
+        order_id: order_id.to_owned(),
+        amount_minor,
+        state: STATE_OPEN.to_owned(),
+        invoice_id: None,
+        created_at: now,
+        expires_at,
+        resolved_at: None,
+    };
+    let result = reservation::Entity::insert(reservation::ActiveModel::from(row.clone()))
+        .exec_without_returning(conn)
+        .await;
     match result {
-        Ok(_) => get_reservation(conn, &account.tenant_id, id).await,
+        // What was written is what is returned: no second read.
+        Ok(_) => to_reservation(row),
         Err(error) if o2c_kit::db::is_unique_violation(&error) => {
             Err(CreditError::OrderAlreadyReserved(order_id.to_owned()).into())
         }
@@ -980,28 +982,27 @@ pub async fn insert_decision(
     conn: &impl ConnectionTrait,
     record: &DecisionRecord<'_>,
 ) -> Result<Decision, ApiError> {
-    let id = DecisionId::new();
-    let model = decision::ActiveModel {
-        id: Set(id.to_string()),
-        tenant_id: Set(record.tenant_id.to_owned()),
-        customer_id: Set(record.customer_id.to_string()),
-        order_id: Set(record.order_id.to_owned()),
-        client_reference: Set(record.client_reference.to_owned()),
-        amount_minor: Set(record.amount_minor),
-        currency_code: Set(record.currency.code().to_owned()),
-        outcome: Set(record.outcome.code().to_owned()),
-        reasons: Set(Reason::join(record.reasons)),
-        reservation_id: Set(record.reservation_id.map(|r| r.to_string())),
-        hold_id: Set(record.hold_id.clone()),
-        inputs_json: Set(record.inputs_json.clone()),
-        policy_version: Set(crate::domain::POLICY_VERSION.to_owned()),
-        created_at: Set(record.now),
+    let row = decision::Model {
+        id: DecisionId::new().to_string(),
+        tenant_id: record.tenant_id.to_owned(),
+        customer_id: record.customer_id.to_string(),
+        order_id: record.order_id.to_owned(),
+        client_reference: record.client_reference.to_owned(),
+        amount_minor: record.amount_minor,
+        currency_code: record.currency.code().to_owned(),
+        outcome: record.outcome.code().to_owned(),
+        reasons: Reason::join(record.reasons),
+        reservation_id: record.reservation_id.map(|r| r.to_string()),
+        hold_id: record.hold_id.clone(),
+        inputs_json: record.inputs_json.clone(),
+        policy_version: crate::domain::POLICY_VERSION.to_owned(),
+        created_at: record.now,
     };
-    decision::Entity::insert(model).exec(conn).await?;
-    decision::Entity::find_by_id(id.to_string())
-        .one(conn)
-        .await?
-        .ok_or_else(|| ApiError::Internal(format!("decision {id} vanished")))
+    decision::Entity::insert(decision::ActiveModel::from(row.clone()))
+        .exec_without_returning(conn)
+        .await?;
+    // What was written is what is returned: no second read.
+    Ok(row)
 }
 
 /// Decisions of a customer or an order, newest first.

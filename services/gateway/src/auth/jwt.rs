@@ -209,8 +209,9 @@ impl Verifier {
     }
 }
 
-/// The caller a bearer token names, if a configured issuer vouches for it.
-pub fn verify_any(issuers: &[Verifier], token: &str) -> Result<Principal, ApiError> {
+/// The caller a bearer token names, if a configured issuer vouches for
+/// it, with the token's `exp` (0 when it is not a whole number of seconds).
+pub fn verify_any_until(issuers: &[Verifier], token: &str) -> Result<(Principal, u64), ApiError> {
     let refused = |why: String| ApiError::Unauthenticated(format!("token refused: {why}"));
     // `alg: none` and unknown algorithms fail here: no such Algorithm.
     let header = jsonwebtoken::decode_header(token)
@@ -218,7 +219,10 @@ pub fn verify_any(issuers: &[Verifier], token: &str) -> Result<Principal, ApiErr
     let mut last = None;
     for issuer in issuers {
         match issuer.verify(&header, token) {
-            Some(Ok(claims)) => return issuer.principal(&claims),
+            Some(Ok(claims)) => {
+                let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+                return issuer.principal(&claims).map(|principal| (principal, exp));
+            }
             Some(Err(error)) => last = Some(error),
             None => {}
         }

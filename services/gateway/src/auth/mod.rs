@@ -165,6 +165,9 @@ impl AuthSettings {
 pub struct Authenticator {
     keys: Arc<keys::KeyStore>,
     issuers: Vec<jwt::Verifier>,
+    /// Bearer tokens verified before, until their `exp`: a client's calls
+    /// with one token check its signature and claims once.
+    verified: o2c_kit::auth::TokenMemo<String, Principal>,
 }
 
 impl Authenticator {
@@ -174,7 +177,11 @@ impl Authenticator {
             .iter()
             .map(jwt::Verifier::new)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { keys, issuers })
+        Ok(Self {
+            keys,
+            issuers,
+            verified: o2c_kit::auth::TokenMemo::default(),
+        })
     }
 
     /// The caller a request's credential names.
@@ -186,7 +193,17 @@ impl Authenticator {
         match (authorization, api_key) {
             (Some(value), _) if value.starts_with("Bearer ") => {
                 let token = value.trim_start_matches("Bearer ").trim();
-                jwt::verify_any(&self.issuers, token)
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                if let Some(principal) = self.verified.get(token, now) {
+                    return Ok(principal);
+                }
+                let (principal, exp) = jwt::verify_any_until(&self.issuers, token)?;
+                // Until `exp` only: past it the full check (with its
+                // leeway) decides again.
+                self.verified.put(token.to_owned(), principal.clone(), exp);
+                Ok(principal)
             }
             (Some(value), _) if value.starts_with("ApiKey ") => {
                 self.keys

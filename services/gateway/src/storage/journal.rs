@@ -5,7 +5,7 @@
 //! committed before credit answers. The gateway's own row for the order is
 //! a copy that its later workflow (amend, cancel, invoice, holds) works on,
 //! so PlaceOrder does not wait for it: it hands the row to the [`Journal`],
-//! whose writer inserts what queued meanwhile in one statement.
+//! whose writer inserts what queued within [`LINGER`] in one statement.
 //!
 //! - A row already there is left as it is (`ON CONFLICT DO NOTHING`): a
 //!   retried call, or a row rebuilt from credit first, never overwrites
@@ -35,6 +35,10 @@ pub const MAX_BATCH: usize = 256;
 pub const ATTEMPTS: u32 = 5;
 /// Pause after the first failed try; each next one doubles.
 const BACKOFF: Duration = Duration::from_millis(50);
+/// How long the writer waits for more rows before writing what it has
+/// (a flush writes at once): at a few orders a second, one statement
+/// carries several instead of each costing the database its own.
+pub const LINGER: Duration = Duration::from_millis(10);
 
 enum Entry {
     Row(Box<order::Model>),
@@ -78,14 +82,20 @@ async fn write(db: DatabaseConnection, mut receiver: mpsc::Receiver<Entry>) {
     let mut rows = Vec::with_capacity(MAX_BATCH);
     let mut flushed = Vec::new();
     while let Some(first) = receiver.recv().await {
+        // Rows that follow within LINGER go into the same statement; a
+        // flush ends the wait.
+        let deadline = tokio::time::Instant::now() + LINGER;
         let mut next = Some(first);
         while let Some(entry) = next.take() {
             match entry {
                 Entry::Row(row) => rows.push(order::ActiveModel::from(*row)),
                 Entry::Flush(done) => flushed.push(done),
             }
-            if rows.len() < MAX_BATCH {
-                next = receiver.try_recv().ok();
+            if rows.len() < MAX_BATCH && flushed.is_empty() {
+                next = tokio::time::timeout_at(deadline, receiver.recv())
+                    .await
+                    .ok()
+                    .flatten();
             }
         }
         if !rows.is_empty() {
