@@ -34,7 +34,7 @@ use tonic::Status;
 use tracing::Instrument;
 
 use super::{CreditApi, checked_decision, same_currency};
-use crate::domain::{self, CreditError, Exposure};
+use crate::domain::{self, Exposure};
 use crate::storage::{self, Alert, check};
 
 /// Most orders decided in one transaction.
@@ -194,11 +194,15 @@ impl CreditApi {
         let mut decided = Vec::new();
         let mut raced = Vec::new();
         let mut failed_alone = false;
+        let mut reserved = None;
         for pending in batch {
             let result = async {
                 if shared {
                     let savepoint = txn.begin().await?;
-                    match self.decide_one(&savepoint, &pending.check).await {
+                    match self
+                        .decide_one(&savepoint, &pending.check, &mut reserved)
+                        .await
+                    {
                         Ok(done) => {
                             savepoint.commit().await?;
                             Ok(done)
@@ -209,7 +213,7 @@ impl CreditApi {
                         }
                     }
                 } else {
-                    self.decide_one(&txn, &pending.check).await
+                    self.decide_one(&txn, &pending.check, &mut reserved).await
                 }
             }
             .instrument(pending.span.clone())
@@ -299,12 +303,18 @@ impl CreditApi {
 
     /// Decides one order in `conn`: its replay when its key was used, its
     /// error, or its decision with the reservation or hold it made.
+    ///
+    /// `reserved` carries the account from one order of the batch to the
+    /// next: taken on the way in, set again only when this order reserved
+    /// and was decided.
     async fn decide_one(
         &self,
         conn: &DatabaseTransaction,
         c: &Check,
+        reserved: &mut Option<storage::Account>,
     ) -> Result<Decided, Undecided> {
         if let Some(response) = idempotency::stored_in(conn, &c.scope, &c.key, &c.bytes).await? {
+            // A replay leaves the account as it was.
             return Ok(Decided {
                 response,
                 exposures: Vec::new(),
@@ -314,13 +324,15 @@ impl CreditApi {
         }
         // An order is checked once; changing its amount is an amendment
         // and a held order is worked from the hold queue.
-        if storage::order_has_reservation(conn, &c.tenant, &c.order).await? {
-            return Err(ApiError::from(CreditError::OrderAlreadyReserved(c.order.clone())).into());
+        if let Some(checked) = storage::order_checked(conn, &c.tenant, &c.order).await? {
+            return Err(ApiError::from(checked).into());
         }
-        if storage::order_has_hold(conn, &c.tenant, &c.order).await? {
-            return Err(ApiError::from(CreditError::OrderHeld(c.order.clone())).into());
-        }
-        let account = storage::find_account(conn, &c.tenant, c.customer).await?;
+        // The account as the batch's previous reservation left it: this
+        // transaction holds its row lock since, so nobody changed it.
+        let account = match reserved.take() {
+            Some(account) => Some(account),
+            None => storage::find_account(conn, &c.tenant, c.customer).await?,
+        };
         if let Some(account) = &account {
             same_currency("amount", &c.amount, account)?;
         }
@@ -356,7 +368,11 @@ impl CreditApi {
             None => Vec::new(),
         };
         match idempotency::record_in(conn, &c.scope, &c.key, &c.bytes, &response).await {
-            Ok(()) => {}
+            Ok(()) => {
+                if checked.outcome == domain::Outcome::Approve {
+                    reserved.clone_from(&checked.account);
+                }
+            }
             Err(error) if o2c_kit::db::is_unique_violation(&error) => {
                 return Err(Undecided::Raced);
             }

@@ -668,20 +668,6 @@ pub async fn insert_reservation(
     }
 }
 
-/// Whether `order_id` already holds a reservation (in any state).
-pub async fn order_has_reservation(
-    conn: &impl ConnectionTrait,
-    tenant_id: &str,
-    order_id: &str,
-) -> Result<bool, ApiError> {
-    Ok(reservation::Entity::find()
-        .filter(reservation::Column::TenantId.eq(tenant_id))
-        .filter(reservation::Column::OrderId.eq(order_id))
-        .one(conn)
-        .await?
-        .is_some())
-}
-
 pub async fn get_reservation(
     conn: &impl ConnectionTrait,
     tenant_id: &str,
@@ -1081,18 +1067,42 @@ pub async fn get_hold(
         .ok_or_else(|| ApiError::not_found("hold", id))
 }
 
-/// Whether `order_id` has a hold (in any state).
-pub async fn order_has_hold(
+/// What an order was checked into before, if anything: a reservation (in
+/// any state) or a hold. One statement asks both.
+pub async fn order_checked(
     conn: &impl ConnectionTrait,
     tenant_id: &str,
     order_id: &str,
-) -> Result<bool, ApiError> {
-    Ok(hold::Entity::find()
+) -> Result<Option<CreditError>, ApiError> {
+    use sea_orm::QueryTrait;
+    use sea_orm::sea_query::Query;
+    let reserved = reservation::Entity::find()
+        .select_only()
+        .column(reservation::Column::Id)
+        .filter(reservation::Column::TenantId.eq(tenant_id))
+        .filter(reservation::Column::OrderId.eq(order_id))
+        .into_query();
+    let held = hold::Entity::find()
+        .select_only()
+        .column(hold::Column::Id)
         .filter(hold::Column::TenantId.eq(tenant_id))
         .filter(hold::Column::OrderId.eq(order_id))
-        .one(conn)
+        .into_query();
+    let query = Query::select()
+        .expr_as(Expr::exists(reserved), "reserved")
+        .expr_as(Expr::exists(held), "held")
+        .to_owned();
+    let row = conn
+        .query_one(&query)
         .await?
-        .is_some())
+        .ok_or_else(|| ApiError::Internal("EXISTS returned no row".into()))?;
+    Ok(if row.try_get::<bool>("", "reserved")? {
+        Some(CreditError::OrderAlreadyReserved(order_id.to_owned()))
+    } else if row.try_get::<bool>("", "held")? {
+        Some(CreditError::OrderHeld(order_id.to_owned()))
+    } else {
+        None
+    })
 }
 
 /// How many orders of the account were ever held (a risk factor).
