@@ -174,6 +174,66 @@ where
     stored(conn, scope, key, request).await
 }
 
+/// What was recorded for one key: the request, and its response once
+/// there is one.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    request: Vec<u8>,
+    response: Option<Vec<u8>>,
+}
+
+impl Recorded {
+    /// A record of `response` to `request`.
+    pub fn of<R: prost::Message>(request: &[u8], response: &R) -> Self {
+        Self {
+            request: request.to_vec(),
+            response: Some(response.encode_to_vec()),
+        }
+    }
+
+    /// The response to replay for `request`; as [`stored_in`] it refuses a
+    /// different request under the same key.
+    pub fn replay<R: prost::Message + Default>(&self, request: &[u8]) -> Result<R, ApiError> {
+        if self.request != request {
+            return Err(reused());
+        }
+        match &self.response {
+            Some(bytes) => decode(bytes),
+            None => Err(ApiError::Aborted(
+                "a request with this idempotency key is in progress".into(),
+            )),
+        }
+    }
+}
+
+/// The records of `keys` in `scope` as read in `conn`, by key: what
+/// [`stored_in`] finds for each, in one statement for a batch of requests.
+pub async fn recorded_in(
+    conn: &impl ConnectionTrait,
+    scope: &str,
+    keys: &[&str],
+) -> Result<std::collections::HashMap<String, Recorded>, ApiError> {
+    if keys.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    Ok(entity::Entity::find()
+        .filter(entity::Column::Scope.eq(scope))
+        .filter(entity::Column::Key.is_in(keys.iter().copied()))
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(|row| {
+            (
+                row.key,
+                Recorded {
+                    request: row.request,
+                    response: row.response,
+                },
+            )
+        })
+        .collect())
+}
+
 /// Records `response` for `key` in `conn`, the caller's transaction, which
 /// the caller commits. A concurrent request that recorded the key first
 /// makes this fail with [`is_unique_violation`] on the returned error's

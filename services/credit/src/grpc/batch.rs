@@ -10,6 +10,9 @@
 //! - Every order keeps its own idempotency record, decision and
 //!   reservation, written in the shared transaction; each is answered only
 //!   after the commit that made it durable.
+//! - The batch reads the idempotency records of all its keys in one
+//!   statement, and each order after the first starts from the account as
+//!   the previous reservation returned it, instead of reading it again.
 //! - An order that fails (a bad request, an order checked before) is rolled
 //!   back to its own savepoint and answered with its error; the others go on.
 //! - Each order's statements run in its own request's span, so its trace
@@ -140,6 +143,17 @@ impl From<DbErr> for Undecided {
     }
 }
 
+/// What one order of a batch leaves to the next.
+struct Carried {
+    /// The idempotency records of the batch's keys: read at its start, and
+    /// each order's added as it is decided.
+    recorded: HashMap<String, idempotency::Recorded>,
+    /// The account as the previous order's reservation left it; this
+    /// transaction holds its row lock since. Taken by each order, set again
+    /// only when that order reserved and was decided.
+    reserved: Option<storage::Account>,
+}
+
 /// One decided order, answered after the commit.
 struct Decided {
     response: pb::CheckAndReserveResponse,
@@ -191,16 +205,36 @@ impl CreditApi {
         // Savepoints only when orders share the transaction: alone, an
         // order's failure rolls back the transaction that is all its own.
         let shared = batch.len() > 1;
+        // Every key of the batch is looked up at once: one tenant, so one
+        // scope.
+        let scope = format!("{tenant}/credit.CheckAndReserve");
+        let keys: Vec<&str> = batch.iter().map(|p| p.check.key.as_str()).collect();
+        let recorded = idempotency::recorded_in(&txn, &scope, &keys)
+            .instrument(opener.clone())
+            .await;
+        let mut state = match recorded {
+            Ok(recorded) => Carried {
+                recorded,
+                reserved: None,
+            },
+            Err(error) => {
+                let status = Status::from(error);
+                for pending in batch {
+                    let _ = pending.reply.send(Err(status.clone()));
+                }
+                let _ = txn.rollback().instrument(opener).await;
+                return;
+            }
+        };
         let mut decided = Vec::new();
         let mut raced = Vec::new();
         let mut failed_alone = false;
-        let mut reserved = None;
         for pending in batch {
             let result = async {
                 if shared {
                     let savepoint = txn.begin().await?;
                     match self
-                        .decide_one(&savepoint, &pending.check, &mut reserved)
+                        .decide_one(&savepoint, &pending.check, &mut state)
                         .await
                     {
                         Ok(done) => {
@@ -213,7 +247,7 @@ impl CreditApi {
                         }
                     }
                 } else {
-                    self.decide_one(&txn, &pending.check, &mut reserved).await
+                    self.decide_one(&txn, &pending.check, &mut state).await
                 }
             }
             .instrument(pending.span.clone())
@@ -303,18 +337,15 @@ impl CreditApi {
 
     /// Decides one order in `conn`: its replay when its key was used, its
     /// error, or its decision with the reservation or hold it made.
-    ///
-    /// `reserved` carries the account from one order of the batch to the
-    /// next: taken on the way in, set again only when this order reserved
-    /// and was decided.
     async fn decide_one(
         &self,
         conn: &DatabaseTransaction,
         c: &Check,
-        reserved: &mut Option<storage::Account>,
+        state: &mut Carried,
     ) -> Result<Decided, Undecided> {
-        if let Some(response) = idempotency::stored_in(conn, &c.scope, &c.key, &c.bytes).await? {
+        if let Some(found) = state.recorded.get(&c.key) {
             // A replay leaves the account as it was.
+            let response = found.replay(&c.bytes)?;
             return Ok(Decided {
                 response,
                 exposures: Vec::new(),
@@ -329,7 +360,7 @@ impl CreditApi {
         }
         // The account as the batch's previous reservation left it: this
         // transaction holds its row lock since, so nobody changed it.
-        let account = match reserved.take() {
+        let account = match state.reserved.take() {
             Some(account) => Some(account),
             None => storage::find_account(conn, &c.tenant, c.customer).await?,
         };
@@ -369,8 +400,13 @@ impl CreditApi {
         };
         match idempotency::record_in(conn, &c.scope, &c.key, &c.bytes, &response).await {
             Ok(()) => {
+                // A retry later in the batch replays it.
+                state.recorded.insert(
+                    c.key.clone(),
+                    idempotency::Recorded::of(&c.bytes, &response),
+                );
                 if checked.outcome == domain::Outcome::Approve {
-                    reserved.clone_from(&checked.account);
+                    state.reserved.clone_from(&checked.account);
                 }
             }
             Err(error) if o2c_kit::db::is_unique_violation(&error) => {

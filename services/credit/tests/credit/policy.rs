@@ -274,6 +274,17 @@ async fn batch_answers_each_check_on_its_own(backend: Backend) {
                 assert_eq!(*code, Code::AlreadyExists, "order o-{i}, {kind}");
             }
         }
+        // The same check under the same key is answered the same, in
+        // whichever order the two arrived, in one batch or two.
+        let under_key: Vec<&Result<pb::CreditDecision, Code>> = answers
+            .iter()
+            .filter(|(kind, _)| *kind != "again")
+            .map(|(_, answer)| answer)
+            .collect();
+        assert!(
+            under_key.windows(2).all(|pair| pair[0] == pair[1]),
+            "order o-{i}: {answers:?}"
+        );
         let decision = answers.iter().find_map(|(_, a)| a.as_ref().ok()).unwrap();
         match decision.decision() {
             pb::Decision::Approve => approved += 1,

@@ -14,14 +14,16 @@
 //!   [`Journal::flush`] and reads again; an order that is still missing
 //!   (another replica placed it, or this one stopped before writing) is
 //!   rebuilt from its credit decision by the caller.
+//! - It commits asynchronously on PostgreSQL (see [`write_once`]).
 //! - A write that keeps failing is given up after [`ATTEMPTS`] tries and
 //!   logged: those orders, too, are rebuilt from credit when next read.
 
 use std::time::Duration;
 
-use sea_orm::DatabaseConnection;
-use sea_orm::EntityTrait;
 use sea_orm::sea_query::OnConflict;
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, TransactionTrait,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::entities::order;
@@ -107,18 +109,32 @@ async fn write(db: DatabaseConnection, mut receiver: mpsc::Receiver<Entry>) {
     }
 }
 
+/// One statement in a transaction of its own. On PostgreSQL it commits
+/// without waiting for its WAL to reach the disk (`synchronous_commit =
+/// off`, for this transaction only): what it writes is already durable in
+/// credit, so a crash costs at most a rebuild, and the gateway's commits do
+/// not queue with credit's for the disk.
+async fn write_once(db: &DatabaseConnection, rows: Vec<order::ActiveModel>) -> Result<(), DbErr> {
+    let txn = db.begin().await?;
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared("SET LOCAL synchronous_commit TO OFF")
+            .await?;
+    }
+    order::Entity::insert_many(rows)
+        .on_conflict(
+            OnConflict::column(order::Column::Id)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&txn)
+        .await?;
+    txn.commit().await
+}
+
 async fn insert(db: &DatabaseConnection, rows: Vec<order::ActiveModel>) {
     let mut pause = BACKOFF;
     for attempt in 1..=ATTEMPTS {
-        let result = order::Entity::insert_many(rows.clone())
-            .on_conflict(
-                OnConflict::column(order::Column::Id)
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .exec_without_returning(db)
-            .await;
-        match result {
+        match write_once(db, rows.clone()).await {
             Ok(_) => return,
             Err(error) if attempt < ATTEMPTS => {
                 tracing::warn!(%error, attempt, rows = rows.len(), "writing placed orders failed; retrying");
