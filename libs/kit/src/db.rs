@@ -118,6 +118,49 @@ pub async fn drop_table_for<E: sea_orm::EntityTrait>(
         .await
 }
 
+/// Adds `definition` (of `column`) to `entity`'s table unless the table has
+/// it already: each service's first migration creates tables from today's
+/// entities, so a new database has every column and only older ones need
+/// it added.
+pub async fn add_column_if_missing<E: sea_orm::EntityTrait>(
+    manager: &sea_orm_migration::SchemaManager<'_>,
+    entity: E,
+    column: E::Column,
+    mut definition: sea_orm::sea_query::ColumnDef,
+) -> Result<(), DbErr> {
+    use sea_orm::IdenStatic;
+    if manager
+        .has_column(entity.table_name(), column.as_str())
+        .await?
+    {
+        return Ok(());
+    }
+    manager
+        .alter_table(
+            sea_orm::sea_query::Table::alter()
+                .table(entity)
+                .add_column(&mut definition)
+                .to_owned(),
+        )
+        .await
+}
+
+/// Drops `column` from `entity`'s table (undoes [`add_column_if_missing`]).
+pub async fn drop_column_for<E: sea_orm::EntityTrait>(
+    manager: &sea_orm_migration::SchemaManager<'_>,
+    entity: E,
+    column: E::Column,
+) -> Result<(), DbErr> {
+    manager
+        .alter_table(
+            sea_orm::sea_query::Table::alter()
+                .table(entity)
+                .drop_column(column)
+                .to_owned(),
+        )
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

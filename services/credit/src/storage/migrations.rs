@@ -112,36 +112,21 @@ impl MigrationName for DecisionReference {
 #[async_trait::async_trait]
 impl MigrationTrait for DecisionReference {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        // A database created from the current tables has it already.
-        if manager
-            .has_column("credit_decisions", "client_reference")
-            .await?
-        {
-            return Ok(());
-        }
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(decision::Entity)
-                    .add_column(
-                        ColumnDef::new(decision::Column::ClientReference)
-                            .string()
-                            .not_null()
-                            .default(""),
-                    )
-                    .to_owned(),
-            )
-            .await
+        o2c_kit::db::add_column_if_missing(
+            manager,
+            decision::Entity,
+            decision::Column::ClientReference,
+            ColumnDef::new(decision::Column::ClientReference)
+                .string()
+                .not_null()
+                .default("")
+                .to_owned(),
+        )
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(decision::Entity)
-                    .drop_column(decision::Column::ClientReference)
-                    .to_owned(),
-            )
+        o2c_kit::db::drop_column_for(manager, decision::Entity, decision::Column::ClientReference)
             .await
     }
 }

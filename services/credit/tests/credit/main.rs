@@ -576,3 +576,38 @@ async fn exposure_reads_use_redis_and_never_go_back_in_version() {
     assert_eq!(refilled, Some(fresh.version));
     h.served.stop().await;
 }
+
+/// A database from before decisions kept the client's reference gets the
+/// column from its migration, and loses it again going down.
+async fn client_reference_migrates_both_ways(backend: Backend) {
+    use o2c_credit::storage::migrations::Migrator;
+    use sea_orm_migration::MigratorTrait;
+    use sea_orm_migration::SchemaManager;
+    let Some(db) = o2c_testkit::database(backend, "credit_migration").await else {
+        return;
+    };
+    let conn = o2c_kit::db::connect_and_migrate::<Migrator>(&db.url)
+        .await
+        .unwrap();
+    let has = |conn: sea_orm::DatabaseConnection| async move {
+        SchemaManager::new(&conn)
+            .has_column("credit_decisions", "client_reference")
+            .await
+            .unwrap()
+    };
+    assert!(has(conn.clone()).await);
+    Migrator::down(&conn, Some(1)).await.unwrap();
+    assert!(!has(conn.clone()).await);
+    Migrator::up(&conn, None).await.unwrap();
+    assert!(has(conn.clone()).await);
+}
+
+#[tokio::test]
+async fn client_reference_migrates_both_ways_on_sqlite() {
+    client_reference_migrates_both_ways(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn client_reference_migrates_both_ways_on_postgres() {
+    client_reference_migrates_both_ways(Backend::Postgres).await;
+}

@@ -1,6 +1,5 @@
 //! Schema migrations, applied at start on SQLite and PostgreSQL alike.
 
-use sea_orm::{EntityName, IdenStatic};
 use sea_orm_migration::prelude::*;
 
 use super::entities::{applied_payment, credit_balance, credit_note, invoice, line, payout};
@@ -76,40 +75,25 @@ impl MigrationName for AppliedPaymentDiscount {
 #[async_trait::async_trait]
 impl MigrationTrait for AppliedPaymentDiscount {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        // The first migration creates tables from today's entities, so a
-        // new database has the column already; only older ones need it.
-        if manager
-            .has_column(
-                applied_payment::Entity.table_name(),
-                applied_payment::Column::DiscountMinor.as_str(),
-            )
-            .await?
-        {
-            return Ok(());
-        }
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(applied_payment::Entity)
-                    .add_column(
-                        ColumnDef::new(applied_payment::Column::DiscountMinor)
-                            .big_integer()
-                            .not_null()
-                            .default(0),
-                    )
-                    .to_owned(),
-            )
-            .await
+        o2c_kit::db::add_column_if_missing(
+            manager,
+            applied_payment::Entity,
+            applied_payment::Column::DiscountMinor,
+            ColumnDef::new(applied_payment::Column::DiscountMinor)
+                .big_integer()
+                .not_null()
+                .default(0)
+                .to_owned(),
+        )
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(applied_payment::Entity)
-                    .drop_column(applied_payment::Column::DiscountMinor)
-                    .to_owned(),
-            )
-            .await
+        o2c_kit::db::drop_column_for(
+            manager,
+            applied_payment::Entity,
+            applied_payment::Column::DiscountMinor,
+        )
+        .await
     }
 }
