@@ -153,6 +153,22 @@ async fn placing_orders(backend: Backend) {
         "90.00"
     );
 
+    // Reconciliation through yet another empty gateway rebuilds an
+    // approved order it has no row for, and finds it consistent.
+    let other = onboard(&mut s.gateway, "50.00").await;
+    s.gateway
+        .place_order(as_tenant(pb::PlaceOrderRequest {
+            idempotency_key: key(),
+            customer_id: other.clone(),
+            client_reference: "PO-4".into(),
+            amount: eur("20.00"),
+        }))
+        .await
+        .unwrap();
+    let (third, _third_db) = bare_gateway(&s, backend).await;
+    let mut third = GatewayServiceClient::new(third.channel().await);
+    super::assert_reconciled(&mut third, &other).await;
+
     // An order credit never decided on is not found.
     let unknown = bare
         .get_order(as_tenant(pb::GetOrderRequest {

@@ -569,26 +569,9 @@ impl GatewayService for GatewayApi {
                 amount: Some(proto_money::to_proto(&amount)),
                 client_reference: reference,
             })
-            .await;
-        let checked = match checked {
-            Ok(checked) => checked.into_inner(),
-            Err(status) => {
-                // A call placed before order ids were derived from keys
-                // left its answer in the gateway's own idempotency records.
-                if status.code() == Code::InvalidArgument
-                    && let Some(response) = idempotency::stored_in(
-                        &self.db,
-                        &format!("{tenant}/gateway.PlaceOrder"),
-                        key,
-                        &request.encode_to_vec(),
-                    )
-                    .await?
-                {
-                    return Ok(Response::new(response));
-                }
-                return Err(from_upstream("credit", status).into());
-            }
-        };
+            .await
+            .map_err(upstream("credit"))?
+            .into_inner();
         let decision = present(checked.decision, "decision")?;
         let order = placed_order(&decision)?;
         self.journal
@@ -2137,8 +2120,31 @@ impl GatewayApi {
             }
         }
         // Approved, not yet invoiced orders ↔ open reservations.
-        let approved =
+        let mut approved =
             storage::orders_in_status(&self.db, tenant, customer, OrderStatus::Approved).await?;
+        // An order whose row this gateway does not have yet (another
+        // replica placed it, or the journal gave it up) is rebuilt from its
+        // credit decision first, so it is compared rather than reported.
+        let known: std::collections::HashSet<String> =
+            approved.iter().map(|o| o.id.to_string()).collect();
+        let mut rebuilt = false;
+        for reservation in &ledger.open_reservations {
+            let Ok(id) = reservation.order_id.parse::<OrderId>() else {
+                continue;
+            };
+            if known.contains(&reservation.order_id) || !domain::is_placed_id(id) {
+                continue;
+            }
+            match self.order(tenant, id).await {
+                Ok(_) => rebuilt = true,
+                Err(ApiError::NotFound(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if rebuilt {
+            approved = storage::orders_in_status(&self.db, tenant, customer, OrderStatus::Approved)
+                .await?;
+        }
         let mut reservations: std::collections::HashMap<String, String> = ledger
             .open_reservations
             .iter()
