@@ -434,9 +434,21 @@ async fn each_order_is_one_trace_across_every_service() {
     if redis.is_some() {
         assert!(has("o2c.cache.lookups", "cache", "credit.exposure"));
     }
-    assert!(
-        has("o2c.reconciliation.differences", "tenant", "t1"),
-        "the periodic reconciliation ran"
-    );
+    // The periodic reconciliation runs on its own clock (every 200 ms):
+    // wait for a pass that saw the tenant's orders to be exported.
+    let reconciled = o2c_testkit::eventually(Duration::from_secs(10), || {
+        telemetry.flush();
+        let seen = metrics.0.lock().unwrap().clone();
+        async move {
+            seen.iter()
+                .any(|(metric, attributes)| {
+                    metric == "o2c.reconciliation.differences"
+                        && attributes.iter().any(|(k, v)| k == "tenant" && v == "t1")
+                })
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(reconciled.is_some(), "the periodic reconciliation ran");
     suite.stop().await.unwrap();
 }
