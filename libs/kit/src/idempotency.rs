@@ -182,6 +182,15 @@ pub struct Recorded {
     response: Option<Vec<u8>>,
 }
 
+impl From<entity::Model> for Recorded {
+    fn from(row: entity::Model) -> Self {
+        Self {
+            request: row.request,
+            response: row.response,
+        }
+    }
+}
+
 impl Recorded {
     /// A record of `response` to `request`.
     pub fn of<R: prost::Message>(request: &[u8], response: &R) -> Self {
@@ -222,15 +231,7 @@ pub async fn recorded_in(
         .all(conn)
         .await?
         .into_iter()
-        .map(|row| {
-            (
-                row.key,
-                Recorded {
-                    request: row.request,
-                    response: row.response,
-                },
-            )
-        })
+        .map(|row| (row.key.clone(), Recorded::from(row)))
         .collect())
 }
 
@@ -263,20 +264,12 @@ async fn stored<R>(
 where
     R: prost::Message + Default,
 {
-    let Some(found) = entity::Entity::find_by_id((scope.to_owned(), key.to_owned()))
+    match entity::Entity::find_by_id((scope.to_owned(), key.to_owned()))
         .one(conn)
         .await?
-    else {
-        return Ok(None);
-    };
-    if found.request != request {
-        return Err(reused());
-    }
-    match found.response {
-        Some(bytes) => decode(&bytes).map(Some),
-        None => Err(ApiError::Aborted(
-            "a request with this idempotency key is in progress".into(),
-        )),
+    {
+        Some(found) => Recorded::from(found).replay(request).map(Some),
+        None => Ok(None),
     }
 }
 
@@ -345,37 +338,6 @@ where
         }
     }
     Err(concurrent())
-}
-
-/// As [`claim`], inside the caller's transaction, which commits the claim
-/// with the caller's own first writes. A concurrent claim of the same key
-/// is waited out by the database (`ON CONFLICT DO NOTHING`) and then read,
-/// never turned into an error that would abort the transaction.
-pub async fn claim_in<R, C>(
-    conn: &C,
-    scope: &str,
-    key: &str,
-    request: &[u8],
-) -> Result<Claim<R>, ApiError>
-where
-    R: prost::Message + Default,
-    C: ConnectionTrait,
-{
-    validate_key(key)?;
-    let inserted = entity::Entity::insert(record(scope, key, request, None))
-        .on_conflict(
-            sea_orm::sea_query::OnConflict::columns([entity::Column::Scope, entity::Column::Key])
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(conn)
-        .await?;
-    if inserted == 1 {
-        return Ok(Claim::Fresh);
-    }
-    claimed(conn, scope, key, request)
-        .await?
-        .ok_or_else(concurrent)
 }
 
 /// Stores the response of a claimed key.

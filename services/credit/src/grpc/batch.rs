@@ -207,9 +207,9 @@ impl CreditApi {
         let shared = batch.len() > 1;
         // Every key of the batch is looked up at once: one tenant, so one
         // scope.
-        let scope = format!("{tenant}/credit.CheckAndReserve");
+        let scope = batch.first().map_or("", |p| p.check.scope.as_str());
         let keys: Vec<&str> = batch.iter().map(|p| p.check.key.as_str()).collect();
-        let recorded = idempotency::recorded_in(&txn, &scope, &keys)
+        let recorded = idempotency::recorded_in(&txn, scope, &keys)
             .instrument(opener.clone())
             .await;
         let mut state = match recorded {

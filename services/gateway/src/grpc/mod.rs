@@ -182,7 +182,7 @@ impl GatewayApi {
         // one that stopped before it did.
         let placement = self.placement(tenant, id).await?;
         let order = placed_order(&placement)?;
-        storage::insert_if_absent(&self.db, storage::row(tenant, "", &order)).await?;
+        storage::insert_if_absent(&self.db, vec![storage::row(tenant, "", &order)]).await?;
         tracing::info!(order = %id, "order rebuilt from its credit decision");
         storage::get(&self.db, tenant, id).await
     }

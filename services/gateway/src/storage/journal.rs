@@ -20,10 +20,7 @@
 
 use std::time::Duration;
 
-use sea_orm::sea_query::OnConflict;
-use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, TransactionTrait,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
 
 use super::entities::order;
@@ -90,7 +87,7 @@ async fn write(db: DatabaseConnection, mut receiver: mpsc::Receiver<Entry>) {
         let mut next = Some(first);
         while let Some(entry) = next.take() {
             match entry {
-                Entry::Row(row) => rows.push(order::ActiveModel::from(*row)),
+                Entry::Row(row) => rows.push(*row),
                 Entry::Flush(done) => flushed.push(done),
             }
             if rows.len() < MAX_BATCH && flushed.is_empty() {
@@ -114,24 +111,17 @@ async fn write(db: DatabaseConnection, mut receiver: mpsc::Receiver<Entry>) {
 /// off`, for this transaction only): what it writes is already durable in
 /// credit, so a crash costs at most a rebuild, and the gateway's commits do
 /// not queue with credit's for the disk.
-async fn write_once(db: &DatabaseConnection, rows: Vec<order::ActiveModel>) -> Result<(), DbErr> {
+async fn write_once(db: &DatabaseConnection, rows: Vec<order::Model>) -> Result<(), DbErr> {
     let txn = db.begin().await?;
     if txn.get_database_backend() == DbBackend::Postgres {
         txn.execute_unprepared("SET LOCAL synchronous_commit TO OFF")
             .await?;
     }
-    order::Entity::insert_many(rows)
-        .on_conflict(
-            OnConflict::column(order::Column::Id)
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(&txn)
-        .await?;
+    super::insert_if_absent(&txn, rows).await?;
     txn.commit().await
 }
 
-async fn insert(db: &DatabaseConnection, rows: Vec<order::ActiveModel>) {
+async fn insert(db: &DatabaseConnection, rows: Vec<order::Model>) {
     let mut pause = BACKOFF;
     for attempt in 1..=ATTEMPTS {
         match write_once(db, rows.clone()).await {
@@ -142,10 +132,7 @@ async fn insert(db: &DatabaseConnection, rows: Vec<order::ActiveModel>) {
                 pause *= 2;
             }
             Err(error) => {
-                let ids: Vec<String> = rows
-                    .iter()
-                    .filter_map(|row| row.id.try_as_ref().cloned())
-                    .collect();
+                let ids: Vec<&str> = rows.iter().map(|row| row.id.as_str()).collect();
                 tracing::error!(
                     %error,
                     orders = ?ids,

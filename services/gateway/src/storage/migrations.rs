@@ -20,6 +20,19 @@ impl MigratorTrait for Migrator {
 
 struct CreateOrders;
 
+/// One order per PlaceOrder key and tenant: created with the table, dropped
+/// since order ids are derived from the key ([`PlaceKeyNotUnique`]).
+fn place_key_index() -> IndexCreateStatement {
+    Index::create()
+        .name("ux_orders_tenant_place_key")
+        .table(order::Entity)
+        .col(order::Column::TenantId)
+        .col(order::Column::PlaceKey)
+        .unique()
+        .if_not_exists()
+        .to_owned()
+}
+
 impl MigrationName for CreateOrders {
     fn name(&self) -> &str {
         "m20261204_000001_create_orders"
@@ -30,18 +43,7 @@ impl MigrationName for CreateOrders {
 impl MigrationTrait for CreateOrders {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         o2c_kit::db::create_table_for(manager, order::Entity).await?;
-        manager
-            .create_index(
-                Index::create()
-                    .name("ux_orders_tenant_place_key")
-                    .table(order::Entity)
-                    .col(order::Column::TenantId)
-                    .col(order::Column::PlaceKey)
-                    .unique()
-                    .if_not_exists()
-                    .to_owned(),
-            )
-            .await
+        manager.create_index(place_key_index()).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
@@ -94,17 +96,6 @@ impl MigrationTrait for PlaceKeyNotUnique {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .create_index(
-                Index::create()
-                    .name("ux_orders_tenant_place_key")
-                    .table(order::Entity)
-                    .col(order::Column::TenantId)
-                    .col(order::Column::PlaceKey)
-                    .unique()
-                    .if_not_exists()
-                    .to_owned(),
-            )
-            .await
+        manager.create_index(place_key_index()).await
     }
 }

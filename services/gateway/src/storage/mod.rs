@@ -81,13 +81,18 @@ pub fn row(tenant_id: &str, place_key: &str, order: &Order) -> order::Model {
     }
 }
 
-/// Inserts `row` unless its order is there already (then that is kept).
+/// Inserts `rows` in one statement, keeping any order that is there
+/// already as it is.
 pub async fn insert_if_absent(
     conn: &impl ConnectionTrait,
-    row: order::Model,
-) -> Result<(), ApiError> {
-    order::Entity::insert(order::ActiveModel::from(row))
-        .on_conflict_do_nothing()
+    rows: Vec<order::Model>,
+) -> Result<(), DbErr> {
+    order::Entity::insert_many(rows.into_iter().map(order::ActiveModel::from))
+        .on_conflict(
+            sea_orm::sea_query::OnConflict::column(order::Column::Id)
+                .do_nothing()
+                .to_owned(),
+        )
         .exec_without_returning(conn)
         .await?;
     Ok(())
