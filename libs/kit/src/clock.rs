@@ -7,7 +7,11 @@ use chrono::{DateTime, Utc};
 /// The current time.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
-/// The system clock.
+/// The system clock, to the microsecond: the precision PostgreSQL keeps,
+/// so a row built in memory is the row a later read returns.
 pub fn system_clock() -> Clock {
-    Arc::new(Utc::now)
+    Arc::new(|| {
+        use chrono::SubsecRound;
+        Utc::now().trunc_subsecs(6)
+    })
 }

@@ -255,6 +255,26 @@ where
         .map(|_| ())
 }
 
+/// Records the response of each `(key, request, response)` in `scope` in
+/// one statement, in `conn`, the caller's transaction: [`record_in`] for a
+/// batch of requests sharing one commit. A concurrent request that recorded
+/// one of the keys first fails the whole statement with
+/// [`is_unique_violation`]; the caller rolls back and decides again.
+pub async fn record_all_in(
+    conn: &impl ConnectionTrait,
+    scope: &str,
+    records: &[(&str, &[u8], Vec<u8>)],
+) -> Result<(), DbErr> {
+    entity::Entity::insert_many(
+        records
+            .iter()
+            .map(|(key, request, response)| record(scope, key, request, Some(response.clone()))),
+    )
+    .exec_without_returning(conn)
+    .await
+    .map(|_| ())
+}
+
 async fn stored<R>(
     conn: &impl ConnectionTrait,
     scope: &str,

@@ -52,6 +52,20 @@ pub fn credit_decision(outcome: &'static str, reasons: String) {
     );
 }
 
+static BATCHED: LazyLock<Counter<u64>> = LazyLock::new(|| {
+    meter()
+        .u64_counter("o2c.credit.checks.batched")
+        .with_description(
+            "Credit checks by how their batch decided them: together (set-wise) or one_by_one",
+        )
+        .build()
+});
+
+/// `n` credit checks decided on `path` (`together` or `one_by_one`).
+pub fn credit_checks_batched(path: &'static str, n: u64) {
+    BATCHED.add(n, &[KeyValue::new("path", path)]);
+}
+
 static UTILISATION: LazyLock<Histogram<f64>> = LazyLock::new(|| {
     meter()
         .f64_histogram("o2c.credit.exposure.utilisation")

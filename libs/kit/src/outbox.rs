@@ -189,30 +189,46 @@ fn stamp_trace(event: &mut pb::Event) {
 pub async fn record(
     conn: &impl ConnectionTrait,
     subscribers: &[String],
-    mut event: pb::Event,
+    event: pb::Event,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
-    if subscribers.is_empty() {
+    record_all(conn, subscribers, vec![event], now).await
+}
+
+/// Records `events`, in this order, for every subscriber in the caller's
+/// transaction, in one statement.
+pub async fn record_all(
+    conn: &impl ConnectionTrait,
+    subscribers: &[String],
+    events: Vec<pb::Event>,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    if subscribers.is_empty() || events.is_empty() {
         return Ok(());
     }
-    if event.event_id.is_empty() {
-        event.event_id = uuid::Uuid::now_v7().to_string();
+    let mut rows = Vec::with_capacity(events.len() * subscribers.len());
+    for mut event in events {
+        if event.event_id.is_empty() {
+            // Version-7 ids are time-ordered: the relay delivers by id.
+            event.event_id = uuid::Uuid::now_v7().to_string();
+        }
+        event.occurred_at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        stamp_trace(&mut event);
+        let payload = event.encode_to_vec();
+        for subscriber in subscribers {
+            rows.push(outbox_entity::ActiveModel {
+                id: Set(event.event_id.clone()),
+                subscriber: Set(subscriber.clone()),
+                payload: Set(payload.clone()),
+                attempts: Set(0),
+                next_attempt_at: Set(now),
+                created_at: Set(now),
+            });
+        }
     }
-    event.occurred_at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    stamp_trace(&mut event);
-    let payload = event.encode_to_vec();
-    for subscriber in subscribers {
-        outbox_entity::Entity::insert(outbox_entity::ActiveModel {
-            id: Set(event.event_id.clone()),
-            subscriber: Set(subscriber.clone()),
-            payload: Set(payload.clone()),
-            attempts: Set(0),
-            next_attempt_at: Set(now),
-            created_at: Set(now),
-        })
-        .exec(conn)
+    outbox_entity::Entity::insert_many(rows)
+        .exec_without_returning(conn)
         .await?;
-    }
     Ok(())
 }
 

@@ -155,6 +155,8 @@ pub struct Built {
     pub routes: Routes,
     pub maintenance: Maintenance,
     pub relay: o2c_kit::outbox::Relay,
+    /// How credit checks were decided (set-wise or one by one).
+    pub batches: std::sync::Arc<grpc::Batcher>,
 }
 
 /// Connects to the database (and Redis when `redis_url` is set), applies
@@ -190,6 +192,7 @@ pub async fn build_with(
     );
     Ok(Built {
         relay,
+        batches: api.batches(),
         maintenance: Maintenance::new(api.clone()),
         routes: Routes::new(CreditServiceServer::new(api.clone()))
             .add_service(o2c_kit::outbox::Inbox::new(db_for_events, api).into_server()),

@@ -15,7 +15,7 @@ pub mod risk;
 pub const POLICY_VERSION: &str = "credit-policy/2026-12-04.1";
 
 /// Refusals of the credit service.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CreditError {
     #[error("customer {0} already has a credit account in another currency")]
     AccountExists(CustomerId),

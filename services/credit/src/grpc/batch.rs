@@ -1,29 +1,46 @@
-//! Group commit of credit checks, per customer. Concurrent `CheckAndReserve`
-//! calls for one customer queue behind the transaction that is deciding
-//! that customer's orders; when it commits, everything that queued meanwhile
-//! (up to [`MAX_BATCH`]) is decided in the next transaction, one order after
-//! another on the state the previous one left, and committed once. So a
-//! customer whose orders all arrive at once pays one row lock and one commit
-//! per batch instead of per order, and each order still sees every earlier
-//! one: the limit is never overrun.
+//! Group commit of credit checks. Concurrent `CheckAndReserve` calls of a
+//! tenant queue behind the transaction that is deciding the tenant's
+//! orders; when it commits, everything that queued meanwhile (up to
+//! [`MAX_BATCH`]) is decided in the next transaction and committed once.
+//! Each order still sees every earlier one: the limit is never overrun.
+//!
+//! A batch is decided set-wise, in a constant number of statements however
+//! many orders and customers it holds:
+//! 1. one statement reads the idempotency records of all its keys;
+//! 2. one locks the accounts of all its customers (in id order), one reads
+//!    which of its orders were checked before, one reads the oldest open
+//!    due date of each account;
+//! 3. every order is decided in memory, in arrival order, on the account as
+//!    the orders before it left it ([`check::plan_order`], the policy of
+//!    [`check::check_order`]);
+//! 4. one statement writes every account (guarded by the version read under
+//!    the lock), one per table inserts the reservations, holds, alerts,
+//!    decisions and idempotency records, one records the `ExposureChanged`
+//!    events (one per customer, with its exposure after its last order);
+//!    then the commit, one pipelined cache write, and the answers.
+//!
+//! What this does not decide goes through [`CreditApi::decide_each`], one
+//! order after another in one transaction, each at its own savepoint: the
+//! orders of group members (whose check needs the parent's row) and of
+//! customers without an account, and the whole batch whenever the set-wise
+//! transaction fails (a concurrent writer, another replica that checked
+//! one of its orders or keys first). That path reads everything again, so
+//! it answers what a lone check would.
 //!
 //! - Every order keeps its own idempotency record, decision and
-//!   reservation, written in the shared transaction; each is answered only
-//!   after the commit that made it durable.
-//! - The batch reads the idempotency records of all its keys in one
-//!   statement, and each order after the first starts from the account as
-//!   the previous reservation returned it, instead of reading it again.
-//! - An order that fails (a bad request, an order checked before) is rolled
-//!   back to its own savepoint and answered with its error; the others go on.
-//! - Each order's statements run in its own request's span, so its trace
-//!   shows them; the batch's `BEGIN` and `COMMIT` are in the trace of the
-//!   order that opened the batch.
-//! - One `ExposureChanged` event and one cache write per customer per batch
-//!   carry the exposure after its last order.
+//!   reservation; each is answered only after the commit that made it
+//!   durable.
+//! - An order refused (a key reused for another request, an order checked
+//!   before, a foreign currency) is answered with its error; the others go
+//!   on.
+//! - Each order's decision is logged and annotated in its own request's
+//!   span; the batch's statements are in the trace of the order that
+//!   opened the batch.
 //!
-//! Batches for different customers run side by side.
+//! Batches of different tenants run side by side.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use o2c_kit::ApiError;
@@ -36,12 +53,14 @@ use tokio::sync::oneshot;
 use tonic::Status;
 use tracing::Instrument;
 
+use prost::Message;
+
 use super::{CreditApi, checked_decision, same_currency};
-use crate::domain::{self, Exposure};
+use crate::domain::{self, CreditError, Exposure};
 use crate::storage::{self, Alert, check};
 
 /// Most orders decided in one transaction.
-pub const MAX_BATCH: usize = 64;
+pub const MAX_BATCH: usize = 128;
 
 /// A validated credit check.
 pub(super) struct Check {
@@ -65,22 +84,47 @@ pub(super) struct Pending {
     reply: oneshot::Sender<Answer>,
 }
 
-type Key = (String, CustomerId);
+/// A tenant: its checks share batches.
+type Key = String;
 
-/// The queues of checks waiting for their customer's running batch.
+/// The queues of checks waiting for their tenant's running batch.
 #[derive(Default)]
 pub struct Batcher {
     queues: Mutex<HashMap<Key, Vec<Pending>>>,
+    together: AtomicU64,
+    one_by_one: AtomicU64,
 }
 
 impl Batcher {
+    /// How many checks were decided set-wise and how many one by one
+    /// since the service started.
+    pub fn decided(&self) -> (u64, u64) {
+        (
+            self.together.load(Ordering::Relaxed),
+            self.one_by_one.load(Ordering::Relaxed),
+        )
+    }
+
+    fn count(&self, together: usize, one_by_one: usize) {
+        for (counter, path, n) in [
+            (&self.together, "together", together),
+            (&self.one_by_one, "one_by_one", one_by_one),
+        ] {
+            if n > 0 {
+                let n = n as u64;
+                counter.fetch_add(n, Ordering::Relaxed);
+                o2c_kit::metrics::credit_checks_batched(path, n);
+            }
+        }
+    }
+
     fn queues(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Pending>>> {
         // The map stays consistent whatever a panicking holder did: every
         // change to it is a single insert, push or removal.
         self.queues.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `pending`; true when no batch runs for its customer yet, so
+    /// Queues `pending`; true when no batch runs for its tenant yet, so
     /// the caller starts one.
     fn enqueue(&self, key: Key, pending: Pending) -> bool {
         let mut queues = self.queues();
@@ -96,7 +140,7 @@ impl Batcher {
         }
     }
 
-    /// The next batch of `key`; None (and the customer's queue gone) when
+    /// The next batch of `key`; None (and the tenant's queue gone) when
     /// nothing waits.
     fn next(&self, key: &Key) -> Option<Vec<Pending>> {
         let mut queues = self.queues();
@@ -110,7 +154,7 @@ impl Batcher {
     }
 }
 
-/// Removes a customer's queue if its batch runner unwinds, so later checks
+/// Removes a tenant's queue if its batch runner unwinds, so later checks
 /// start a new runner instead of waiting for a dead one (whose waiting
 /// callers are answered INTERNAL when their reply senders drop).
 struct Unwind<'a>(&'a Batcher, &'a Key);
@@ -148,10 +192,19 @@ struct Carried {
     /// The idempotency records of the batch's keys: read at its start, and
     /// each order's added as it is decided.
     recorded: HashMap<String, idempotency::Recorded>,
-    /// The account as the previous order's reservation left it; this
-    /// transaction holds its row lock since. Taken by each order, set again
-    /// only when that order reserved and was decided.
-    reserved: Option<storage::Account>,
+    /// Each account as the last order's reservation on it left it; this
+    /// transaction holds its row lock since. Taken by each order of the
+    /// customer, set again only when that order reserved and was decided.
+    reserved: HashMap<CustomerId, storage::Account>,
+}
+
+/// What a set-wise batch does with one check.
+enum Fate {
+    Decided(Decided),
+    /// Answered with this error once the batch committed.
+    Refused(ApiError),
+    /// Left to [`CreditApi::decide_each`].
+    Later,
 }
 
 /// One decided order, answered after the commit.
@@ -164,9 +217,9 @@ struct Decided {
 }
 
 impl CreditApi {
-    /// Decides `check` in its customer's next batch.
+    /// Decides `check` in its tenant's next batch.
     pub(super) async fn check_in_batch(&self, check: Check) -> Answer {
-        let key = (check.tenant.clone(), check.customer);
+        let key = check.tenant.clone();
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             check,
@@ -178,7 +231,7 @@ impl CreditApi {
             tokio::spawn(async move {
                 let _unwind = Unwind(&api.batcher, &key);
                 while let Some(batch) = api.batcher.next(&key) {
-                    api.decide_batch(&key.0, batch).await;
+                    api.decide_batch(&key, batch).await;
                 }
             });
         }
@@ -192,6 +245,204 @@ impl CreditApi {
             .first()
             .map(|p| p.span.clone())
             .unwrap_or_else(tracing::Span::none);
+        let size = batch.len();
+        let rest = self.decide_together(tenant, batch, &opener).await;
+        self.batcher.count(size - rest.len(), rest.len());
+        if !rest.is_empty() {
+            self.decide_each(tenant, rest, &opener).await;
+        }
+    }
+
+    /// Decides `batch` set-wise (see the module's documentation) and
+    /// answers what it decided; returns the checks it leaves to
+    /// [`Self::decide_each`], in arrival order.
+    async fn decide_together(
+        &self,
+        tenant: &str,
+        batch: Vec<Pending>,
+        opener: &tracing::Span,
+    ) -> Vec<Pending> {
+        let txn = match self.db.begin().instrument(opener.clone()).await {
+            Ok(txn) => txn,
+            // The next path reports what keeps the database away.
+            Err(_) => return batch,
+        };
+        let planned = match self.plan_together(&txn, tenant, &batch).instrument(opener.clone()).await {
+            Ok(planned) => planned,
+            Err(error) => {
+                tracing::debug!(%error, "set-wise credit checks fell back to one by one");
+                let _ = txn.rollback().instrument(opener.clone()).await;
+                return batch;
+            }
+        };
+        let mut decided = Vec::new();
+        let mut refused = Vec::new();
+        let mut rest = Vec::new();
+        for (pending, fate) in batch.into_iter().zip(planned) {
+            match fate {
+                Fate::Decided(done) => decided.push((pending, done)),
+                Fate::Refused(error) => refused.push((pending, error)),
+                Fate::Later => rest.push(pending),
+            }
+        }
+        let committed = if decided.is_empty() {
+            txn.rollback().instrument(opener.clone()).await.is_ok()
+        } else {
+            self.commit_batch(tenant, txn, decided, opener).await
+        };
+        // A refusal may rest on an order decided earlier in this batch:
+        // it is only told once that order is durable.
+        for (pending, error) in refused {
+            let answer = if committed {
+                Err(error.into())
+            } else {
+                Err(Status::unavailable(
+                    "the credit check's batch did not commit; retry",
+                ))
+            };
+            let _ = pending.reply.send(answer);
+        }
+        rest
+    }
+
+    /// Reads what `batch` needs, decides each of its orders in memory and
+    /// writes the result in `txn`: one fate per check, in order.
+    async fn plan_together(
+        &self,
+        txn: &DatabaseTransaction,
+        tenant: &str,
+        batch: &[Pending],
+    ) -> Result<Vec<Fate>, ApiError> {
+        // One tenant, so one scope.
+        let scope = batch.first().map_or("", |p| p.check.scope.as_str());
+        let keys: Vec<&str> = batch.iter().map(|p| p.check.key.as_str()).collect();
+        let mut recorded = idempotency::recorded_in(txn, scope, &keys).await?;
+        let fresh: Vec<&Check> = batch
+            .iter()
+            .map(|p| &p.check)
+            .filter(|c| !recorded.contains_key(&c.key))
+            .collect();
+        let mut customers: Vec<CustomerId> = fresh.iter().map(|c| c.customer).collect();
+        customers.sort_unstable();
+        customers.dedup();
+        let orders: Vec<&str> = fresh.iter().map(|c| c.order.as_str()).collect();
+        let mut accounts = storage::batch::lock_accounts(txn, tenant, &customers).await?;
+        let mut checked_before = storage::batch::orders_checked(txn, tenant, &orders).await?;
+        let ids: Vec<String> = accounts.values().map(|a| a.id.to_string()).collect();
+        let due = storage::batch::oldest_open_due(txn, &ids).await?;
+        let read_versions: HashMap<CustomerId, i64> = accounts
+            .iter()
+            .map(|(customer, account)| (*customer, account.exposure.version))
+            .collect();
+        let ctx = self.context(self.now());
+        let mut rows = storage::batch::Rows::default();
+        let mut records: Vec<(&str, &[u8], Vec<u8>)> = Vec::new();
+        let mut fates = Vec::with_capacity(batch.len());
+        for pending in batch {
+            let c = &pending.check;
+            if let Some(found) = recorded.get(&c.key) {
+                // A replay leaves the account as it was.
+                fates.push(match found.replay(&c.bytes) {
+                    Ok(response) => Fate::Decided(Decided {
+                        response,
+                        exposures: Vec::new(),
+                        alerts: Vec::new(),
+                        counted: None,
+                    }),
+                    Err(error) => Fate::Refused(error),
+                });
+                continue;
+            }
+            // An order is checked once; changing its amount is an
+            // amendment and a held order is worked from the hold queue.
+            if let Some(checked) = checked_before.get(&c.order) {
+                fates.push(Fate::Refused(checked.clone().into()));
+                continue;
+            }
+            // No account, or a member of a group: decided one by one.
+            let Some(account) = accounts.get_mut(&c.customer) else {
+                fates.push(Fate::Later);
+                continue;
+            };
+            if let Err(error) = same_currency("amount", &c.amount, account) {
+                fates.push(Fate::Refused(error));
+                continue;
+            }
+            let oldest_due = due.get(&account.id.to_string()).copied();
+            let planned = check::plan_order(
+                &ctx,
+                &c.tenant,
+                c.customer,
+                Some(account),
+                oldest_due,
+                &c.order,
+                &c.reference,
+                c.amount,
+            )?;
+            let checked = planned.checked;
+            let reasons = domain::Reason::join(&checked.reasons).to_string();
+            pending.span.in_scope(|| {
+                tracing::info!(
+                    outcome = checked.outcome.code(),
+                    reasons = %reasons,
+                    policy = domain::POLICY_VERSION,
+                    "credit decision"
+                );
+                // Codes only: no customer data on the span.
+                o2c_kit::telemetry::annotate("credit.decision", checked.outcome.code());
+                o2c_kit::telemetry::annotate("credit.reasons", reasons.clone());
+                o2c_kit::telemetry::annotate("credit.policy", domain::POLICY_VERSION);
+            });
+            let response = pb::CheckAndReserveResponse {
+                decision: Some(checked_decision(&checked)?),
+            };
+            // A retry later in the batch replays it; a second check of
+            // the order is refused.
+            recorded.insert(
+                c.key.clone(),
+                idempotency::Recorded::of(&c.bytes, &response),
+            );
+            records.push((&c.key, &c.bytes, response.encode_to_vec()));
+            match checked.outcome {
+                domain::Outcome::Approve => {
+                    checked_before.insert(
+                        c.order.clone(),
+                        CreditError::OrderAlreadyReserved(c.order.clone()),
+                    );
+                }
+                domain::Outcome::Hold => {
+                    checked_before.insert(c.order.clone(), CreditError::OrderHeld(c.order.clone()));
+                }
+                domain::Outcome::Block => {}
+            }
+            rows.reservations.extend(planned.reservation);
+            rows.holds.extend(checked.hold);
+            rows.alerts.extend(checked.alerts.iter().cloned());
+            rows.decisions.push(checked.decision);
+            fates.push(Fate::Decided(Decided {
+                response,
+                exposures: checked.account.iter().map(|a| a.exposure).collect(),
+                alerts: checked.alerts,
+                counted: Some((checked.outcome.code(), reasons)),
+            }));
+        }
+        let changed: Vec<(i64, &storage::Account)> = accounts
+            .iter()
+            .filter_map(|(customer, account)| {
+                let read = read_versions.get(customer).copied()?;
+                (read != account.exposure.version).then_some((read, account))
+            })
+            .collect();
+        storage::batch::write_accounts(txn, &changed, ctx.now).await?;
+        storage::batch::insert_rows(txn, rows).await?;
+        idempotency::record_all_in(txn, scope, &records).await?;
+        Ok(fates)
+    }
+
+    /// Decides `batch` one order after another in one transaction, each at
+    /// its own savepoint, reading everything as a lone check would.
+    async fn decide_each(&self, tenant: &str, batch: Vec<Pending>, opener: &tracing::Span) {
+        let opener = opener.clone();
         let txn = match self.db.begin().instrument(opener.clone()).await {
             Ok(txn) => txn,
             Err(error) => {
@@ -215,7 +466,7 @@ impl CreditApi {
         let mut state = match recorded {
             Ok(recorded) => Carried {
                 recorded,
-                reserved: None,
+                reserved: HashMap::new(),
             },
             Err(error) => {
                 let status = Status::from(error);
@@ -285,13 +536,14 @@ impl CreditApi {
 
     /// Records the batch's last exposure per customer, commits, then
     /// refreshes the cache, publishes the alerts and answers every order.
+    /// True when it committed.
     async fn commit_batch(
         &self,
         tenant: &str,
         txn: DatabaseTransaction,
         decided: Vec<(Pending, Decided)>,
         opener: &tracing::Span,
-    ) {
+    ) -> bool {
         let mut latest: HashMap<CustomerId, Exposure> = HashMap::new();
         for (_, done) in &decided {
             for exposure in &done.exposures {
@@ -315,13 +567,13 @@ impl CreditApi {
             for (pending, _) in decided {
                 let _ = pending.reply.send(Err(status.clone()));
             }
-            return;
+            return false;
         }
+        self.cache
+            .put_all(tenant, &exposures)
+            .instrument(opener.clone())
+            .await;
         for exposure in &exposures {
-            self.cache
-                .put(tenant, exposure)
-                .instrument(opener.clone())
-                .await;
             if let Some(percent) = exposure.utilisation_percent() {
                 o2c_kit::metrics::exposure_utilisation(percent);
             }
@@ -333,6 +585,7 @@ impl CreditApi {
             self.alerts.publish(done.alerts);
             let _ = pending.reply.send(Ok(done.response));
         }
+        true
     }
 
     /// Decides one order in `conn`: its replay when its key was used, its
@@ -360,7 +613,7 @@ impl CreditApi {
         }
         // The account as the batch's previous reservation left it: this
         // transaction holds its row lock since, so nobody changed it.
-        let account = match state.reserved.take() {
+        let account = match state.reserved.remove(&c.customer) {
             Some(account) => Some(account),
             None => storage::find_account(conn, &c.tenant, c.customer).await?,
         };
@@ -405,8 +658,10 @@ impl CreditApi {
                     c.key.clone(),
                     idempotency::Recorded::of(&c.bytes, &response),
                 );
-                if checked.outcome == domain::Outcome::Approve {
-                    state.reserved.clone_from(&checked.account);
+                if checked.outcome == domain::Outcome::Approve
+                    && let Some(account) = &checked.account
+                {
+                    state.reserved.insert(c.customer, account.clone());
                 }
             }
             Err(error) if o2c_kit::db::is_unique_violation(&error) => {

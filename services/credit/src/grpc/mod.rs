@@ -4,6 +4,8 @@
 //! publishes its alerts.
 
 mod batch;
+
+pub use batch::Batcher;
 mod convert;
 
 use std::collections::HashMap;
@@ -88,7 +90,7 @@ pub struct CreditApi {
     alerts: AlertHub,
     /// Who gets an `ExposureChanged` event for every change.
     subscribers: Arc<Vec<String>>,
-    /// Credit checks waiting for their customer's running batch.
+    /// Credit checks waiting for their tenant's running batch.
     batcher: Arc<batch::Batcher>,
 }
 
@@ -110,6 +112,11 @@ impl CreditApi {
         }
     }
 
+    /// The batches credit checks are decided in.
+    pub fn batches(&self) -> Arc<Batcher> {
+        Arc::clone(&self.batcher)
+    }
+
     /// Records `ExposureChanged` for each exposure in the transaction of
     /// the change.
     async fn record_exposures(
@@ -118,8 +125,9 @@ impl CreditApi {
         tenant: &str,
         exposures: &[Exposure],
     ) -> Result<(), ApiError> {
+        let mut events = Vec::with_capacity(exposures.len());
         for exposure in exposures {
-            let event = o2c_proto::events::v1::Event {
+            events.push(o2c_proto::events::v1::Event {
                 tenant_id: tenant.to_owned(),
                 aggregate_type: "credit_account".into(),
                 aggregate_id: exposure.customer_id.to_string(),
@@ -134,10 +142,9 @@ impl CreditApi {
                     },
                 )),
                 ..Default::default()
-            };
-            o2c_kit::outbox::record(conn, &self.subscribers, event, self.now()).await?;
+            });
         }
-        Ok(())
+        o2c_kit::outbox::record_all(conn, &self.subscribers, events, self.now()).await
     }
 
     /// Applies an invoice snapshot in `txn` (the RPC and the event share

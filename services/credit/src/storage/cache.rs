@@ -133,4 +133,46 @@ impl ExposureCache {
             tracing::warn!(%error, "exposure cache write failed");
         }
     }
+
+    /// Stores each of `exposures` unless a newer version of it is already
+    /// cached: one pipelined round trip.
+    pub async fn put_all(&self, tenant_id: &str, exposures: &[Exposure]) {
+        match exposures {
+            [] => {}
+            [exposure] => self.put(tenant_id, exposure).await,
+            _ => self.put_pipelined(tenant_id, exposures).await,
+        }
+    }
+
+    async fn put_pipelined(&self, tenant_id: &str, exposures: &[Exposure]) {
+        let Some(mut redis) = self.connection() else {
+            return;
+        };
+        let invocations: Vec<redis::ScriptInvocation<'_>> = exposures
+            .iter()
+            .map(|exposure| {
+                let mut invocation = self.script.prepare_invoke();
+                invocation
+                    .key(Self::key(tenant_id, &exposure.customer_id.to_string()))
+                    .arg(exposure.version)
+                    .arg(exposure.to_cache_value())
+                    .arg(ENTRY_TTL_MS);
+                invocation
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        // Loading is idempotent and cheap; it spares a NOSCRIPT round trip
+        // after a Redis restart.
+        pipe.load_script(&self.script).ignore();
+        for invocation in &invocations {
+            pipe.invoke_script(invocation).ignore();
+        }
+        let result = pipe
+            .query_async::<()>(&mut redis)
+            .instrument(o2c_kit::cache::span("EVALSHA"))
+            .await;
+        if let Err(error) = result {
+            tracing::warn!(%error, "exposure cache write failed");
+        }
+    }
 }

@@ -110,6 +110,42 @@ async fn evaluate_and_reserve(
     ))
 }
 
+/// The alerts for exposure thresholds crossed from `before` to `account`.
+fn threshold_alert_rows(ctx: &Context<'_>, account: &Account, before: &Exposure) -> Vec<Alert> {
+    let after = &account.exposure;
+    domain::thresholds_crossed(
+        ctx.policy,
+        after.limit_minor,
+        before.total_minor(),
+        after.total_minor(),
+    )
+    .into_iter()
+    .map(|threshold| {
+        super::alert_row(
+            account,
+            AlertKind::ExposureThreshold,
+            i32::try_from(threshold).unwrap_or(i32::MAX),
+            format!("exposure reached {threshold}% of the credit limit"),
+            None,
+            ctx.now,
+        )
+    })
+    .collect()
+}
+
+/// The alert that an order was put on hold.
+fn hold_alert_row(ctx: &Context<'_>, account: &Account, order_id: &str, reasons: &[Reason]) -> Alert {
+    let codes = Reason::join(reasons);
+    super::alert_row(
+        account,
+        AlertKind::HoldCreated,
+        0,
+        format!("order {order_id} held: {codes}"),
+        Some(order_id),
+        ctx.now,
+    )
+}
+
 /// Alerts for exposure thresholds crossed from `before` to `after`.
 async fn threshold_alerts(
     conn: &impl ConnectionTrait,
@@ -117,27 +153,9 @@ async fn threshold_alerts(
     account: &Account,
     before: &Exposure,
 ) -> Result<Vec<Alert>, ApiError> {
-    let mut alerts = Vec::new();
-    let after = &account.exposure;
-    for threshold in domain::thresholds_crossed(
-        ctx.policy,
-        after.limit_minor,
-        before.total_minor(),
-        after.total_minor(),
-    ) {
-        let message = format!("exposure reached {threshold}% of the credit limit");
-        alerts.push(
-            super::insert_alert(
-                conn,
-                account,
-                AlertKind::ExposureThreshold,
-                i32::try_from(threshold).unwrap_or(i32::MAX),
-                message,
-                None,
-                ctx.now,
-            )
-            .await?,
-        );
+    let alerts = threshold_alert_rows(ctx, account, before);
+    for alert in &alerts {
+        super::insert_alert_row(conn, alert).await?;
     }
     Ok(alerts)
 }
@@ -224,19 +242,9 @@ pub async fn check_order(
     let hold = if outcome == Outcome::Hold && create_hold {
         let hold =
             super::insert_hold(conn, &after, order_id, amount_minor, &reasons, ctx.now).await?;
-        let codes = Reason::join(&reasons);
-        alerts.push(
-            super::insert_alert(
-                conn,
-                &after,
-                AlertKind::HoldCreated,
-                0,
-                format!("order {order_id} held: {codes}"),
-                Some(order_id),
-                ctx.now,
-            )
-            .await?,
-        );
+        let alert = hold_alert_row(ctx, &after, order_id, &reasons);
+        super::insert_alert_row(conn, &alert).await?;
+        alerts.push(alert);
         Some(hold)
     } else {
         None
@@ -267,6 +275,129 @@ pub async fn check_order(
         hold,
         account: Some(after),
         alerts,
+    })
+}
+
+/// What [`plan_order`] decided, with the rows for the caller to write.
+#[derive(Debug)]
+pub struct Planned {
+    pub checked: Checked,
+    /// The row of the reservation it made.
+    pub reservation: Option<super::reservation::Model>,
+}
+
+/// Checks an order as [`check_order`] does, in memory, for a caller that
+/// holds `account`'s row locked and writes what this returns: the decision,
+/// the reservation or hold with their alerts, and `account` as the
+/// reservation left it (its exposure, group exposure and version; the
+/// caller writes these too). `account` must belong to no group as a member
+/// (whose check needs its parent's row); None is a customer without an
+/// account. A hold is always created.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_order(
+    ctx: &Context<'_>,
+    tenant_id: &str,
+    customer_id: CustomerId,
+    account: Option<&mut Account>,
+    oldest_open_due: Option<chrono::NaiveDate>,
+    order_id: &str,
+    client_reference: &str,
+    amount: Money,
+) -> Result<Planned, ApiError> {
+    let amount_minor = amount.minor_units();
+    let record = |outcome, reasons: &[Reason], reservation_id, hold_id, inputs_json| {
+        super::decision_row(&DecisionRecord {
+            tenant_id,
+            customer_id,
+            order_id,
+            client_reference,
+            amount_minor,
+            currency: amount.currency(),
+            outcome,
+            reasons,
+            reservation_id,
+            hold_id,
+            inputs_json,
+            now: ctx.now,
+        })
+    };
+    let Some(account) = account else {
+        let reasons = vec![Reason::NoCreditAccount];
+        return Ok(Planned {
+            checked: Checked {
+                decision: record(Outcome::Block, &reasons, None, None, "{}".into()),
+                outcome: Outcome::Block,
+                reasons,
+                reservation: None,
+                hold: None,
+                account: None,
+                alerts: Vec::new(),
+            },
+            reservation: None,
+        });
+    };
+    if account.parent_account_id.is_some() {
+        return Err(ApiError::Internal(format!(
+            "account {} is a member of a group: its check needs its parent",
+            account.id
+        )));
+    }
+    let state = super::account_state(account, oldest_open_due, None);
+    let (mut outcome, mut reasons) =
+        domain::evaluate(ctx.policy, Some(&state), amount_minor, ctx.now.date_naive());
+    // As the guarded write would refuse it after every retry.
+    if outcome == Outcome::Approve && !super::fits(account, amount_minor) {
+        outcome = Outcome::Hold;
+        reasons = vec![Reason::OverLimit];
+    }
+    let mut alerts = Vec::new();
+    let reservation = if outcome == Outcome::Approve {
+        let before = account.exposure;
+        account.exposure.reserved_minor += amount_minor;
+        account.group_exposure_minor += amount_minor;
+        account.exposure.version += 1;
+        alerts.extend(threshold_alert_rows(ctx, account, &before));
+        Some(super::reservation_row(
+            account,
+            order_id,
+            amount_minor,
+            ctx.now,
+            ctx.now + ctx.reservation_ttl,
+        ))
+    } else {
+        None
+    };
+    let hold = if outcome == Outcome::Hold {
+        alerts.push(hold_alert_row(ctx, account, order_id, &reasons));
+        Some(super::hold_row(
+            account,
+            order_id,
+            amount_minor,
+            &reasons,
+            ctx.now,
+        ))
+    } else {
+        None
+    };
+    let reserved = reservation.clone().map(super::to_reservation).transpose()?;
+    let decision = record(
+        outcome,
+        &reasons,
+        reserved.as_ref().map(|r| r.id),
+        hold.as_ref().map(|h| h.id.clone()),
+        inputs_json(&state, amount_minor, ctx),
+    );
+    Ok(Planned {
+        checked: Checked {
+            decision,
+            outcome,
+            reasons,
+            reservation: reserved,
+            hold,
+            account: Some(account.clone()),
+            alerts,
+        },
+        reservation,
     })
 }
 

@@ -12,6 +12,7 @@
 //! interleaving of concurrent checks can approve past a limit. Rows are
 //! always locked parent first, then child, so group updates cannot deadlock.
 
+pub mod batch;
 pub mod cache;
 pub mod check;
 pub mod entities;
@@ -233,14 +234,29 @@ pub async fn policy_state(
         .order_by_asc(receivable::Column::DueDate)
         .one(conn)
         .await?;
-    let group = match &account.parent_account_id {
-        Some(parent) => {
-            let parent = account_by_id(conn, parent).await?;
-            Some(Group {
-                limit_minor: parent.exposure.limit_minor,
-                exposure_minor: parent.group_exposure_minor,
-            })
-        }
+    let parent = match &account.parent_account_id {
+        Some(parent) => Some(account_by_id(conn, parent).await?),
+        None => None,
+    };
+    Ok(account_state(
+        account,
+        oldest.and_then(|r| r.due_date),
+        parent.as_ref(),
+    ))
+}
+
+/// What the policy looks at for `account`, given the due date of its
+/// oldest open receivable and, for a member of a group, its parent.
+pub fn account_state(
+    account: &Account,
+    oldest_open_due: Option<NaiveDate>,
+    parent: Option<&Account>,
+) -> AccountState {
+    let group = match parent {
+        Some(parent) => Some(Group {
+            limit_minor: parent.exposure.limit_minor,
+            exposure_minor: parent.group_exposure_minor,
+        }),
         // A parent's own orders count against its group too.
         None if account.group_exposure_minor != account.exposure.total_minor() => Some(Group {
             limit_minor: account.exposure.limit_minor,
@@ -248,14 +264,25 @@ pub async fn policy_state(
         }),
         None => None,
     };
-    Ok(AccountState {
+    AccountState {
         exposure: account.exposure,
         blocked: account.blocked,
         max_order_minor: account.max_order_minor,
         limit_valid_until: account.limit_valid_until,
-        oldest_open_due: oldest.and_then(|r| r.due_date),
+        oldest_open_due,
         group,
-    })
+    }
+}
+
+/// Whether `amount_minor` fits on `account`, which belongs to no group as
+/// a member: the condition [`try_reserve`]'s statement checks, for a caller
+/// that holds the account's row locked and decides in memory.
+pub fn fits(account: &Account, amount_minor: i64) -> bool {
+    let limit = i128::from(account.exposure.limit_minor);
+    let amount = i128::from(amount_minor);
+    limit - i128::from(account.exposure.reserved_minor) - i128::from(account.exposure.receivable_minor)
+        >= amount
+        && limit - i128::from(account.group_exposure_minor) >= amount
 }
 
 /// What a limit change sets.
@@ -615,7 +642,7 @@ pub struct Reservation {
     pub invoice_id: Option<String>,
 }
 
-fn to_reservation(row: reservation::Model) -> Result<Reservation, ApiError> {
+pub(crate) fn to_reservation(row: reservation::Model) -> Result<Reservation, ApiError> {
     Ok(Reservation {
         id: row
             .id
@@ -633,16 +660,15 @@ fn to_reservation(row: reservation::Model) -> Result<Reservation, ApiError> {
     })
 }
 
-/// Records a reservation made by [`try_reserve`].
-pub async fn insert_reservation(
-    conn: &impl ConnectionTrait,
+/// The row of a new open reservation of `amount_minor` on `account`.
+pub fn reservation_row(
     account: &Account,
     order_id: &str,
     amount_minor: i64,
     now: DateTime<Utc>,
     expires_at: DateTime<Utc>,
-) -> Result<Reservation, ApiError> {
-    let row = reservation::Model {
+) -> reservation::Model {
+    reservation::Model {
         id: ReservationId::new().to_string(),
         tenant_id: account.tenant_id.clone(),
         account_id: account.id.to_string(),
@@ -654,7 +680,19 @@ pub async fn insert_reservation(
         created_at: now,
         expires_at,
         resolved_at: None,
-    };
+    }
+}
+
+/// Records a reservation made by [`try_reserve`].
+pub async fn insert_reservation(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    order_id: &str,
+    amount_minor: i64,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> Result<Reservation, ApiError> {
+    let row = reservation_row(account, order_id, amount_minor, now, expires_at);
     let result = reservation::Entity::insert(reservation::ActiveModel::from(row.clone()))
         .exec_without_returning(conn)
         .await;
@@ -968,7 +1006,17 @@ pub async fn insert_decision(
     conn: &impl ConnectionTrait,
     record: &DecisionRecord<'_>,
 ) -> Result<Decision, ApiError> {
-    let row = decision::Model {
+    let row = decision_row(record);
+    decision::Entity::insert(decision::ActiveModel::from(row.clone()))
+        .exec_without_returning(conn)
+        .await?;
+    // What was written is what is returned: no second read.
+    Ok(row)
+}
+
+/// The row documenting a decision.
+pub fn decision_row(record: &DecisionRecord<'_>) -> Decision {
+    decision::Model {
         id: DecisionId::new().to_string(),
         tenant_id: record.tenant_id.to_owned(),
         customer_id: record.customer_id.to_string(),
@@ -983,12 +1031,7 @@ pub async fn insert_decision(
         inputs_json: record.inputs_json.clone(),
         policy_version: crate::domain::POLICY_VERSION.to_owned(),
         created_at: record.now,
-    };
-    decision::Entity::insert(decision::ActiveModel::from(row.clone()))
-        .exec_without_returning(conn)
-        .await?;
-    // What was written is what is returned: no second read.
-    Ok(row)
+    }
 }
 
 /// Decisions of a customer or an order, newest first.
@@ -1020,6 +1063,31 @@ pub async fn list_decisions(
 /// A stored hold.
 pub type Hold = hold::Model;
 
+/// The row of a new open hold of an order.
+pub fn hold_row(
+    account: &Account,
+    order_id: &str,
+    amount_minor: i64,
+    reasons: &[Reason],
+    now: DateTime<Utc>,
+) -> Hold {
+    hold::Model {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: account.tenant_id.clone(),
+        account_id: account.id.to_string(),
+        customer_id: account.exposure.customer_id.to_string(),
+        order_id: order_id.to_owned(),
+        amount_minor,
+        reasons: Reason::join(reasons),
+        state: HOLD_OPEN.to_owned(),
+        created_at: now,
+        resolved_at: None,
+        resolved_by: None,
+        resolution_reason: None,
+        reservation_id: None,
+    }
+}
+
 pub async fn insert_hold(
     conn: &impl ConnectionTrait,
     account: &Account,
@@ -1028,26 +1096,13 @@ pub async fn insert_hold(
     reasons: &[Reason],
     now: DateTime<Utc>,
 ) -> Result<Hold, ApiError> {
-    let id = uuid::Uuid::now_v7().to_string();
-    let inserted = hold::Entity::insert(hold::ActiveModel {
-        id: Set(id.clone()),
-        tenant_id: Set(account.tenant_id.clone()),
-        account_id: Set(account.id.to_string()),
-        customer_id: Set(account.exposure.customer_id.to_string()),
-        order_id: Set(order_id.to_owned()),
-        amount_minor: Set(amount_minor),
-        reasons: Set(Reason::join(reasons)),
-        state: Set(HOLD_OPEN.to_owned()),
-        created_at: Set(now),
-        resolved_at: Set(None),
-        resolved_by: Set(None),
-        resolution_reason: Set(None),
-        reservation_id: Set(None),
-    })
-    .exec(conn)
-    .await;
+    let row = hold_row(account, order_id, amount_minor, reasons, now);
+    let inserted = hold::Entity::insert(hold::ActiveModel::from(row.clone()))
+        .exec_without_returning(conn)
+        .await;
     match inserted {
-        Ok(_) => get_hold(conn, &account.tenant_id, &id).await,
+        // What was written is what is returned: no second read.
+        Ok(_) => Ok(row),
         Err(error) if o2c_kit::db::is_unique_violation(&error) => {
             Err(CreditError::OrderHeld(order_id.to_owned()).into())
         }
@@ -1242,6 +1297,29 @@ impl AlertKind {
     }
 }
 
+/// The row of a new alert about `account`.
+pub fn alert_row(
+    account: &Account,
+    kind: AlertKind,
+    threshold_percent: i32,
+    message: String,
+    order_id: Option<&str>,
+    now: DateTime<Utc>,
+) -> Alert {
+    alert::Model {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: account.tenant_id.clone(),
+        customer_id: account.exposure.customer_id.to_string(),
+        kind: kind.code().to_owned(),
+        threshold_percent,
+        message,
+        order_id: order_id.map(str::to_owned),
+        raised_at: now,
+        acknowledged_by: None,
+        acknowledged_at: None,
+    }
+}
+
 pub async fn insert_alert(
     conn: &impl ConnectionTrait,
     account: &Account,
@@ -1251,21 +1329,18 @@ pub async fn insert_alert(
     order_id: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<Alert, ApiError> {
-    let model = alert::ActiveModel {
-        id: Set(uuid::Uuid::now_v7().to_string()),
-        tenant_id: Set(account.tenant_id.clone()),
-        customer_id: Set(account.exposure.customer_id.to_string()),
-        kind: Set(kind.code().to_owned()),
-        threshold_percent: Set(threshold_percent),
-        message: Set(message),
-        order_id: Set(order_id.map(str::to_owned)),
-        raised_at: Set(now),
-        acknowledged_by: Set(None),
-        acknowledged_at: Set(None),
-    };
-    Ok(alert::Entity::insert(model)
-        .exec_with_returning(conn)
-        .await?)
+    let row = alert_row(account, kind, threshold_percent, message, order_id, now);
+    insert_alert_row(conn, &row).await?;
+    // What was written is what is returned: no second read.
+    Ok(row)
+}
+
+/// Stores an alert built by [`alert_row`].
+pub async fn insert_alert_row(conn: &impl ConnectionTrait, row: &Alert) -> Result<(), ApiError> {
+    alert::Entity::insert(alert::ActiveModel::from(row.clone()))
+        .exec_without_returning(conn)
+        .await?;
+    Ok(())
 }
 
 /// Alerts, newest first, strictly before `before` when given.

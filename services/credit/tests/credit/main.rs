@@ -22,6 +22,7 @@ pub struct Harness {
     pub served: Served,
     pub maintenance: o2c_credit::Maintenance,
     pub relay: o2c_kit::outbox::Relay,
+    pub batches: std::sync::Arc<o2c_credit::grpc::Batcher>,
     pub clock: ManualClock,
     _db: TestDatabase,
 }
@@ -81,6 +82,7 @@ pub async fn start_with(
         served,
         maintenance: built.maintenance,
         relay: built.relay,
+        batches: built.batches,
         clock,
         _db: db,
     })

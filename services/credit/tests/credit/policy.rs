@@ -231,6 +231,7 @@ async fn batch_answers_each_check_on_its_own(backend: Backend) {
             request(format!("usd-{i}"), format!("usd-{i}"), "USD"),
         ));
     }
+    let before = h.batches.decided();
     // Interleaved, so retries and second checks share batches with their
     // originals.
     let mut rng = Seeded(20261205);
@@ -293,6 +294,9 @@ async fn batch_answers_each_check_on_its_own(backend: Backend) {
         }
     }
     assert_eq!((approved, held), (15, 15));
+    // One customer outside any group: every check decided set-wise.
+    let after = h.batches.decided();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (55, 0));
     let e = assert_consistent(&mut h.client, &customer).await;
     assert_eq!(amount(&e.reserved), "15.00");
     assert_eq!(amount(&e.available), "0.00");
@@ -307,6 +311,109 @@ async fn batch_answers_each_check_on_its_own_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_answers_each_check_on_its_own_postgres() {
     batch_answers_each_check_on_its_own(Backend::Postgres).await;
+}
+
+/// A batch spans customers: orders of four customers, of a group (its
+/// parent and a member) and of a customer without an account, all sent at
+/// once. Each customer's limit holds on its own, the group's limit holds
+/// across parent and member, the customer without an account is blocked;
+/// and the orders of customers outside groups are decided set-wise while
+/// the member's and the unknown customer's go one by one.
+async fn batch_spans_customers_and_groups(backend: Backend) {
+    let Some(mut h) = start(backend, "batch-mixed").await else {
+        return;
+    };
+    let c = &mut h.client;
+    let mut plain = Vec::new();
+    for _ in 0..4 {
+        plain.push(open_with_limit(c, "3.00").await);
+    }
+    let parent = open_with_limit(c, "4.00").await;
+    let member = uuid::Uuid::now_v7().to_string();
+    open(c, &member, &parent).await.unwrap();
+    set_limit(c, &member, "10.00", ANALYST).await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let mut orders = Vec::new();
+    for customer in &plain {
+        for i in 0..5 {
+            orders.push((customer.clone(), format!("{customer}-{i}")));
+        }
+    }
+    for i in 0..6 {
+        orders.push((member.clone(), format!("member-{i}")));
+    }
+    for i in 0..2 {
+        orders.push((parent.clone(), format!("parent-{i}")));
+        orders.push((unknown.clone(), format!("unknown-{i}")));
+    }
+    let mut rng = Seeded(20261206);
+    for i in (1..orders.len()).rev() {
+        let j = usize::try_from(rng.next_u64() % (i as u64 + 1)).unwrap();
+        orders.swap(i, j);
+    }
+    let before = h.batches.decided();
+    let mut tasks = Vec::new();
+    for (customer, order) in orders {
+        let mut client = h.client.clone();
+        tasks.push(tokio::spawn(async move {
+            let decision = reserve(&mut client, &customer, &order, "1.00").await;
+            (customer, decision)
+        }));
+    }
+    let mut approved: std::collections::HashMap<String, usize> = Default::default();
+    for task in tasks {
+        let (customer, decision) = task.await.unwrap();
+        match decision.decision() {
+            pb::Decision::Approve => *approved.entry(customer).or_default() += 1,
+            pb::Decision::Hold => {
+                let expected = if customer == member || customer == parent {
+                    pb::ReasonCode::GroupLimitExceeded
+                } else {
+                    pb::ReasonCode::OverLimit
+                };
+                assert!(reasons(&decision).contains(&expected), "{decision:?}");
+            }
+            pb::Decision::Block => {
+                assert_eq!(customer, unknown, "{decision:?}");
+                assert_eq!(reasons(&decision), [pb::ReasonCode::NoCreditAccount]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    for customer in &plain {
+        assert_eq!(approved.get(customer), Some(&3), "{customer}");
+        let e = assert_consistent(&mut h.client, customer).await;
+        assert_eq!(amount(&e.reserved), "3.00");
+    }
+    let in_group = approved.get(&member).unwrap_or(&0) + approved.get(&parent).unwrap_or(&0);
+    assert_eq!(in_group, 4);
+    let group = h
+        .client
+        .get_group_exposure(pb::GetGroupExposureRequest {
+            tenant_id: TENANT.into(),
+            customer_id: parent.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(amount(&group.total), "4.00");
+    assert!(group.consistent);
+    assert!(approved.get(&unknown).is_none());
+    // 20 + 2 orders of customers outside groups set-wise, the member's 6
+    // and the unknown customer's 2 one by one: nothing fell back.
+    let after = h.batches.decided();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (22, 8));
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_spans_customers_and_groups_sqlite() {
+    batch_spans_customers_and_groups(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_spans_customers_and_groups_postgres() {
+    batch_spans_customers_and_groups(Backend::Postgres).await;
 }
 
 async fn every_reason(backend: Backend) {
