@@ -301,9 +301,10 @@ pub trait Consumer: Send + Sync + 'static {
     async fn committed(&self, _applied: Self::Applied) {}
 }
 
-/// Serves `o2c.events.v1.EventsService` for a [`Consumer`]: each event in
-/// its own transaction with its inbox record, in the order delivered, in a
-/// span that continues the producer's trace.
+/// Serves `o2c.events.v1.EventsService` for a [`Consumer`]: the events of a
+/// delivery in the order delivered, in one transaction with their inbox
+/// records (each event, should that fail, in its own), each applied in a
+/// span that continues its producer's trace.
 pub struct Inbox<C> {
     db: DatabaseConnection,
     consumer: C,
@@ -335,6 +336,52 @@ impl<C: Consumer> Inbox<C> {
         EventsServiceServer::new(self)
     }
 
+    /// Applies `events` in one transaction, with one statement that reads
+    /// which were applied before and one that records the rest as applied;
+    /// an error rolls all of them back.
+    async fn deliver_together(&self, events: &[pb::Event]) -> Result<(), ApiError> {
+        let txn = self.db.begin().await?;
+        let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+        let mut done: std::collections::HashSet<String> = inbox_entity::Entity::find()
+            .filter(inbox_entity::Column::EventId.is_in(ids))
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|row| row.event_id)
+            .collect();
+        let now = Utc::now();
+        let mut received = Vec::new();
+        let mut applied = Vec::new();
+        for event in events {
+            // A redelivery, or the same event twice in one delivery.
+            if !done.insert(event.event_id.clone()) {
+                continue;
+            }
+            let span = consumer_span(event, C::NAME);
+            applied.push((
+                self.consumer
+                    .apply(&txn, event)
+                    .instrument(span.clone())
+                    .await?,
+                span,
+            ));
+            received.push(inbox_entity::ActiveModel {
+                event_id: Set(event.event_id.clone()),
+                received_at: Set(now),
+            });
+        }
+        // A concurrent delivery of one of them fails this on its inbox row:
+        // the caller rolls back and applies them one by one.
+        inbox_entity::Entity::insert_many(received)
+            .exec_without_returning(&txn)
+            .await?;
+        txn.commit().await?;
+        for (applied, span) in applied {
+            self.consumer.committed(applied).instrument(span).await;
+        }
+        Ok(())
+    }
+
     async fn deliver_one(&self, event: &pb::Event) -> Result<(), ApiError> {
         let txn = self.db.begin().await?;
         if !first_delivery(&txn, &event.event_id, Utc::now()).await? {
@@ -354,7 +401,19 @@ impl<C: Consumer> EventsService for Inbox<C> {
         &self,
         request: tonic::Request<pb::DeliverRequest>,
     ) -> Result<tonic::Response<pb::DeliverResponse>, tonic::Status> {
-        for event in &request.get_ref().events {
+        let events = &request.get_ref().events;
+        // Most deliveries apply in one transaction; one that fails is
+        // applied again one event at a time, so the events before a
+        // failing one commit and the relay retries from that one on.
+        if events.len() > 1 {
+            match self.deliver_together(events).await {
+                Ok(()) => return Ok(tonic::Response::new(pb::DeliverResponse {})),
+                Err(error) => {
+                    tracing::debug!(%error, "applying a delivery together failed; one by one")
+                }
+            }
+        }
+        for event in events {
             self.deliver_one(event)
                 .instrument(consumer_span(event, C::NAME))
                 .await?;

@@ -248,6 +248,55 @@ async fn events_apply_once_and_in_version_order(backend: Backend) {
         .unwrap();
     assert_eq!(status.version, 5);
     assert_eq!(status.reserved.unwrap().amount, "50.00");
+    // A delivery applies in order up to an event that fails: the events
+    // before it stay applied, the rest do not; the relay's retry from the
+    // failing event on (here without it) applies the rest once.
+    let broken = o2c_proto::events::v1::Event {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: TENANT.into(),
+        body: Some(o2c_proto::events::v1::event::Body::InvoiceChanged(
+            Default::default(),
+        )),
+        ..Default::default()
+    };
+    let six = event(&uuid::Uuid::now_v7().to_string(), 6, "60.00");
+    let seven = event(&uuid::Uuid::now_v7().to_string(), 7, "70.00");
+    let failed = events
+        .deliver(o2c_proto::events::v1::DeliverRequest {
+            events: vec![six.clone(), broken, seven.clone()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), Code::Internal, "{failed:?}");
+    let status_now = |mut client: CrmSyncServiceClient<Channel>| async move {
+        client
+            .get_credit_status(pb::GetCreditStatusRequest {
+                tenant_id: TENANT.into(),
+                crm_system: "hubspot".into(),
+                external_id: "hs-9".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+    };
+    let status = status_now(h.client.clone()).await;
+    assert_eq!(
+        (status.version, status.reserved.unwrap().amount.as_str()),
+        (6, "60.00")
+    );
+    events
+        .deliver(o2c_proto::events::v1::DeliverRequest {
+            events: vec![six, seven.clone(), seven],
+        })
+        .await
+        .unwrap();
+    let status = status_now(h.client.clone()).await;
+    assert_eq!(
+        (status.version, status.reserved.unwrap().amount.as_str()),
+        (7, "70.00")
+    );
     let unknown = h
         .client
         .get_credit_status(pb::GetCreditStatusRequest {

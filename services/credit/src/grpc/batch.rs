@@ -267,7 +267,11 @@ impl CreditApi {
             // The next path reports what keeps the database away.
             Err(_) => return batch,
         };
-        let planned = match self.plan_together(&txn, tenant, &batch).instrument(opener.clone()).await {
+        let planned = match self
+            .plan_together(&txn, tenant, &batch)
+            .instrument(opener.clone())
+            .await
+        {
             Ok(planned) => planned,
             Err(error) => {
                 tracing::debug!(%error, "set-wise credit checks fell back to one by one");

@@ -93,7 +93,10 @@ pub async fn oldest_open_due(
     let rows: Vec<(String, Option<NaiveDate>)> = receivable::Entity::find()
         .select_only()
         .column(receivable::Column::AccountId)
-        .column_as(Expr::from(Func::min(Expr::col(receivable::Column::DueDate))), "due")
+        .column_as(
+            Expr::from(Func::min(Expr::col(receivable::Column::DueDate))),
+            "due",
+        )
         .filter(receivable::Column::AccountId.is_in(accounts.iter().cloned()))
         .filter(receivable::Column::OpenMinor.gt(0))
         .filter(receivable::Column::DueDate.is_not_null())

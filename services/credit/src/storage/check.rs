@@ -134,7 +134,12 @@ fn threshold_alert_rows(ctx: &Context<'_>, account: &Account, before: &Exposure)
 }
 
 /// The alert that an order was put on hold.
-fn hold_alert_row(ctx: &Context<'_>, account: &Account, order_id: &str, reasons: &[Reason]) -> Alert {
+fn hold_alert_row(
+    ctx: &Context<'_>,
+    account: &Account,
+    order_id: &str,
+    reasons: &[Reason],
+) -> Alert {
     let codes = Reason::join(reasons);
     super::alert_row(
         account,

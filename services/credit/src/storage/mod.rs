@@ -280,7 +280,9 @@ pub fn account_state(
 pub fn fits(account: &Account, amount_minor: i64) -> bool {
     let limit = i128::from(account.exposure.limit_minor);
     let amount = i128::from(amount_minor);
-    limit - i128::from(account.exposure.reserved_minor) - i128::from(account.exposure.receivable_minor)
+    limit
+        - i128::from(account.exposure.reserved_minor)
+        - i128::from(account.exposure.receivable_minor)
         >= amount
         && limit - i128::from(account.group_exposure_minor) >= amount
 }

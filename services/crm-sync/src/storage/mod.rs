@@ -11,7 +11,7 @@ use sea_orm::{ConnectionTrait, QueryOrder, QuerySelect};
 
 use crate::domain::InteractionKind;
 use entities::{credit_status, interaction, invoice_record, link, payment_record};
-use sea_orm::sea_query::OnConflict;
+use sea_orm::sea_query::{Alias, ExprTrait, OnConflict};
 
 /// A stored interaction.
 #[derive(Debug, Clone)]
@@ -142,21 +142,12 @@ pub async fn list_interactions(
 /// A credit status as received.
 pub type CreditStatus = credit_status::Model;
 
-/// Stores `status` unless a status of a higher or equal version is there.
+/// Stores `status` unless a status of a higher or equal version is there:
+/// one statement, whose update applies only to an older version.
 pub async fn upsert_credit_status(
     conn: &impl ConnectionTrait,
     status: CreditStatus,
 ) -> Result<(), ApiError> {
-    let current =
-        credit_status::Entity::find_by_id((status.tenant_id.clone(), status.customer_id.clone()))
-            .one(conn)
-            .await?;
-    if current
-        .as_ref()
-        .is_some_and(|c| c.version >= status.version)
-    {
-        return Ok(());
-    }
     let model = credit_status::ActiveModel {
         tenant_id: Set(status.tenant_id),
         customer_id: Set(status.customer_id),
@@ -183,9 +174,15 @@ pub async fn upsert_credit_status(
                 credit_status::Column::Version,
                 credit_status::Column::UpdatedAt,
             ])
+            .action_and_where(
+                Expr::col((credit_status::Entity, credit_status::Column::Version)).lt(Expr::col((
+                    Alias::new("excluded"),
+                    credit_status::Column::Version,
+                ))),
+            )
             .to_owned(),
         )
-        .exec(conn)
+        .exec_without_returning(conn)
         .await?;
     Ok(())
 }
