@@ -32,7 +32,7 @@ use crate::client::TracedChannel;
 use crate::db::is_unique_violation;
 
 /// Events sent per delivery call.
-pub const BATCH: u64 = 100;
+pub const BATCH: u64 = 256;
 /// First and largest retry delay of a failed delivery.
 pub const RETRY_BASE_MS: i64 = 200;
 pub const RETRY_MAX_MS: i64 = 60_000;
@@ -563,15 +563,24 @@ impl Relay {
             .await?)
     }
 
-    /// Runs passes every `interval` for the life of the process.
+    /// Runs passes every `interval` for the life of the process, and
+    /// passes back to back while they deliver full batches, so a backlog
+    /// drains at the speed of delivery rather than a batch per interval.
     pub fn spawn(self, interval: Duration) {
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
-                if let Err(error) = self.run_once().await {
-                    tracing::warn!(%error, "event relay pass failed; retrying next interval");
+                loop {
+                    match self.run_once().await {
+                        Ok(delivered) if delivered as u64 >= BATCH => {}
+                        Ok(_) => break,
+                        Err(error) => {
+                            tracing::warn!(%error, "event relay pass failed; retrying next interval");
+                            break;
+                        }
+                    }
                 }
             }
         });

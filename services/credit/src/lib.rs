@@ -60,6 +60,10 @@ pub struct CreditSettings {
     pub event_subscribers: BTreeMap<String, String>,
     /// How often the outbox relay delivers.
     pub relay_interval_ms: u64,
+    /// Batches of credit checks a tenant may have deciding at once on
+    /// PostgreSQL, each for its own share of the customers (on SQLite,
+    /// which writes one transaction at a time, always one).
+    pub check_lanes: usize,
 }
 
 impl Default for CreditSettings {
@@ -76,6 +80,7 @@ impl Default for CreditSettings {
                 .into_iter()
                 .collect(),
             relay_interval_ms: 250,
+            check_lanes: grpc::DEFAULT_CHECK_LANES,
         }
     }
 }
@@ -117,6 +122,9 @@ impl CreditSettings {
         if !(1..=1_000_000).contains(&self.alert_stream_buffer) {
             return Err(invalid("alert_stream_buffer", "1 to 1000000".into()));
         }
+        if !(1..=64).contains(&self.check_lanes) {
+            return Err(invalid("check_lanes", "1 to 64".into()));
+        }
         if self.maintenance_interval_ms < 100 {
             return Err(invalid("maintenance_interval_ms", "at least 100".into()));
         }
@@ -131,6 +139,7 @@ impl CreditSettings {
             },
             reservation_ttl: chrono::Duration::milliseconds(ttl_ms),
             authority,
+            check_lanes: self.check_lanes,
             clock,
         })
     }

@@ -84,18 +84,46 @@ pub(super) struct Pending {
     reply: oneshot::Sender<Answer>,
 }
 
-/// A tenant: its checks share batches.
-type Key = String;
+/// A tenant and a lane: checks of the tenant's customers in the lane share
+/// batches.
+type Key = (String, usize);
 
-/// The queues of checks waiting for their tenant's running batch.
-#[derive(Default)]
+/// The queues of checks waiting for their lane's running batch.
 pub struct Batcher {
     queues: Mutex<HashMap<Key, Vec<Pending>>>,
+    /// Lanes per tenant: each holds a share of the customers, so a
+    /// customer's checks are always decided in one lane, one batch after
+    /// another.
+    lanes: usize,
+    /// Held while checks are decided one by one: such a transaction waits
+    /// for row locks (a group member's parent, then the member) while it
+    /// holds those of the orders before it, so two at once could deadlock.
+    one_at_a_time: tokio::sync::Mutex<()>,
     together: AtomicU64,
     one_by_one: AtomicU64,
 }
 
 impl Batcher {
+    /// Batches in `lanes` lanes per tenant.
+    pub fn new(lanes: usize) -> Self {
+        Self {
+            queues: Mutex::default(),
+            lanes: lanes.max(1),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+            together: AtomicU64::default(),
+            one_by_one: AtomicU64::default(),
+        }
+    }
+
+    /// The queue of `check`.
+    fn key_of(&self, check: &Check) -> Key {
+        let lane = check.customer.as_uuid().as_u128() % self.lanes as u128;
+        (
+            check.tenant.clone(),
+            usize::try_from(lane).unwrap_or_default(),
+        )
+    }
+
     /// How many checks were decided set-wise and how many one by one
     /// since the service started.
     pub fn decided(&self) -> (u64, u64) {
@@ -219,7 +247,7 @@ struct Decided {
 impl CreditApi {
     /// Decides `check` in its tenant's next batch.
     pub(super) async fn check_in_batch(&self, check: Check) -> Answer {
-        let key = check.tenant.clone();
+        let key = self.batcher.key_of(&check);
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             check,
@@ -231,7 +259,7 @@ impl CreditApi {
             tokio::spawn(async move {
                 let _unwind = Unwind(&api.batcher, &key);
                 while let Some(batch) = api.batcher.next(&key) {
-                    api.decide_batch(&key, batch).await;
+                    api.decide_batch(&key.0, batch).await;
                 }
             });
         }
@@ -249,6 +277,7 @@ impl CreditApi {
         let rest = self.decide_together(tenant, batch, &opener).await;
         self.batcher.count(size - rest.len(), rest.len());
         if !rest.is_empty() {
+            let _alone = self.batcher.one_at_a_time.lock().await;
             self.decide_each(tenant, rest, &opener).await;
         }
     }

@@ -55,8 +55,14 @@ pub struct Config {
     /// Largest limit an actor may set without a second user, per
     /// currency; raises in other currencies always need one.
     pub authority: o2c_kit::settings::CurrencyLimits,
+    /// Batches of credit checks a tenant may have deciding at once (on
+    /// PostgreSQL; one on SQLite).
+    pub check_lanes: usize,
     pub clock: Clock,
 }
+
+/// Batches of credit checks a tenant has deciding at once by default.
+pub const DEFAULT_CHECK_LANES: usize = 2;
 
 /// Fans alerts out to live streams without ever waiting for them.
 #[derive(Clone)]
@@ -102,13 +108,18 @@ impl CreditApi {
         alerts: AlertHub,
         subscribers: Vec<String>,
     ) -> Self {
+        // SQLite writes one transaction at a time: lanes would only wait.
+        let lanes = match db.get_database_backend() {
+            sea_orm::DbBackend::Sqlite => 1,
+            _ => config.check_lanes,
+        };
         Self {
             db,
             cache,
             config: Arc::new(config),
             alerts,
             subscribers: Arc::new(subscribers),
-            batcher: Arc::default(),
+            batcher: Arc::new(batch::Batcher::new(lanes)),
         }
     }
 

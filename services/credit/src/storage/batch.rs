@@ -8,7 +8,9 @@ use chrono::{DateTime, NaiveDate, Utc};
 use o2c_kit::ApiError;
 use o2c_money::ids::CustomerId;
 use sea_orm::entity::prelude::*;
-use sea_orm::sea_query::{Alias, CaseStatement, ExprTrait, Func, Query, UnionType};
+use sea_orm::sea_query::{
+    Alias, CaseStatement, ExprTrait, Func, LockBehavior, LockType, Query, UnionType,
+};
 use sea_orm::{ConnectionTrait, QueryOrder, QuerySelect};
 
 use super::entities::{account, alert, decision, hold, receivable, reservation};
@@ -17,9 +19,11 @@ use crate::domain::CreditError;
 
 /// The accounts of `customers` that are not members of a group, by
 /// customer, each row locked for the caller's transaction (on PostgreSQL;
-/// SQLite admits one writer at a time). Rows are locked in id order, so two
-/// batches never wait for each other in a cycle. A customer missing here
-/// has no account or is a member of a group.
+/// SQLite admits one writer at a time). A row another transaction holds
+/// is skipped rather than waited for, so a batch never waits for a lock
+/// while holding others and is never part of a deadlock. A customer
+/// missing here has no account, is a member of a group, or was busy: its
+/// checks are decided one by one.
 pub async fn lock_accounts(
     conn: &impl ConnectionTrait,
     tenant_id: &str,
@@ -33,7 +37,7 @@ pub async fn lock_accounts(
         .filter(account::Column::CustomerId.is_in(customers.iter().map(ToString::to_string)))
         .filter(account::Column::ParentAccountId.is_null())
         .order_by_asc(account::Column::Id)
-        .lock_exclusive()
+        .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
         .all(conn)
         .await?
         .into_iter()

@@ -399,10 +399,13 @@ async fn batch_spans_customers_and_groups(backend: Backend) {
     assert_eq!(amount(&group.total), "4.00");
     assert!(group.consistent);
     assert!(approved.get(&unknown).is_none());
-    // 20 + 2 orders of customers outside groups set-wise, the member's 6
-    // and the unknown customer's 2 one by one: nothing fell back.
+    // The 20 orders of the four customers set-wise; the member's 6 and the
+    // unknown customer's 2 one by one; the parent's 2 either way (a batch
+    // in another lane skips its row while a member's check holds it).
     let after = h.batches.decided();
-    assert_eq!((after.0 - before.0, after.1 - before.1), (22, 8));
+    let (together, one_by_one) = (after.0 - before.0, after.1 - before.1);
+    assert_eq!(together + one_by_one, 30);
+    assert!(together >= 20 && one_by_one >= 8, "{together} {one_by_one}");
     h.served.stop().await;
 }
 
