@@ -20,7 +20,8 @@
 //! otherwise). Tuning: `O2C_BENCH_CLIENTS` (16), `O2C_BENCH_CUSTOMERS`
 //! (1000), `O2C_BENCH_PHASE_SECS` (4), `O2C_BENCH_WARMUP_SECS` (10),
 //! `O2C_BENCH_LATENCY_ROUNDS` (5), `O2C_BENCH_OBJECTIVE_MS` (100),
-//! `O2C_BENCH_MEMORY` (1; 0 skips building and starting the binaries).
+//! `O2C_BENCH_MEMORY` (1; 0 skips building and starting the binaries),
+//! `O2C_BENCH_CHECK_LANES` (credit's `check_lanes`, its default otherwise).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -299,6 +300,11 @@ async fn main() {
     settings.auth.jwt_issuers = vec![o2c_tests::identity::issuer()];
     settings.auth.rate_limit.default.per_second = 1_000_000.0;
     settings.auth.rate_limit.default.burst = 1_000_000.0;
+    settings.credit_policy.check_lanes = env(
+        "O2C_BENCH_CHECK_LANES",
+        settings.credit_policy.check_lanes as u64,
+    ) as usize;
+    println!("credit check lanes: {}", settings.credit_policy.check_lanes);
     let suite = start(&settings).await.unwrap();
     let token = o2c_tests::identity::token(serde_json::json!({
         "sub": "bench", "o2c_tenant": TENANT,

@@ -61,8 +61,11 @@ pub struct Config {
     pub clock: Clock,
 }
 
-/// Batches of credit checks a tenant has deciding at once by default.
-pub const DEFAULT_CHECK_LANES: usize = 2;
+/// Batches of credit checks a tenant has deciding at once by default. On
+/// the benchmark's two cores one lane decided the most orders: two and four
+/// made smaller batches whose extra statements and commits cost more than
+/// deciding side by side gained (docs/benchmarks.md).
+pub const DEFAULT_CHECK_LANES: usize = 1;
 
 /// Fans alerts out to live streams without ever waiting for them.
 #[derive(Clone)]

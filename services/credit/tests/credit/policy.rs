@@ -315,12 +315,19 @@ async fn batch_answers_each_check_on_its_own_postgres() {
 
 /// A batch spans customers: orders of four customers, of a group (its
 /// parent and a member) and of a customer without an account, all sent at
-/// once. Each customer's limit holds on its own, the group's limit holds
-/// across parent and member, the customer without an account is blocked;
-/// and the orders of customers outside groups are decided set-wise while
-/// the member's and the unknown customer's go one by one.
+/// once, in two lanes. Each customer's limit holds on its own, the group's
+/// limit holds across parent and member, the customer without an account
+/// is blocked; and the orders of customers outside groups are decided
+/// set-wise while the member's and the unknown customer's go one by one.
 async fn batch_spans_customers_and_groups(backend: Backend) {
-    let Some(mut h) = start(backend, "batch-mixed").await else {
+    // Two lanes (on PostgreSQL; SQLite has one): the member's checks, one
+    // by one in one lane, hold the parent's row while the parent's own
+    // checks may be batched in the other.
+    let settings = o2c_credit::CreditSettings {
+        check_lanes: 2,
+        ..Default::default()
+    };
+    let Some(mut h) = start_with(backend, "batch-mixed", settings, None).await else {
         return;
     };
     let c = &mut h.client;
