@@ -228,7 +228,7 @@ struct Carried {
 
 /// What a set-wise batch does with one check.
 enum Fate {
-    Decided(Decided),
+    Decided(Box<Decided>),
     /// Answered with this error once the batch committed.
     Refused(ApiError),
     /// Left to [`CreditApi::decide_each`].
@@ -313,7 +313,7 @@ impl CreditApi {
         let mut rest = Vec::new();
         for (pending, fate) in batch.into_iter().zip(planned) {
             match fate {
-                Fate::Decided(done) => decided.push((pending, done)),
+                Fate::Decided(done) => decided.push((pending, *done)),
                 Fate::Refused(error) => refused.push((pending, error)),
                 Fate::Later => rest.push(pending),
             }
@@ -376,12 +376,12 @@ impl CreditApi {
             if let Some(found) = recorded.get(&c.key) {
                 // A replay leaves the account as it was.
                 fates.push(match found.replay(&c.bytes) {
-                    Ok(response) => Fate::Decided(Decided {
+                    Ok(response) => Fate::Decided(Box::new(Decided {
                         response,
                         exposures: Vec::new(),
                         alerts: Vec::new(),
                         counted: None,
-                    }),
+                    })),
                     Err(error) => Fate::Refused(error),
                 });
                 continue;
@@ -452,12 +452,12 @@ impl CreditApi {
             rows.holds.extend(checked.hold);
             rows.alerts.extend(checked.alerts.iter().cloned());
             rows.decisions.push(checked.decision);
-            fates.push(Fate::Decided(Decided {
+            fates.push(Fate::Decided(Box::new(Decided {
                 response,
                 exposures: checked.account.iter().map(|a| a.exposure).collect(),
                 alerts: checked.alerts,
                 counted: Some((checked.outcome.code(), reasons)),
-            }));
+            })));
         }
         let changed: Vec<(i64, &storage::Account)> = accounts
             .iter()
