@@ -296,6 +296,26 @@ pub trait Consumer: Send + Sync + 'static {
         event: &pb::Event,
     ) -> Result<Self::Applied, ApiError>;
 
+    /// Applies `events`, in the order delivered, in `txn` (see
+    /// [`Self::apply`]): one after another by default, each in a span that
+    /// continues its producer's trace. A consumer may apply them set-wise
+    /// when the effect is the same as one after another.
+    async fn apply_all(
+        &self,
+        txn: &DatabaseTransaction,
+        events: &[&pb::Event],
+    ) -> Result<Vec<Self::Applied>, ApiError> {
+        let mut applied = Vec::with_capacity(events.len());
+        for event in events {
+            applied.push(
+                self.apply(txn, event)
+                    .instrument(consumer_span(event, Self::NAME))
+                    .await?,
+            );
+        }
+        Ok(applied)
+    }
+
     /// Runs after the effect committed (cache refresh, live
     /// notifications): work that may be lost without losing the effect.
     async fn committed(&self, _applied: Self::Applied) {}
@@ -350,34 +370,24 @@ impl<C: Consumer> Inbox<C> {
             .map(|row| row.event_id)
             .collect();
         let now = Utc::now();
-        let mut received = Vec::new();
-        let mut applied = Vec::new();
-        for event in events {
-            // A redelivery, or the same event twice in one delivery.
-            if !done.insert(event.event_id.clone()) {
-                continue;
-            }
-            let span = consumer_span(event, C::NAME);
-            applied.push((
-                self.consumer
-                    .apply(&txn, event)
-                    .instrument(span.clone())
-                    .await?,
-                span,
-            ));
-            received.push(inbox_entity::ActiveModel {
-                event_id: Set(event.event_id.clone()),
-                received_at: Set(now),
-            });
-        }
+        // Less what was applied before, or is in the delivery twice.
+        let fresh: Vec<&pb::Event> = events
+            .iter()
+            .filter(|event| done.insert(event.event_id.clone()))
+            .collect();
+        let applied = self.consumer.apply_all(&txn, &fresh).await?;
+        let received = fresh.iter().map(|event| inbox_entity::ActiveModel {
+            event_id: Set(event.event_id.clone()),
+            received_at: Set(now),
+        });
         // A concurrent delivery of one of them fails this on its inbox row:
         // the caller rolls back and applies them one by one.
         inbox_entity::Entity::insert_many(received)
             .exec_without_returning(&txn)
             .await?;
         txn.commit().await?;
-        for (applied, span) in applied {
-            self.consumer.committed(applied).instrument(span).await;
+        for applied in applied {
+            self.consumer.committed(applied).await;
         }
         Ok(())
     }

@@ -297,6 +297,22 @@ async fn events_apply_once_and_in_version_order(backend: Backend) {
         (status.version, status.reserved.unwrap().amount.as_str()),
         (7, "70.00")
     );
+    // Two new statuses of one customer in one delivery, newer first: the
+    // newer stays.
+    events
+        .deliver(o2c_proto::events::v1::DeliverRequest {
+            events: vec![
+                event(&uuid::Uuid::now_v7().to_string(), 9, "90.00"),
+                event(&uuid::Uuid::now_v7().to_string(), 8, "80.00"),
+            ],
+        })
+        .await
+        .unwrap();
+    let status = status_now(h.client.clone()).await;
+    assert_eq!(
+        (status.version, status.reserved.unwrap().amount.as_str()),
+        (9, "90.00")
+    );
     let unknown = h
         .client
         .get_credit_status(pb::GetCreditStatusRequest {

@@ -2,9 +2,12 @@
 //! invoicing and payments to its own projections, each exactly once and in
 //! the order delivered.
 
+use std::collections::HashMap;
+
 use o2c_kit::ApiError;
 use o2c_proto::events::v1 as pb;
 use sea_orm::DatabaseTransaction;
+use tracing::Instrument;
 
 use o2c_proto::crm_sync::v1 as crm_pb;
 use o2c_proto::invoicing::v1 as invoicing_pb;
@@ -71,6 +74,32 @@ fn payment_record(payment: &payments_pb::Payment) -> Result<crm_pb::PaymentRecor
     })
 }
 
+/// The credit status an `ExposureChanged` event reports.
+fn credit_status(
+    event: &pb::Event,
+    changed: &pb::ExposureChanged,
+    now: chrono::DateTime<chrono::Utc>,
+) -> CreditStatus {
+    let amount = |m: &Option<o2c_proto::common::v1::Money>| {
+        m.as_ref().map(|m| m.amount.clone()).unwrap_or_default()
+    };
+    CreditStatus {
+        tenant_id: event.tenant_id.clone(),
+        customer_id: changed.customer_id.clone(),
+        currency_code: changed
+            .credit_limit
+            .as_ref()
+            .map(|m| m.currency_code.clone())
+            .unwrap_or_default(),
+        credit_limit: amount(&changed.credit_limit),
+        reserved: amount(&changed.reserved),
+        receivables: amount(&changed.receivables),
+        available: amount(&changed.available),
+        version: changed.version,
+        updated_at: now,
+    }
+}
+
 /// The connector's [`o2c_kit::outbox::Consumer`].
 #[derive(Clone, Default)]
 pub struct EventsApi;
@@ -81,33 +110,42 @@ impl o2c_kit::outbox::Consumer for EventsApi {
 
     type Applied = ();
 
+    /// Credit statuses are versioned, so only the newest of each customer
+    /// in a delivery matters: they are stored in one statement, and every
+    /// other event is applied in order.
+    async fn apply_all(
+        &self,
+        txn: &DatabaseTransaction,
+        events: &[&pb::Event],
+    ) -> Result<Vec<()>, ApiError> {
+        let now = chrono::Utc::now();
+        let mut newest: HashMap<(&str, &str), CreditStatus> = HashMap::new();
+        for event in events {
+            let span = o2c_kit::outbox::consumer_span(event, Self::NAME);
+            match &event.body {
+                Some(pb::event::Body::ExposureChanged(changed)) => {
+                    let status = credit_status(event, changed, now);
+                    let key = (event.tenant_id.as_str(), changed.customer_id.as_str());
+                    if newest
+                        .get(&key)
+                        .is_none_or(|seen| seen.version < status.version)
+                    {
+                        newest.insert(key, status);
+                    }
+                }
+                _ => self.apply(txn, event).instrument(span).await?,
+            }
+        }
+        storage::upsert_credit_statuses(txn, newest.into_values().collect()).await?;
+        Ok(vec![(); events.len()])
+    }
+
     async fn apply(&self, txn: &DatabaseTransaction, event: &pb::Event) -> Result<(), ApiError> {
         let now = chrono::Utc::now();
         match &event.body {
             Some(pb::event::Body::ExposureChanged(changed)) => {
-                let amount = |m: &Option<o2c_proto::common::v1::Money>| {
-                    m.as_ref().map(|m| m.amount.clone()).unwrap_or_default()
-                };
-                let currency = changed
-                    .credit_limit
-                    .as_ref()
-                    .map(|m| m.currency_code.clone())
-                    .unwrap_or_default();
-                storage::upsert_credit_status(
-                    txn,
-                    CreditStatus {
-                        tenant_id: event.tenant_id.clone(),
-                        customer_id: changed.customer_id.clone(),
-                        currency_code: currency,
-                        credit_limit: amount(&changed.credit_limit),
-                        reserved: amount(&changed.reserved),
-                        receivables: amount(&changed.receivables),
-                        available: amount(&changed.available),
-                        version: changed.version,
-                        updated_at: now,
-                    },
-                )
-                .await?;
+                storage::upsert_credit_statuses(txn, vec![credit_status(event, changed, now)])
+                    .await?;
             }
             Some(pb::event::Body::InvoiceChanged(changed)) => {
                 let Some(invoice) = &changed.invoice else {

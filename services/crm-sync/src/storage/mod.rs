@@ -142,24 +142,14 @@ pub async fn list_interactions(
 /// A credit status as received.
 pub type CreditStatus = credit_status::Model;
 
-/// Stores `status` unless a status of a higher or equal version is there:
-/// one statement, whose update applies only to an older version.
-pub async fn upsert_credit_status(
+/// Stores each of `statuses` (at most one per customer) unless a status of
+/// a higher or equal version is there: one statement, whose update applies
+/// only over an older version.
+pub async fn upsert_credit_statuses(
     conn: &impl ConnectionTrait,
-    status: CreditStatus,
+    statuses: Vec<CreditStatus>,
 ) -> Result<(), ApiError> {
-    let model = credit_status::ActiveModel {
-        tenant_id: Set(status.tenant_id),
-        customer_id: Set(status.customer_id),
-        currency_code: Set(status.currency_code),
-        credit_limit: Set(status.credit_limit),
-        reserved: Set(status.reserved),
-        receivables: Set(status.receivables),
-        available: Set(status.available),
-        version: Set(status.version),
-        updated_at: Set(status.updated_at),
-    };
-    credit_status::Entity::insert(model)
+    credit_status::Entity::insert_many(statuses.into_iter().map(credit_status::ActiveModel::from))
         .on_conflict(
             OnConflict::columns([
                 credit_status::Column::TenantId,
