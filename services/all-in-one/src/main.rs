@@ -3,11 +3,6 @@
 //! `o2c [--demo] [--config FILE]`. Each service keeps its own port and
 //! database (SQLite files under `./data` by default).
 
-/// mimalloc: about a tenth more orders a second than the system allocator
-/// in the benchmark (docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use o2c_all_in_one::{Settings, demo, start};
 use o2c_kit::{settings, shutdown, telemetry};
 
