@@ -11,6 +11,12 @@
 //! concurrent writer; SQLite admits one writer at a time), so no
 //! interleaving of concurrent checks can approve past a limit. Rows are
 //! always locked parent first, then child, so group updates cannot deadlock.
+//!
+//! A batch of credit checks (`batch`) decides set-wise instead: it locks
+//! its accounts first (`FOR UPDATE SKIP LOCKED`), decides each order in
+//! memory on the locked rows with the same condition ([`fits`]), and
+//! writes each account once, guarded by the version it read. Members of
+//! groups are left to the conditional statement above.
 
 pub mod batch;
 pub mod cache;
