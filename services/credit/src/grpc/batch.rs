@@ -235,6 +235,22 @@ enum Fate {
     Later,
 }
 
+/// Logs a decision and annotates the current span with it (codes only: no
+/// customer data on the span); returns its joined reason codes.
+fn log_decision(checked: &check::Checked) -> String {
+    let reasons = domain::Reason::join(&checked.reasons).to_string();
+    tracing::info!(
+        outcome = checked.outcome.code(),
+        reasons = %reasons,
+        policy = domain::POLICY_VERSION,
+        "credit decision"
+    );
+    o2c_kit::telemetry::annotate("credit.decision", checked.outcome.code());
+    o2c_kit::telemetry::annotate("credit.reasons", reasons.clone());
+    o2c_kit::telemetry::annotate("credit.policy", domain::POLICY_VERSION);
+    reasons
+}
+
 /// One decided order, answered after the commit.
 struct Decided {
     response: pb::CheckAndReserveResponse,
@@ -413,19 +429,7 @@ impl CreditApi {
                 c.amount,
             )?;
             let checked = planned.checked;
-            let reasons = domain::Reason::join(&checked.reasons).to_string();
-            pending.span.in_scope(|| {
-                tracing::info!(
-                    outcome = checked.outcome.code(),
-                    reasons = %reasons,
-                    policy = domain::POLICY_VERSION,
-                    "credit decision"
-                );
-                // Codes only: no customer data on the span.
-                o2c_kit::telemetry::annotate("credit.decision", checked.outcome.code());
-                o2c_kit::telemetry::annotate("credit.reasons", reasons.clone());
-                o2c_kit::telemetry::annotate("credit.policy", domain::POLICY_VERSION);
-            });
+            let reasons = pending.span.in_scope(|| log_decision(&checked));
             let response = pb::CheckAndReserveResponse {
                 decision: Some(checked_decision(&checked)?),
             };
@@ -666,17 +670,7 @@ impl CreditApi {
             true,
         )
         .await?;
-        let reasons = domain::Reason::join(&checked.reasons).to_string();
-        tracing::info!(
-            outcome = checked.outcome.code(),
-            reasons = %reasons,
-            policy = domain::POLICY_VERSION,
-            "credit decision"
-        );
-        // Codes only: no customer data on the span.
-        o2c_kit::telemetry::annotate("credit.decision", checked.outcome.code());
-        o2c_kit::telemetry::annotate("credit.reasons", reasons.clone());
-        o2c_kit::telemetry::annotate("credit.policy", domain::POLICY_VERSION);
+        let reasons = log_decision(&checked);
         let response = pb::CheckAndReserveResponse {
             decision: Some(checked_decision(&checked)?),
         };
