@@ -6,8 +6,9 @@
 //! once over gRPC (`o2c.events.v1.EventsService/Deliver`), oldest first, so
 //! events of one aggregate arrive in order; a failed batch is retried with
 //! capped, jittered exponential backoff and nothing after it is sent
-//! meanwhile. A consumer applies each event exactly once by calling
-//! [`first_delivery`] in the transaction of its effect.
+//! meanwhile. A consumer ([`Inbox`]) applies each event exactly once by
+//! recording its id in the transaction of its effect ([`first_delivery`],
+//! or one statement for a whole delivery).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;

@@ -21,11 +21,15 @@
 //!
 //! What this does not decide goes through [`CreditApi::decide_each`], one
 //! order after another in one transaction, each at its own savepoint: the
-//! orders of group members (whose check needs the parent's row) and of
-//! customers without an account, and the whole batch whenever the set-wise
-//! transaction fails (a concurrent writer, another replica that checked
-//! one of its orders or keys first). That path reads everything again, so
-//! it answers what a lone check would.
+//! orders of group members (whose check needs the parent's row), of
+//! customers without an account and of rows another transaction holds, and
+//! the whole batch whenever the set-wise transaction fails or does not
+//! commit (another replica that checked one of its orders or keys first).
+//! That path reads everything again, so it answers what a lone check would.
+//! Arrival order holds across the two paths: a batch is decided set-wise up
+//! to the first check it cannot decide, the run of such checks from there
+//! one by one, and the rest set-wise again, so no check overtakes an
+//! earlier one (for a group's limit, an order id or an idempotency key).
 //!
 //! - Every order keeps its own idempotency record, decision and
 //!   reservation; each is answered only after the commit that made it
@@ -34,8 +38,8 @@
 //!   before, a foreign currency) is answered with its error; the others go
 //!   on.
 //! - Each order's decision is logged and annotated in its own request's
-//!   span; the batch's statements are in the trace of the order that
-//!   opened the batch.
+//!   span once it is durable; the batch's statements are in the trace of
+//!   the order that opened the batch.
 //!
 //! Batches of different tenants run side by side.
 
@@ -133,6 +137,13 @@ impl Batcher {
         )
     }
 
+    /// How many batch runners are deciding and how many checks wait for
+    /// them.
+    pub fn load(&self) -> (usize, usize) {
+        let queues = self.queues();
+        (queues.len(), queues.values().map(Vec::len).sum())
+    }
+
     fn count(&self, together: usize, one_by_one: usize) {
         for (counter, path, n) in [
             (&self.together, "together", together),
@@ -226,29 +237,43 @@ struct Carried {
     reserved: HashMap<CustomerId, storage::Account>,
 }
 
-/// What a set-wise batch does with one check.
+/// What a set-wise batch decided for one check.
 enum Fate {
     Decided(Box<Decided>),
     /// Answered with this error once the batch committed.
     Refused(ApiError),
-    /// Left to [`CreditApi::decide_each`].
-    Later,
 }
 
-/// Logs a decision and annotates the current span with it (codes only: no
-/// customer data on the span); returns its joined reason codes.
-fn log_decision(checked: &check::Checked) -> String {
-    let reasons = domain::Reason::join(&checked.reasons).to_string();
+/// The checks a set-wise batch leaves, in arrival order.
+struct Left {
+    /// To decide one by one next.
+    alone: Vec<Pending>,
+    /// After those, for the next set-wise batch.
+    rest: Vec<Pending>,
+}
+
+impl Left {
+    /// Every check, one by one.
+    fn all(batch: Vec<Pending>) -> Self {
+        Self {
+            alone: batch,
+            rest: Vec::new(),
+        }
+    }
+}
+
+/// Logs a durable decision and annotates the current span with it (codes
+/// only: no customer data on the span).
+fn log_decision(outcome: &'static str, reasons: &str) {
     tracing::info!(
-        outcome = checked.outcome.code(),
-        reasons = %reasons,
+        outcome,
+        reasons,
         policy = domain::POLICY_VERSION,
         "credit decision"
     );
-    o2c_kit::telemetry::annotate("credit.decision", checked.outcome.code());
-    o2c_kit::telemetry::annotate("credit.reasons", reasons.clone());
+    o2c_kit::telemetry::annotate("credit.decision", outcome);
+    o2c_kit::telemetry::annotate("credit.reasons", reasons);
     o2c_kit::telemetry::annotate("credit.policy", domain::POLICY_VERSION);
-    reasons
 }
 
 /// One decided order, answered after the commit.
@@ -289,30 +314,41 @@ impl CreditApi {
             .first()
             .map(|p| p.span.clone())
             .unwrap_or_else(tracing::Span::none);
-        let size = batch.len();
-        let rest = self.decide_together(tenant, batch, &opener).await;
-        self.batcher.count(size - rest.len(), rest.len());
-        if !rest.is_empty() {
-            let _alone = self.batcher.one_at_a_time.lock().await;
-            self.decide_each(tenant, rest, &opener).await;
+        // Arrival order holds across the two paths: set-wise up to the
+        // first check it cannot decide, then the run of such checks one by
+        // one, then set-wise again from there.
+        let mut queue = batch;
+        while !queue.is_empty() {
+            let size = queue.len();
+            let Left { alone, rest } = self.decide_together(tenant, queue, &opener).await;
+            self.batcher
+                .count(size - alone.len() - rest.len(), alone.len());
+            if !alone.is_empty() {
+                let _turn = self.batcher.one_at_a_time.lock().await;
+                self.decide_each(tenant, alone, &opener).await;
+            }
+            queue = rest;
         }
     }
 
-    /// Decides `batch` set-wise (see the module's documentation) and
-    /// answers what it decided; returns the checks it leaves to
-    /// [`Self::decide_each`], in arrival order.
+    /// Decides the checks of `batch` set-wise (see the module's
+    /// documentation) up to the first one it cannot decide, and answers
+    /// them once they are durable; leaves the run of checks it cannot
+    /// decide from there, and the checks after that run. When its
+    /// transaction fails, nothing of it holds and it leaves every check to
+    /// be decided one by one.
     async fn decide_together(
         &self,
         tenant: &str,
-        batch: Vec<Pending>,
+        mut batch: Vec<Pending>,
         opener: &tracing::Span,
-    ) -> Vec<Pending> {
+    ) -> Left {
         let txn = match self.db.begin().instrument(opener.clone()).await {
             Ok(txn) => txn,
             // The next path reports what keeps the database away.
-            Err(_) => return batch,
+            Err(_) => return Left::all(batch),
         };
-        let planned = match self
+        let (fates, run) = match self
             .plan_together(&txn, tenant, &batch)
             .instrument(opener.clone())
             .await
@@ -321,47 +357,54 @@ impl CreditApi {
             Err(error) => {
                 tracing::debug!(%error, "set-wise credit checks fell back to one by one");
                 let _ = txn.rollback().instrument(opener.clone()).await;
-                return batch;
+                return Left::all(batch);
             }
         };
-        let mut decided = Vec::new();
-        let mut refused = Vec::new();
-        let mut rest = Vec::new();
-        for (pending, fate) in batch.into_iter().zip(planned) {
-            match fate {
-                Fate::Decided(done) => decided.push((pending, *done)),
-                Fate::Refused(error) => refused.push((pending, error)),
-                Fate::Later => rest.push(pending),
-            }
-        }
+        let mut after = batch.split_off(fates.len().min(batch.len()));
+        let rest = after.split_off(run.min(after.len()));
+        let decided: Vec<&Decided> = fates
+            .iter()
+            .filter_map(|fate| match fate {
+                Fate::Decided(done) => Some(done.as_ref()),
+                Fate::Refused(_) => None,
+            })
+            .collect();
+        // Refusals alone rest only on what was committed before.
         let committed = if decided.is_empty() {
-            txn.rollback().instrument(opener.clone()).await.is_ok()
+            let _ = txn.rollback().instrument(opener.clone()).await;
+            true
         } else {
-            self.commit_batch(tenant, txn, decided, opener).await
+            self.commit_decided(tenant, txn, &decided, opener)
+                .await
+                .is_ok()
         };
-        // A refusal may rest on an order decided earlier in this batch:
-        // it is only told once that order is durable.
-        for (pending, error) in refused {
-            let answer = if committed {
-                Err(error.into())
-            } else {
-                Err(Status::unavailable(
-                    "the credit check's batch did not commit; retry",
-                ))
-            };
-            let _ = pending.reply.send(answer);
+        if !committed {
+            batch.extend(after);
+            batch.extend(rest);
+            return Left::all(batch);
         }
-        rest
+        for (pending, fate) in batch.into_iter().zip(fates) {
+            match fate {
+                Fate::Decided(done) => self.answer(pending, *done),
+                Fate::Refused(error) => {
+                    let _ = pending.reply.send(Err(error.into()));
+                }
+            }
+        }
+        Left { alone: after, rest }
     }
 
-    /// Reads what `batch` needs, decides each of its orders in memory and
-    /// writes the result in `txn`: one fate per check, in order.
+    /// Reads what `batch` needs, decides its checks in memory up to the
+    /// first one that has no account here (no account, a member of a group,
+    /// a row another transaction holds), and writes the result in `txn`:
+    /// one fate per check decided, in order, and how many checks from there
+    /// on have no account here.
     async fn plan_together(
         &self,
         txn: &DatabaseTransaction,
         tenant: &str,
         batch: &[Pending],
-    ) -> Result<Vec<Fate>, ApiError> {
+    ) -> Result<(Vec<Fate>, usize), ApiError> {
         // One tenant, so one scope.
         let scope = batch.first().map_or("", |p| p.check.scope.as_str());
         let keys: Vec<&str> = batch.iter().map(|p| p.check.key.as_str()).collect();
@@ -387,7 +430,8 @@ impl CreditApi {
         let mut rows = storage::batch::Rows::default();
         let mut records: Vec<(&str, &[u8], Vec<u8>)> = Vec::new();
         let mut fates = Vec::with_capacity(batch.len());
-        for pending in batch {
+        let mut run = 0;
+        for (i, pending) in batch.iter().enumerate() {
             let c = &pending.check;
             if let Some(found) = recorded.get(&c.key) {
                 // A replay leaves the account as it was.
@@ -408,10 +452,15 @@ impl CreditApi {
                 fates.push(Fate::Refused(checked.clone().into()));
                 continue;
             }
-            // No account, or a member of a group: decided one by one.
+            // No account, a member of a group, or a row held elsewhere:
+            // decided one by one, and so is everything from here on until
+            // that has been.
             let Some(account) = accounts.get_mut(&c.customer) else {
-                fates.push(Fate::Later);
-                continue;
+                run = batch[i..]
+                    .iter()
+                    .take_while(|p| !accounts.contains_key(&p.check.customer))
+                    .count();
+                break;
             };
             if let Err(error) = same_currency("amount", &c.amount, account) {
                 fates.push(Fate::Refused(error));
@@ -429,7 +478,7 @@ impl CreditApi {
                 c.amount,
             )?;
             let checked = planned.checked;
-            let reasons = pending.span.in_scope(|| log_decision(&checked));
+            let reasons = domain::Reason::join(&checked.reasons).to_string();
             let response = pb::CheckAndReserveResponse {
                 decision: Some(checked_decision(&checked)?),
             };
@@ -473,7 +522,7 @@ impl CreditApi {
         storage::batch::write_accounts(txn, &changed, ctx.now).await?;
         storage::batch::insert_rows(txn, rows).await?;
         idempotency::record_all_in(txn, scope, &records).await?;
-        Ok(fates)
+        Ok((fates, run))
     }
 
     /// Decides `batch` one order after another in one transaction, each at
@@ -555,7 +604,20 @@ impl CreditApi {
         if failed_alone || decided.is_empty() {
             let _ = txn.rollback().instrument(opener.clone()).await;
         } else {
-            self.commit_batch(tenant, txn, decided, &opener).await;
+            let done: Vec<&Decided> = decided.iter().map(|(_, done)| done).collect();
+            match self.commit_decided(tenant, txn, &done, &opener).await {
+                Ok(()) => {
+                    for (pending, done) in decided {
+                        self.answer(pending, done);
+                    }
+                }
+                Err(error) => {
+                    let status = Status::from(error);
+                    for (pending, _) in decided {
+                        let _ = pending.reply.send(Err(status.clone()));
+                    }
+                }
+            }
         }
         for pending in raced {
             let c = &pending.check;
@@ -572,17 +634,16 @@ impl CreditApi {
     }
 
     /// Records the batch's last exposure per customer, commits, then
-    /// refreshes the cache, publishes the alerts and answers every order.
-    /// True when it committed.
-    async fn commit_batch(
+    /// refreshes the cache; answers nobody.
+    async fn commit_decided(
         &self,
         tenant: &str,
         txn: DatabaseTransaction,
-        decided: Vec<(Pending, Decided)>,
+        decided: &[&Decided],
         opener: &tracing::Span,
-    ) -> bool {
+    ) -> Result<(), ApiError> {
         let mut latest: HashMap<CustomerId, Exposure> = HashMap::new();
-        for (_, done) in &decided {
+        for done in decided {
             for exposure in &done.exposures {
                 let newer = latest
                     .get(&exposure.customer_id)
@@ -593,19 +654,12 @@ impl CreditApi {
             }
         }
         let exposures: Vec<Exposure> = latest.into_values().collect();
-        let committed = async {
+        async {
             self.record_exposures(&txn, tenant, &exposures).await?;
             txn.commit().await.map_err(ApiError::from)
         }
         .instrument(opener.clone())
-        .await;
-        if let Err(error) = committed {
-            let status = Status::from(error);
-            for (pending, _) in decided {
-                let _ = pending.reply.send(Err(status.clone()));
-            }
-            return false;
-        }
+        .await?;
         self.cache
             .put_all(tenant, &exposures)
             .instrument(opener.clone())
@@ -615,14 +669,18 @@ impl CreditApi {
                 o2c_kit::metrics::exposure_utilisation(percent);
             }
         }
-        for (pending, done) in decided {
-            if let Some((outcome, reasons)) = done.counted {
-                o2c_kit::metrics::credit_decision(outcome, reasons);
-            }
-            self.alerts.publish(done.alerts);
-            let _ = pending.reply.send(Ok(done.response));
+        Ok(())
+    }
+
+    /// Answers a check whose decision is durable: logs and counts it (a
+    /// new one), publishes its alerts and replies.
+    fn answer(&self, pending: Pending, done: Decided) {
+        if let Some((outcome, reasons)) = done.counted {
+            pending.span.in_scope(|| log_decision(outcome, &reasons));
+            o2c_kit::metrics::credit_decision(outcome, reasons);
         }
-        true
+        self.alerts.publish(done.alerts);
+        let _ = pending.reply.send(Ok(done.response));
     }
 
     /// Decides one order in `conn`: its replay when its key was used, its
@@ -670,7 +728,7 @@ impl CreditApi {
             true,
         )
         .await?;
-        let reasons = log_decision(&checked);
+        let reasons = domain::Reason::join(&checked.reasons).to_string();
         let response = pb::CheckAndReserveResponse {
             decision: Some(checked_decision(&checked)?),
         };

@@ -24,7 +24,7 @@ pub struct Harness {
     pub relay: o2c_kit::outbox::Relay,
     pub batches: std::sync::Arc<o2c_credit::grpc::Batcher>,
     pub clock: ManualClock,
-    _db: TestDatabase,
+    pub db: TestDatabase,
 }
 
 /// A clock tests move by hand.
@@ -84,7 +84,7 @@ pub async fn start_with(
         relay: built.relay,
         batches: built.batches,
         clock,
-        _db: db,
+        db,
     })
 }
 

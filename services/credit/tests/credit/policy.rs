@@ -426,6 +426,70 @@ async fn batch_spans_customers_and_groups_postgres() {
     batch_spans_customers_and_groups(Backend::Postgres).await;
 }
 
+/// Arrival order holds across the set-wise and the one-by-one path: a
+/// group member's order that arrived first gets the group's headroom
+/// before its parent's later order, though the parent's is the one a batch
+/// could decide set-wise. The batch is made deterministic by holding the
+/// lane's runner on a row locked from outside while the two orders queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_keeps_arrival_order_across_paths_postgres() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(mut h) = start(Backend::Postgres, "batch-order").await else {
+        return;
+    };
+    let c = &mut h.client;
+    let blocker = open_with_limit(c, "10.00").await;
+    let parent = open_with_limit(c, "100.00").await;
+    let member = uuid::Uuid::now_v7().to_string();
+    open(c, &member, &parent).await.unwrap();
+    set_limit(c, &member, "100.00", ANALYST).await;
+    let outside = sea_orm::Database::connect(&h.db.url).await.unwrap();
+    let lock = outside.begin().await.unwrap();
+    lock.execute_unprepared(&format!(
+        "SELECT id FROM credit_accounts WHERE customer_id = '{blocker}' FOR UPDATE"
+    ))
+    .await
+    .unwrap();
+    let send = |customer: String, order: &str| {
+        let mut client = h.client.clone();
+        let order = order.to_owned();
+        tokio::spawn(async move { reserve(&mut client, &customer, &order, "80.00").await })
+    };
+    let wait_for = |want: (usize, usize)| {
+        let batches = std::sync::Arc::clone(&h.batches);
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while batches.load() != want {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{:?}",
+                    batches.load()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let blocked = {
+        let mut client = h.client.clone();
+        let blocker = blocker.clone();
+        tokio::spawn(async move { reserve(&mut client, &blocker, "b-1", "1.00").await })
+    };
+    // The runner took the blocker's check and waits for its row.
+    wait_for((1, 0)).await;
+    let first = send(member.clone(), "m-1");
+    wait_for((1, 1)).await;
+    let second = send(parent.clone(), "p-1");
+    wait_for((1, 2)).await;
+    lock.rollback().await.unwrap();
+    assert_eq!(blocked.await.unwrap().decision(), pb::Decision::Approve);
+    let first = first.await.unwrap();
+    let second = second.await.unwrap();
+    assert_eq!(first.decision(), pb::Decision::Approve, "{first:?}");
+    assert_eq!(second.decision(), pb::Decision::Hold, "{second:?}");
+    assert_eq!(reasons(&second), [pb::ReasonCode::GroupLimitExceeded]);
+    h.served.stop().await;
+}
+
 async fn every_reason(backend: Backend) {
     let Some(mut h) = start(backend, "reasons").await else {
         return;
