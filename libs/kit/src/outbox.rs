@@ -438,7 +438,14 @@ impl<C: Consumer> EventsService for Inbox<C> {
 pub struct Relay {
     db: DatabaseConnection,
     subscribers: BTreeMap<String, EventsServiceClient<TracedChannel>>,
+    /// Each subscriber's backlog as last counted, and when: passes that
+    /// drain a backlog back to back count it at most once a
+    /// [`BACKLOG_COUNT_INTERVAL`].
+    counted: std::sync::Arc<std::sync::Mutex<HashMap<String, (std::time::Instant, u64)>>>,
 }
+
+/// How often a relay draining a backlog counts it for its gauge.
+pub const BACKLOG_COUNT_INTERVAL: Duration = Duration::from_secs(1);
 
 fn backoff(attempts: i32) -> chrono::Duration {
     let exponent = u32::try_from(attempts.clamp(0, 16)).unwrap_or(16);
@@ -467,6 +474,7 @@ impl Relay {
         Ok(Self {
             db,
             subscribers: clients,
+            counted: std::sync::Arc::default(),
         })
     }
 
@@ -521,7 +529,7 @@ impl Relay {
         let pending = if (rows.len() as u64) < BATCH {
             rows.len() as u64
         } else {
-            self.pending(name).await?
+            self.backlog(name).await?
         };
         crate::metrics::outbox(name, pending, waiting);
         if first.next_attempt_at > now {
@@ -564,6 +572,30 @@ impl Relay {
                 Ok(0)
             }
         }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, (std::time::Instant, u64)>> {
+        // A map of plain values: consistent whatever a panicking holder did.
+        self.counted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Events waiting for `subscriber`, as counted within the last
+    /// [`BACKLOG_COUNT_INTERVAL`].
+    async fn backlog(&self, subscriber: &str) -> Result<u64, ApiError> {
+        let recent = self
+            .counts()
+            .get(subscriber)
+            .filter(|(at, _)| at.elapsed() < BACKLOG_COUNT_INTERVAL)
+            .map(|(_, count)| *count);
+        if let Some(count) = recent {
+            return Ok(count);
+        }
+        let count = self.pending(subscriber).await?;
+        self.counts()
+            .insert(subscriber.to_owned(), (std::time::Instant::now(), count));
+        Ok(count)
     }
 
     /// Events waiting for `subscriber`.
