@@ -634,3 +634,68 @@ async fn aging_and_lists_sqlite() {
 async fn aging_and_lists_postgres() {
     aging_and_lists(Backend::Postgres).await;
 }
+
+/// ApplyPayment racing the payment's event for the same application: the
+/// event's transaction (played here from outside) has written the
+/// application but not committed when the call arrives. The call waits for
+/// it and, once it commits, answers with that application instead of
+/// ABORTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_payment_meets_a_concurrent_application_postgres() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(mut h) = start(Backend::Postgres).await else {
+        return;
+    };
+    let invoice = h
+        .client
+        .issue_invoice(issue_request())
+        .await
+        .unwrap()
+        .into_inner()
+        .invoice
+        .unwrap();
+    let payment = uuid::Uuid::now_v7().to_string();
+    let outside = sea_orm::Database::connect(&h._db.url).await.unwrap();
+    let event = outside.begin().await.unwrap();
+    event
+        .execute_unprepared(&format!(
+            "INSERT INTO invoice_applied_payments \
+             (invoice_id, payment_id, tenant_id, amount_minor, discount_minor, applied_at) \
+             VALUES ('{}', '{payment}', '{TENANT}', 1000, 0, now())",
+            invoice.invoice_id
+        ))
+        .await
+        .unwrap();
+    let call = {
+        let mut client = h.client.clone();
+        let (invoice, payment) = (invoice.invoice_id.clone(), payment.clone());
+        tokio::spawn(async move { apply(&mut client, &invoice, &payment, "10.00").await })
+    };
+    // Wait until the call's insert waits for the event's transaction.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting = outside
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    event.commit().await.unwrap();
+    let answered = call.await.unwrap();
+    assert!(answered.is_ok(), "{answered:?}");
+    h.served.stop().await;
+}

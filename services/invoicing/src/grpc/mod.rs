@@ -487,13 +487,27 @@ impl InvoicingService for InvoicingApi {
         };
         let scope = format!("{tenant}/invoicing.ApplyPayment");
         let (key, bytes) = (&request.idempotency_key, request.encode_to_vec());
-        let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
-            Begun::Replay(response) => return Ok(Response::new(response)),
-            Begun::Fresh(txn) => txn,
-        };
         let today = self.today();
-        let (invoice, discount) =
-            storage::apply_payment(&txn, &tenant, id, &payment.to_string(), amount, today).await?;
+        let mut tries = 0;
+        let (txn, (invoice, discount)) = loop {
+            let txn = match idempotency::begin(&self.db, &scope, key, &bytes).await? {
+                Begun::Replay(response) => return Ok(Response::new(response)),
+                Begun::Fresh(txn) => txn,
+            };
+            match storage::apply_payment(&txn, &tenant, id, &payment.to_string(), amount, today)
+                .await
+            {
+                Ok(applied) => break (txn, applied),
+                // The payment's event applied it at the same moment. Its
+                // transaction has committed by the time ours is refused,
+                // so trying again finds that application and answers it.
+                Err(ApiError::Aborted(_)) if tries < 2 => {
+                    tries += 1;
+                    txn.rollback().await.map_err(ApiError::from)?;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
         let invoice = to_proto(&invoice, today)?;
         self.changed(&txn, &invoice).await?;
         let response = pb::ApplyPaymentResponse {
