@@ -223,3 +223,86 @@ async fn an_unavailable_answer_is_retried_within_bounds() {
         server.abort();
     }
 }
+
+/// A consumer that counts the events it applied.
+#[derive(Clone, Default)]
+struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+#[tonic::async_trait]
+impl o2c_kit::outbox::Consumer for Counting {
+    const NAME: &'static str = "counting";
+    type Applied = ();
+
+    async fn apply(
+        &self,
+        _txn: &sea_orm::DatabaseTransaction,
+        _event: &o2c_proto::events::v1::Event,
+    ) -> Result<(), o2c_kit::ApiError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A SQLite database in memory with the outbox and inbox tables.
+async fn events_database() -> sea_orm::DatabaseConnection {
+    use sea_orm_migration::MigrationTrait;
+    let db = o2c_kit::db::connect("sqlite::memory:").await.unwrap();
+    let manager = sea_orm_migration::SchemaManager::new(&db);
+    o2c_kit::outbox::Migration.up(&manager).await.unwrap();
+    o2c_kit::outbox::InboxIndex.up(&manager).await.unwrap();
+    db
+}
+
+/// A backlog of three full batches reaches the consumer in one interval of
+/// the relay (an hour here): passes run back to back while batches are full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_drains_a_backlog_within_one_interval() {
+    let counting = Counting::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let inbox = o2c_kit::outbox::Inbox::new(events_database().await, counting.clone());
+    tokio::spawn(o2c_kit::serve::serve(
+        "o2c.events.v1.EventsService",
+        o2c_kit::serve::Access::Open,
+        listener,
+        tonic::service::Routes::new(inbox.into_server()),
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    let producer = events_database().await;
+    let backlog = 3 * o2c_kit::outbox::BATCH as usize;
+    let events = (0..backlog)
+        .map(|_| o2c_proto::events::v1::Event {
+            tenant_id: "t".into(),
+            ..Default::default()
+        })
+        .collect();
+    o2c_kit::outbox::record_all(
+        &producer,
+        &["counting".to_owned()],
+        events,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    let subscribers = [("counting".to_owned(), format!("http://{addr}"))]
+        .into_iter()
+        .collect();
+    let relay =
+        o2c_kit::outbox::Relay::new(producer, &subscribers, Duration::from_secs(5)).unwrap();
+    relay.clone().spawn(Duration::from_secs(3600));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while relay.pending("counting").await.unwrap() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {backlog} delivered",
+            counting.0.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Each applied once.
+    assert_eq!(
+        counting.0.load(std::sync::atomic::Ordering::Relaxed),
+        backlog
+    );
+}
