@@ -249,10 +249,7 @@ pub async fn record_in<R>(
 where
     R: prost::Message + Default,
 {
-    entity::Entity::insert(record(scope, key, request, Some(response.encode_to_vec())))
-        .exec_without_returning(conn)
-        .await
-        .map(|_| ())
+    record_all_in(conn, scope, &[(key, request, response.encode_to_vec())]).await
 }
 
 /// Records the response of each `(key, request, response)` in `scope` in

@@ -45,8 +45,9 @@ pub async fn lock_accounts(
         .collect()
 }
 
-/// What each of `orders` was checked into before, as
-/// [`super::order_checked`] tells for one, by order: all in one statement.
+/// What each of `orders` was checked into before, by order: a reservation
+/// (in any state, which tells more than a hold) or a hold. One statement
+/// asks for all.
 pub async fn orders_checked(
     conn: &impl ConnectionTrait,
     tenant_id: &str,

@@ -116,35 +116,15 @@ impl ExposureCache {
 
     /// Stores `exposure` unless a newer version is already cached.
     pub async fn put(&self, tenant_id: &str, exposure: &Exposure) {
-        let Some(mut redis) = self.connection() else {
-            return;
-        };
-        let key = Self::key(tenant_id, &exposure.customer_id.to_string());
-        let result = self
-            .script
-            .key(key)
-            .arg(exposure.version)
-            .arg(exposure.to_cache_value())
-            .arg(ENTRY_TTL_MS)
-            .invoke_async::<i64>(&mut redis)
-            .instrument(o2c_kit::cache::span("EVALSHA"))
-            .await;
-        if let Err(error) = result {
-            tracing::warn!(%error, "exposure cache write failed");
-        }
+        self.put_all(tenant_id, std::slice::from_ref(exposure)).await
     }
 
     /// Stores each of `exposures` unless a newer version of it is already
     /// cached: one pipelined round trip.
     pub async fn put_all(&self, tenant_id: &str, exposures: &[Exposure]) {
-        match exposures {
-            [] => {}
-            [exposure] => self.put(tenant_id, exposure).await,
-            _ => self.put_pipelined(tenant_id, exposures).await,
+        if exposures.is_empty() {
+            return;
         }
-    }
-
-    async fn put_pipelined(&self, tenant_id: &str, exposures: &[Exposure]) {
         let Some(mut redis) = self.connection() else {
             return;
         };

@@ -1131,41 +1131,16 @@ pub async fn get_hold(
 }
 
 /// What an order was checked into before, if anything: a reservation (in
-/// any state) or a hold. One statement asks both.
+/// any state) or a hold. One statement asks both ([`batch::orders_checked`]
+/// for one order).
 pub async fn order_checked(
     conn: &impl ConnectionTrait,
     tenant_id: &str,
     order_id: &str,
 ) -> Result<Option<CreditError>, ApiError> {
-    use sea_orm::QueryTrait;
-    use sea_orm::sea_query::Query;
-    let reserved = reservation::Entity::find()
-        .select_only()
-        .column(reservation::Column::Id)
-        .filter(reservation::Column::TenantId.eq(tenant_id))
-        .filter(reservation::Column::OrderId.eq(order_id))
-        .into_query();
-    let held = hold::Entity::find()
-        .select_only()
-        .column(hold::Column::Id)
-        .filter(hold::Column::TenantId.eq(tenant_id))
-        .filter(hold::Column::OrderId.eq(order_id))
-        .into_query();
-    let query = Query::select()
-        .expr_as(Expr::exists(reserved), "reserved")
-        .expr_as(Expr::exists(held), "held")
-        .to_owned();
-    let row = conn
-        .query_one(&query)
+    Ok(batch::orders_checked(conn, tenant_id, &[order_id])
         .await?
-        .ok_or_else(|| ApiError::Internal("EXISTS returned no row".into()))?;
-    Ok(if row.try_get::<bool>("", "reserved")? {
-        Some(CreditError::OrderAlreadyReserved(order_id.to_owned()))
-    } else if row.try_get::<bool>("", "held")? {
-        Some(CreditError::OrderHeld(order_id.to_owned()))
-    } else {
-        None
-    })
+        .remove(order_id))
 }
 
 /// How many orders of the account were ever held (a risk factor).
