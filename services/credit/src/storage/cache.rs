@@ -116,7 +116,8 @@ impl ExposureCache {
 
     /// Stores `exposure` unless a newer version is already cached.
     pub async fn put(&self, tenant_id: &str, exposure: &Exposure) {
-        self.put_all(tenant_id, std::slice::from_ref(exposure)).await
+        self.put_all(tenant_id, std::slice::from_ref(exposure))
+            .await
     }
 
     /// Stores each of `exposures` unless a newer version of it is already
