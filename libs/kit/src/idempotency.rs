@@ -14,7 +14,7 @@
 //! so a retry after a crash finishes the same work instead of repeating it.
 
 use sea_orm::entity::prelude::*;
-use sea_orm::{ActiveValue::Set, DatabaseTransaction, TransactionTrait};
+use sea_orm::{ActiveValue::Set, DatabaseTransaction, QueryTrait, TransactionTrait};
 
 use crate::ApiError;
 use crate::db::is_unique_violation;
@@ -262,14 +262,29 @@ pub async fn record_all_in(
     scope: &str,
     records: &[(&str, &[u8], Vec<u8>)],
 ) -> Result<(), DbErr> {
-    entity::Entity::insert_many(
-        records
-            .iter()
-            .map(|(key, request, response)| record(scope, key, request, Some(response.clone()))),
+    match insert_all(scope, records) {
+        Some(insert) => conn.execute(&insert).await.map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// The statement [`record_all_in`] runs, for a caller that runs it as part
+/// of a larger one (None when there is nothing to record).
+pub fn insert_all(
+    scope: &str,
+    records: &[(&str, &[u8], Vec<u8>)],
+) -> Option<sea_orm::sea_query::InsertStatement> {
+    if records.is_empty() {
+        return None;
+    }
+    Some(
+        entity::Entity::insert_many(
+            records.iter().map(|(key, request, response)| {
+                record(scope, key, request, Some(response.clone()))
+            }),
+        )
+        .into_query(),
     )
-    .exec_without_returning(conn)
-    .await
-    .map(|_| ())
 }
 
 async fn stored<R>(

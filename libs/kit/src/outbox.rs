@@ -22,7 +22,7 @@ use prost::Message;
 use sea_orm::ActiveValue::Set;
 use sea_orm::entity::prelude::*;
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, QueryOrder, QuerySelect,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, QueryOrder, QuerySelect, QueryTrait,
     TransactionTrait,
 };
 use tracing::Instrument;
@@ -204,8 +204,21 @@ pub async fn record_all(
     events: Vec<pb::Event>,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
+    if let Some(insert) = insert_all(subscribers, events, now) {
+        conn.execute(&insert).await?;
+    }
+    Ok(())
+}
+
+/// The statement [`record_all`] runs, for a caller that runs it as part of
+/// a larger one (None when there is nothing to record).
+pub fn insert_all(
+    subscribers: &[String],
+    events: Vec<pb::Event>,
+    now: DateTime<Utc>,
+) -> Option<sea_orm::sea_query::InsertStatement> {
     if subscribers.is_empty() || events.is_empty() {
-        return Ok(());
+        return None;
     }
     let mut rows = Vec::with_capacity(events.len() * subscribers.len());
     for mut event in events {
@@ -227,10 +240,7 @@ pub async fn record_all(
             });
         }
     }
-    outbox_entity::Entity::insert_many(rows)
-        .exec_without_returning(conn)
-        .await?;
-    Ok(())
+    Some(outbox_entity::Entity::insert_many(rows).into_query())
 }
 
 /// Records the delivery of `event_id` in the consumer's transaction: true

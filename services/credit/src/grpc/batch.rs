@@ -276,6 +276,44 @@ fn log_decision(outcome: &'static str, reasons: &str) {
     o2c_kit::telemetry::annotate("credit.policy", domain::POLICY_VERSION);
 }
 
+/// What a set-wise batch decided and wrote, before its commit.
+struct Planned {
+    /// One per check decided, in order.
+    fates: Vec<Fate>,
+    /// How many checks from there on have no account here.
+    run: usize,
+    /// Each customer's exposure as its last order left it.
+    exposures: Vec<Exposure>,
+}
+
+/// The exposure each customer was left with by the last of `decided` that
+/// changed it.
+fn latest_exposures<'a>(decided: impl Iterator<Item = &'a Decided>) -> Vec<Exposure> {
+    let mut latest: HashMap<CustomerId, Exposure> = HashMap::new();
+    for done in decided {
+        for exposure in &done.exposures {
+            let newer = latest
+                .get(&exposure.customer_id)
+                .is_none_or(|seen| seen.version < exposure.version);
+            if newer {
+                latest.insert(exposure.customer_id, *exposure);
+            }
+        }
+    }
+    latest.into_values().collect()
+}
+
+/// Answers a check with its fate: a decision once it is durable, or a
+/// refusal.
+fn reply(api: &CreditApi, pending: Pending, fate: Fate) {
+    match fate {
+        Fate::Decided(done) => api.answer(pending, *done),
+        Fate::Refused(error) => {
+            let _ = pending.reply.send(Err(error.into()));
+        }
+    }
+}
+
 /// One decided order, answered after the commit.
 struct Decided {
     response: pb::CheckAndReserveResponse,
@@ -348,7 +386,11 @@ impl CreditApi {
             // The next path reports what keeps the database away.
             Err(_) => return Left::all(batch),
         };
-        let (fates, run) = match self
+        let Planned {
+            fates,
+            run,
+            exposures,
+        } = match self
             .plan_together(&txn, tenant, &batch)
             .instrument(opener.clone())
             .await
@@ -362,49 +404,38 @@ impl CreditApi {
         };
         let mut after = batch.split_off(fates.len().min(batch.len()));
         let rest = after.split_off(run.min(after.len()));
-        let decided: Vec<&Decided> = fates
+        let answers: Vec<(Pending, Fate)> = batch.into_iter().zip(fates).collect();
+        let decided = answers
             .iter()
-            .filter_map(|fate| match fate {
-                Fate::Decided(done) => Some(done.as_ref()),
-                Fate::Refused(_) => None,
-            })
-            .collect();
-        // Refusals alone rest only on what was committed before.
-        let committed = if decided.is_empty() {
+            .any(|(_, fate)| matches!(fate, Fate::Decided(_)));
+        if !decided {
+            // Refusals alone rest only on what was committed before.
             let _ = txn.rollback().instrument(opener.clone()).await;
-            true
-        } else {
-            self.commit_decided(tenant, txn, &decided, opener)
-                .await
-                .is_ok()
-        };
-        if !committed {
+            for (pending, fate) in answers {
+                reply(self, pending, fate);
+            }
+        } else if let Err((_, answers)) = self
+            .commit_then_answer(tenant, txn, exposures, answers, opener)
+            .await
+        {
+            let mut batch: Vec<Pending> = answers.into_iter().map(|(pending, _)| pending).collect();
             batch.extend(after);
             batch.extend(rest);
             return Left::all(batch);
-        }
-        for (pending, fate) in batch.into_iter().zip(fates) {
-            match fate {
-                Fate::Decided(done) => self.answer(pending, *done),
-                Fate::Refused(error) => {
-                    let _ = pending.reply.send(Err(error.into()));
-                }
-            }
         }
         Left { alone: after, rest }
     }
 
     /// Reads what `batch` needs, decides its checks in memory up to the
     /// first one that has no account here (no account, a member of a group,
-    /// a row another transaction holds), and writes the result in `txn`:
-    /// one fate per check decided, in order, and how many checks from there
-    /// on have no account here.
+    /// a row another transaction holds), and writes the result, with the
+    /// events of the exposures it left, in `txn`.
     async fn plan_together(
         &self,
         txn: &DatabaseTransaction,
         tenant: &str,
         batch: &[Pending],
-    ) -> Result<(Vec<Fate>, usize), ApiError> {
+    ) -> Result<Planned, ApiError> {
         // One tenant, so one scope.
         let scope = batch.first().map_or("", |p| p.check.scope.as_str());
         let keys: Vec<&str> = batch.iter().map(|p| p.check.key.as_str()).collect();
@@ -418,10 +449,8 @@ impl CreditApi {
         customers.sort_unstable();
         customers.dedup();
         let orders: Vec<&str> = fresh.iter().map(|c| c.order.as_str()).collect();
-        let mut accounts = storage::batch::lock_accounts(txn, tenant, &customers).await?;
+        let (mut accounts, due) = storage::batch::lock_accounts(txn, tenant, &customers).await?;
         let mut checked_before = storage::batch::orders_checked(txn, tenant, &orders).await?;
-        let ids: Vec<String> = accounts.values().map(|a| a.id.to_string()).collect();
-        let due = storage::batch::oldest_open_due(txn, &ids).await?;
         let read_versions: HashMap<CustomerId, i64> = accounts
             .iter()
             .map(|(customer, account)| (*customer, account.exposure.version))
@@ -466,7 +495,7 @@ impl CreditApi {
                 fates.push(Fate::Refused(error));
                 continue;
             }
-            let oldest_due = due.get(&account.id.to_string()).copied();
+            let oldest_due = due.get(&c.customer).copied();
             let planned = check::plan_order(
                 &ctx,
                 &c.tenant,
@@ -519,10 +548,28 @@ impl CreditApi {
                 (read != account.exposure.version).then_some((read, account))
             })
             .collect();
-        storage::batch::write_accounts(txn, &changed, ctx.now).await?;
-        storage::batch::insert_rows(txn, rows).await?;
-        idempotency::record_all_in(txn, scope, &records).await?;
-        Ok((fates, run))
+        let exposures = latest_exposures(fates.iter().filter_map(|fate| match fate {
+            Fate::Decided(done) => Some(done.as_ref()),
+            Fate::Refused(_) => None,
+        }));
+        let events = Self::exposure_events(tenant, &exposures)?;
+        let more = [
+            idempotency::insert_all(scope, &records),
+            o2c_kit::outbox::insert_all(&self.subscribers, events, ctx.now),
+        ];
+        storage::batch::write_all(
+            txn,
+            &changed,
+            ctx.now,
+            rows,
+            more.into_iter().flatten().collect(),
+        )
+        .await?;
+        Ok(Planned {
+            fates,
+            run,
+            exposures,
+        })
     }
 
     /// Decides `batch` one order after another in one transaction, each at
@@ -604,18 +651,29 @@ impl CreditApi {
         if failed_alone || decided.is_empty() {
             let _ = txn.rollback().instrument(opener.clone()).await;
         } else {
-            let done: Vec<&Decided> = decided.iter().map(|(_, done)| done).collect();
-            match self.commit_decided(tenant, txn, &done, &opener).await {
+            let exposures = latest_exposures(decided.iter().map(|(_, done)| done));
+            let answers: Vec<(Pending, Fate)> = decided
+                .into_iter()
+                .map(|(pending, done)| (pending, Fate::Decided(Box::new(done))))
+                .collect();
+            let committed = match self
+                .record_exposures(&txn, tenant, &exposures)
+                .instrument(opener.clone())
+                .await
+            {
                 Ok(()) => {
-                    for (pending, done) in decided {
-                        self.answer(pending, done);
-                    }
+                    self.commit_then_answer(tenant, txn, exposures, answers, &opener)
+                        .await
                 }
                 Err(error) => {
-                    let status = Status::from(error);
-                    for (pending, _) in decided {
-                        let _ = pending.reply.send(Err(status.clone()));
-                    }
+                    let _ = txn.rollback().instrument(opener.clone()).await;
+                    Err((error, answers))
+                }
+            };
+            if let Err((error, answers)) = committed {
+                let status = Status::from(error);
+                for (pending, _) in answers {
+                    let _ = pending.reply.send(Err(status.clone()));
                 }
             }
         }
@@ -633,42 +691,38 @@ impl CreditApi {
         }
     }
 
-    /// Records the batch's last exposure per customer, commits, then
-    /// refreshes the cache; answers nobody.
-    async fn commit_decided(
+    /// Commits `txn`, whose checks left `exposures`; then, in a task of
+    /// its own so that the lane's next batch does not wait for Redis,
+    /// writes those exposures to the cache and answers each check. When
+    /// the commit fails, nothing is answered: the checks come back.
+    async fn commit_then_answer(
         &self,
         tenant: &str,
         txn: DatabaseTransaction,
-        decided: &[&Decided],
+        exposures: Vec<Exposure>,
+        answers: Vec<(Pending, Fate)>,
         opener: &tracing::Span,
-    ) -> Result<(), ApiError> {
-        let mut latest: HashMap<CustomerId, Exposure> = HashMap::new();
-        for done in decided {
-            for exposure in &done.exposures {
-                let newer = latest
-                    .get(&exposure.customer_id)
-                    .is_none_or(|seen| seen.version < exposure.version);
-                if newer {
-                    latest.insert(exposure.customer_id, *exposure);
+    ) -> Result<(), (ApiError, Vec<(Pending, Fate)>)> {
+        if let Err(error) = txn.commit().instrument(opener.clone()).await {
+            return Err((error.into(), answers));
+        }
+        let api = self.clone();
+        let tenant = tenant.to_owned();
+        let opener = opener.clone();
+        tokio::spawn(async move {
+            api.cache
+                .put_all(&tenant, &exposures)
+                .instrument(opener)
+                .await;
+            for exposure in &exposures {
+                if let Some(percent) = exposure.utilisation_percent() {
+                    o2c_kit::metrics::exposure_utilisation(percent);
                 }
             }
-        }
-        let exposures: Vec<Exposure> = latest.into_values().collect();
-        async {
-            self.record_exposures(&txn, tenant, &exposures).await?;
-            txn.commit().await.map_err(ApiError::from)
-        }
-        .instrument(opener.clone())
-        .await?;
-        self.cache
-            .put_all(tenant, &exposures)
-            .instrument(opener.clone())
-            .await;
-        for exposure in &exposures {
-            if let Some(percent) = exposure.utilisation_percent() {
-                o2c_kit::metrics::exposure_utilisation(percent);
+            for (pending, fate) in answers {
+                reply(&api, pending, fate);
             }
-        }
+        });
         Ok(())
     }
 

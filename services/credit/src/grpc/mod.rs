@@ -139,6 +139,15 @@ impl CreditApi {
         tenant: &str,
         exposures: &[Exposure],
     ) -> Result<(), ApiError> {
+        let events = Self::exposure_events(tenant, exposures)?;
+        o2c_kit::outbox::record_all(conn, &self.subscribers, events, self.now()).await
+    }
+
+    /// An `ExposureChanged` event for each of `exposures`.
+    fn exposure_events(
+        tenant: &str,
+        exposures: &[Exposure],
+    ) -> Result<Vec<o2c_proto::events::v1::Event>, ApiError> {
         let mut events = Vec::with_capacity(exposures.len());
         for exposure in exposures {
             events.push(o2c_proto::events::v1::Event {
@@ -158,7 +167,7 @@ impl CreditApi {
                 ..Default::default()
             });
         }
-        o2c_kit::outbox::record_all(conn, &self.subscribers, events, self.now()).await
+        Ok(events)
     }
 
     /// Applies an invoice snapshot in `txn` (the RPC and the event share

@@ -9,9 +9,10 @@ use o2c_kit::ApiError;
 use o2c_money::ids::CustomerId;
 use sea_orm::entity::prelude::*;
 use sea_orm::sea_query::{
-    Alias, CaseStatement, ExprTrait, Func, LockBehavior, LockType, Query, UnionType,
+    Alias, CaseStatement, CommonTableExpression, ExprTrait, Func, InsertStatement, LockBehavior,
+    LockType, Query, QueryStatementBuilder, UnionType, UpdateStatement, WithClause,
 };
-use sea_orm::{ConnectionTrait, QueryOrder, QuerySelect};
+use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, QueryOrder, QuerySelect, QueryTrait};
 
 use super::entities::{account, alert, decision, hold, receivable, reservation};
 use super::{Account, Alert, Decision, Hold, to_account};
@@ -19,31 +20,61 @@ use crate::domain::CreditError;
 
 /// The accounts of `customers` that are not members of a group, by
 /// customer, each row locked for the caller's transaction (on PostgreSQL;
-/// SQLite admits one writer at a time). A row another transaction holds
-/// is skipped rather than waited for, so a batch never waits for a lock
-/// while holding others and is never part of a deadlock. A customer
-/// missing here has no account, is a member of a group, or was busy: its
-/// checks are decided one by one.
+/// SQLite admits one writer at a time), with the due date of each one's
+/// oldest open receivable (by customer, for those that have one), read by
+/// the same statement. A row another transaction holds is skipped rather
+/// than waited for, so a batch never waits for a lock while holding others
+/// and is never part of a deadlock. A customer missing here has no
+/// account, is a member of a group, or was busy: its checks are decided one
+/// by one.
 pub async fn lock_accounts(
     conn: &impl ConnectionTrait,
     tenant_id: &str,
     customers: &[CustomerId],
-) -> Result<HashMap<CustomerId, Account>, ApiError> {
+) -> Result<(HashMap<CustomerId, Account>, HashMap<CustomerId, NaiveDate>), ApiError> {
+    let mut accounts = HashMap::new();
+    let mut oldest_due = HashMap::new();
     if customers.is_empty() {
-        return Ok(HashMap::new());
+        return Ok((accounts, oldest_due));
     }
-    account::Entity::find()
+    let due = Query::select()
+        .expr(Func::min(Expr::col((
+            receivable::Entity,
+            receivable::Column::DueDate,
+        ))))
+        .from(receivable::Entity)
+        .and_where(
+            Expr::col((receivable::Entity, receivable::Column::AccountId))
+                .equals((account::Entity, account::Column::Id)),
+        )
+        .and_where(Expr::col((receivable::Entity, receivable::Column::OpenMinor)).gt(0))
+        .and_where(Expr::col((receivable::Entity, receivable::Column::DueDate)).is_not_null())
+        .to_owned();
+    let query = account::Entity::find()
         .filter(account::Column::TenantId.eq(tenant_id))
         .filter(account::Column::CustomerId.is_in(customers.iter().map(ToString::to_string)))
         .filter(account::Column::ParentAccountId.is_null())
+        .expr_as(
+            Expr::SubQuery(None, Box::new(due.into_sub_query_statement())),
+            OLDEST_DUE,
+        )
         .order_by_asc(account::Column::Id)
         .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
-        .all(conn)
-        .await?
-        .into_iter()
-        .map(|row| to_account(row).map(|a| (a.exposure.customer_id, a)))
-        .collect()
+        .into_query();
+    for row in conn.query_all(&query).await? {
+        let due: Option<NaiveDate> = row.try_get("", OLDEST_DUE)?;
+        let account = to_account(account::Model::from_query_result(&row, "")?)?;
+        let customer = account.exposure.customer_id;
+        if let Some(due) = due {
+            oldest_due.insert(customer, due);
+        }
+        accounts.insert(customer, account);
+    }
+    Ok((accounts, oldest_due))
 }
+
+/// The column [`lock_accounts`] reads the oldest open due date into.
+const OLDEST_DUE: &str = "oldest_open_due";
 
 /// What each of `orders` was checked into before, by order: a reservation
 /// (in any state, which tells more than a hold) or a hold. One statement
@@ -86,46 +117,87 @@ pub async fn orders_checked(
     Ok(checked)
 }
 
-/// The due date of the oldest open receivable of each of `accounts` that
-/// has one, by account id.
-pub async fn oldest_open_due(
-    conn: &impl ConnectionTrait,
-    accounts: &[String],
-) -> Result<HashMap<String, NaiveDate>, ApiError> {
-    if accounts.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let rows: Vec<(String, Option<NaiveDate>)> = receivable::Entity::find()
-        .select_only()
-        .column(receivable::Column::AccountId)
-        .column_as(
-            Expr::from(Func::min(Expr::col(receivable::Column::DueDate))),
-            "due",
-        )
-        .filter(receivable::Column::AccountId.is_in(accounts.iter().cloned()))
-        .filter(receivable::Column::OpenMinor.gt(0))
-        .filter(receivable::Column::DueDate.is_not_null())
-        .group_by(receivable::Column::AccountId)
-        .into_tuple()
-        .all(conn)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(account, due)| due.map(|due| (account, due)))
-        .collect())
-}
-
-/// Writes each account's exposure and version as a batch left them, in one
-/// statement, provided each row still has the version it was read with
-/// (paired with it here). Err when one changed meanwhile, which the row
-/// lock rules out on PostgreSQL: the caller rolls back.
-pub async fn write_accounts(
+/// Writes everything a set-wise batch decided: each account's exposure and
+/// version as the batch left them, provided each row still has the version
+/// it was read with (paired with it here), then `rows` and the `more`
+/// inserts (idempotency records, events). Err when an account changed
+/// meanwhile, which the row lock rules out on PostgreSQL: the caller rolls
+/// back.
+///
+/// On PostgreSQL this is one statement, whatever the batch holds: the
+/// update and every insert are data-modifying CTEs, each of which runs
+/// exactly once whether or not the final `SELECT` (the count of accounts
+/// written) reads it. A batch's writes thus cost one round trip rather than
+/// one per table. SQLite has no such CTEs, and runs in process: one
+/// statement each there.
+pub async fn write_all(
     conn: &impl ConnectionTrait,
     accounts: &[(i64, &Account)],
     now: DateTime<Utc>,
+    rows: Rows,
+    more: Vec<InsertStatement>,
 ) -> Result<(), ApiError> {
-    if accounts.is_empty() {
+    let update = accounts_update(accounts, now);
+    let mut inserts = rows.inserts();
+    inserts.extend(more);
+    if update.is_none() && inserts.is_empty() {
         return Ok(());
+    }
+    let written = if conn.get_database_backend() == DbBackend::Postgres {
+        let written = Alias::new("written");
+        let mut with = WithClause::new();
+        let mut select = Query::select();
+        match update {
+            Some(mut update) => {
+                update.returning_col(account::Column::Id);
+                with.cte(
+                    CommonTableExpression::new()
+                        .query(update)
+                        .table_name(written.clone())
+                        .to_owned(),
+                );
+                select
+                    .expr_as(Expr::cust("COUNT(*)"), written.clone())
+                    .from(written);
+            }
+            None => {
+                select.expr_as(Expr::val(0i64), written);
+            }
+        }
+        for (i, insert) in inserts.into_iter().enumerate() {
+            with.cte(
+                CommonTableExpression::new()
+                    .query(insert)
+                    .table_name(Alias::new(format!("insert_{i}")))
+                    .to_owned(),
+            );
+        }
+        match conn.query_one(&with.query(select)).await? {
+            Some(row) => u64::try_from(row.try_get::<i64>("", "written")?).unwrap_or_default(),
+            None => 0,
+        }
+    } else {
+        let written = match update {
+            Some(update) => conn.execute(&update).await?.rows_affected(),
+            None => 0,
+        };
+        for insert in inserts {
+            conn.execute(&insert).await?;
+        }
+        written
+    };
+    if written != accounts.len() as u64 {
+        return Err(ApiError::Aborted(
+            "an account changed while a batch of credit checks held it".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The update of [`write_all`] (None when no account changed).
+fn accounts_update(accounts: &[(i64, &Account)], now: DateTime<Utc>) -> Option<UpdateStatement> {
+    if accounts.is_empty() {
+        return None;
     }
     let (mut reserved, mut group, mut version, mut read) = (
         CaseStatement::new(),
@@ -146,24 +218,19 @@ pub async fn write_accounts(
         version = version.case(account::Column::Id.eq(id.clone()), account.exposure.version);
         read = read.case(account::Column::Id.eq(id), *read_version);
     }
-    let written = account::Entity::update_many()
-        .col_expr(account::Column::ReservedMinor, reserved.into())
-        .col_expr(account::Column::GroupExposureMinor, group.into())
-        .col_expr(account::Column::Version, version.into())
-        .col_expr(account::Column::UpdatedAt, Expr::value(now))
-        .filter(account::Column::Id.is_in(accounts.iter().map(|(_, a)| a.id.to_string())))
-        .filter(ExprTrait::eq(
-            Expr::col(account::Column::Version),
-            Into::<Expr>::into(read),
-        ))
-        .exec(conn)
-        .await?;
-    if written.rows_affected != accounts.len() as u64 {
-        return Err(ApiError::Aborted(
-            "an account changed while a batch of credit checks held it".into(),
-        ));
-    }
-    Ok(())
+    Some(
+        account::Entity::update_many()
+            .col_expr(account::Column::ReservedMinor, reserved.into())
+            .col_expr(account::Column::GroupExposureMinor, group.into())
+            .col_expr(account::Column::Version, version.into())
+            .col_expr(account::Column::UpdatedAt, Expr::value(now))
+            .filter(account::Column::Id.is_in(accounts.iter().map(|(_, a)| a.id.to_string())))
+            .filter(ExprTrait::eq(
+                Expr::col(account::Column::Version),
+                Into::<Expr>::into(read),
+            ))
+            .into_query(),
+    )
 }
 
 /// The rows a batch of credit checks adds.
@@ -175,25 +242,28 @@ pub struct Rows {
     pub decisions: Vec<Decision>,
 }
 
-/// Inserts `rows`, one statement per table. A reservation or hold of an
-/// order that another transaction checked meanwhile fails it with a unique
-/// violation: the caller rolls back.
-pub async fn insert_rows(conn: &impl ConnectionTrait, rows: Rows) -> Result<(), ApiError> {
-    reservation::Entity::insert_many(
-        rows.reservations
-            .into_iter()
-            .map(reservation::ActiveModel::from),
-    )
-    .exec_without_returning(conn)
-    .await?;
-    hold::Entity::insert_many(rows.holds.into_iter().map(hold::ActiveModel::from))
-        .exec_without_returning(conn)
-        .await?;
-    alert::Entity::insert_many(rows.alerts.into_iter().map(alert::ActiveModel::from))
-        .exec_without_returning(conn)
-        .await?;
-    decision::Entity::insert_many(rows.decisions.into_iter().map(decision::ActiveModel::from))
-        .exec_without_returning(conn)
-        .await?;
-    Ok(())
+impl Rows {
+    /// One insert per table that has rows. A reservation or hold of an
+    /// order that another transaction checked meanwhile fails it with a
+    /// unique violation: the caller rolls back.
+    fn inserts(self) -> Vec<InsertStatement> {
+        fn insert<A: ActiveModelTrait>(
+            rows: impl ExactSizeIterator<Item = A>,
+        ) -> Option<InsertStatement> {
+            (rows.len() > 0).then(|| A::Entity::insert_many(rows).into_query())
+        }
+        [
+            insert(
+                self.reservations
+                    .into_iter()
+                    .map(reservation::ActiveModel::from),
+            ),
+            insert(self.holds.into_iter().map(hold::ActiveModel::from)),
+            insert(self.alerts.into_iter().map(alert::ActiveModel::from)),
+            insert(self.decisions.into_iter().map(decision::ActiveModel::from)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
 }
