@@ -313,6 +313,75 @@ async fn batch_answers_each_check_on_its_own_postgres() {
     batch_answers_each_check_on_its_own(Backend::Postgres).await;
 }
 
+/// The write of a set-wise batch (one statement on PostgreSQL, one per
+/// table on SQLite) checks every account's version: against a stale one it
+/// fails, and the caller's transaction rolls back what the statement
+/// inserted; against the version read, the account and the other rows are
+/// written together.
+async fn a_batch_write_checks_versions(backend: Backend) {
+    use o2c_credit::storage::batch;
+    use sea_orm::TransactionTrait;
+    let Some(mut h) = start(backend, "batch_write").await else {
+        return;
+    };
+    let customer = open_with_limit(&mut h.client, "50.00").await;
+    let id: o2c_money::ids::CustomerId = customer.parse().unwrap();
+    let db = o2c_kit::db::connect(&h.db.url).await.unwrap();
+    let scope = "t1/batch-write";
+    let record = |key: &'static str| {
+        o2c_kit::idempotency::insert_all(
+            scope,
+            &[(key, b"request".as_slice(), b"response".to_vec())],
+        )
+        .into_iter()
+        .collect::<Vec<_>>()
+    };
+    for (key, stale) in [("stale", true), ("fresh", false)] {
+        let txn = db.begin().await.unwrap();
+        let (accounts, _) = batch::lock_accounts(&txn, TENANT, &[id]).await.unwrap();
+        let mut account = accounts[&id].clone();
+        let read = account.exposure.version;
+        account.exposure.reserved_minor += 700;
+        account.exposure.version += 1;
+        let guard = if stale { read - 1 } else { read };
+        let written = batch::write_all(
+            &txn,
+            &[(guard, &account)],
+            chrono::Utc::now(),
+            batch::Rows::default(),
+            record(key),
+        )
+        .await;
+        if stale {
+            assert!(
+                matches!(written, Err(o2c_kit::ApiError::Aborted(_))),
+                "{written:?}"
+            );
+            txn.rollback().await.unwrap();
+        } else {
+            written.unwrap();
+            txn.commit().await.unwrap();
+        }
+    }
+    let (accounts, _) = batch::lock_accounts(&db, TENANT, &[id]).await.unwrap();
+    assert_eq!(accounts[&id].exposure.reserved_minor, 700);
+    let recorded = o2c_kit::idempotency::recorded_in(&db, scope, &["stale", "fresh"])
+        .await
+        .unwrap();
+    assert!(recorded.contains_key("fresh"));
+    assert!(!recorded.contains_key("stale"));
+}
+
+#[tokio::test]
+async fn a_batch_write_checks_versions_sqlite() {
+    a_batch_write_checks_versions(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_write_checks_versions_postgres() {
+    a_batch_write_checks_versions(Backend::Postgres).await;
+}
+
 /// A batch spans customers: orders of four customers, of a group (its
 /// parent and a member) and of a customer without an account, all sent at
 /// once, in two lanes. Each customer's limit holds on its own, the group's
