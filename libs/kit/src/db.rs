@@ -55,6 +55,32 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     Ok(db)
 }
 
+/// Connections of a [`connect_async_commit`] pool.
+pub const ASYNC_COMMIT_MAX_CONNECTIONS: u32 = 2;
+
+/// A second, small pool to the PostgreSQL database at `url` whose commits
+/// do not wait for their WAL to reach the disk (`synchronous_commit = off`
+/// for its sessions, PostgreSQL's asynchronous commit): a crash can lose
+/// its last commits, but never half-apply one. For copies of what is
+/// durable elsewhere, whose loss costs a rebuild. A write there is one
+/// round trip and no flush, where a transaction that turns the setting off
+/// for itself costs four round trips. None for SQLite, whose single
+/// connection serves every write.
+pub async fn connect_async_commit(url: &str) -> Result<Option<DatabaseConnection>, DbErr> {
+    if url.starts_with("sqlite:") {
+        return Ok(None);
+    }
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+        .connect_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+        .sqlx_logging(false)
+        .min_connections(0)
+        .max_connections(ASYNC_COMMIT_MAX_CONNECTIONS)
+        .map_sqlx_postgres_opts(|options| options.options([("synchronous_commit", "off")]));
+    Database::connect(options).await.map(Some)
+}
+
 fn prepare_sqlite(url: &str) -> Result<String, DbErr> {
     let rest = url
         .trim_start_matches("sqlite://")

@@ -192,6 +192,17 @@ impl From<entity::Model> for Recorded {
 }
 
 impl Recorded {
+    /// The key and record in a row of [`recorded_query`].
+    pub fn from_row(row: &sea_orm::QueryResult) -> Result<(String, Self), DbErr> {
+        Ok((
+            row.try_get("", "key")?,
+            Self {
+                request: row.try_get("", "request")?,
+                response: row.try_get("", "response")?,
+            },
+        ))
+    }
+
     /// A record of `response` to `request`.
     pub fn of<R: prost::Message>(request: &[u8], response: &R) -> Self {
         Self {
@@ -225,14 +236,28 @@ pub async fn recorded_in(
     if keys.is_empty() {
         return Ok(std::collections::HashMap::new());
     }
-    Ok(entity::Entity::find()
-        .filter(entity::Column::Scope.eq(scope))
-        .filter(entity::Column::Key.is_in(keys.iter().copied()))
-        .all(conn)
+    conn.query_all(&recorded_query(scope, keys))
         .await?
-        .into_iter()
-        .map(|row| (row.key.clone(), Recorded::from(row)))
-        .collect())
+        .iter()
+        .map(|row| Recorded::from_row(row).map_err(ApiError::from))
+        .collect()
+}
+
+/// The query [`recorded_in`] runs: one `(key, request, response)` row per
+/// key recorded, for a caller that reads other rows in the same statement
+/// (a `UNION` with rows of that shape) and takes these apart with
+/// [`Recorded::from_row`].
+pub fn recorded_query(scope: &str, keys: &[&str]) -> sea_orm::sea_query::SelectStatement {
+    sea_orm::sea_query::Query::select()
+        .columns([
+            entity::Column::Key,
+            entity::Column::Request,
+            entity::Column::Response,
+        ])
+        .from(entity::Entity)
+        .and_where(entity::Column::Scope.eq(scope))
+        .and_where(entity::Column::Key.is_in(keys.iter().copied()))
+        .to_owned()
 }
 
 /// Records `response` for `key` in `conn`, the caller's transaction, which

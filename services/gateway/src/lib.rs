@@ -139,7 +139,11 @@ pub async fn build(
         authenticator,
         auth::limit::RateLimiter::new(upstreams.auth.rate_limit.clone(), redis_url),
     );
-    let api = grpc::GatewayApi::new(db.clone(), up);
+    let journal = o2c_kit::db::connect_async_commit(&service.database_url)
+        .await
+        .map_err(|e| anyhow::anyhow!("gateway database {}: {e}", service.database_url))?
+        .unwrap_or_else(|| db.clone());
+    let api = grpc::GatewayApi::with_journal(db.clone(), journal, up);
     if upstreams.reconcile_interval_ms > 0 {
         let reconciler = Reconciler {
             api: api.clone(),

@@ -439,7 +439,9 @@ impl CreditApi {
         // One tenant, so one scope.
         let scope = batch.first().map_or("", |p| p.check.scope.as_str());
         let keys: Vec<&str> = batch.iter().map(|p| p.check.key.as_str()).collect();
-        let mut recorded = idempotency::recorded_in(txn, scope, &keys).await?;
+        let orders: Vec<&str> = batch.iter().map(|p| p.check.order.as_str()).collect();
+        let (mut recorded, mut checked_before) =
+            storage::batch::recorded_and_checked(txn, scope, &keys, tenant, &orders).await?;
         let fresh: Vec<&Check> = batch
             .iter()
             .map(|p| &p.check)
@@ -448,9 +450,7 @@ impl CreditApi {
         let mut customers: Vec<CustomerId> = fresh.iter().map(|c| c.customer).collect();
         customers.sort_unstable();
         customers.dedup();
-        let orders: Vec<&str> = fresh.iter().map(|c| c.order.as_str()).collect();
         let (mut accounts, due) = storage::batch::lock_accounts(txn, tenant, &customers).await?;
-        let mut checked_before = storage::batch::orders_checked(txn, tenant, &orders).await?;
         let read_versions: HashMap<CustomerId, i64> = accounts
             .iter()
             .map(|(customer, account)| (*customer, account.exposure.version))

@@ -6,11 +6,13 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use o2c_kit::ApiError;
+use o2c_kit::idempotency;
 use o2c_money::ids::CustomerId;
 use sea_orm::entity::prelude::*;
 use sea_orm::sea_query::{
     Alias, CaseStatement, CommonTableExpression, ExprTrait, Func, InsertStatement, LockBehavior,
-    LockType, Query, QueryStatementBuilder, UnionType, UpdateStatement, WithClause,
+    LockType, Query, QueryStatementBuilder, SelectStatement, UnionType, UpdateStatement,
+    WithClause,
 };
 use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, QueryOrder, QuerySelect, QueryTrait};
 
@@ -87,34 +89,106 @@ pub async fn orders_checked(
     if orders.is_empty() {
         return Ok(HashMap::new());
     }
-    let kind = Alias::new("kind");
-    let mut reserved = Query::select()
-        .column(reservation::Column::OrderId)
-        .expr_as(Expr::val("reserved"), kind.clone())
-        .from(reservation::Entity)
-        .and_where(reservation::Column::TenantId.eq(tenant_id))
-        .and_where(reservation::Column::OrderId.is_in(orders.iter().copied()))
-        .to_owned();
-    let held = Query::select()
-        .column(hold::Column::OrderId)
-        .expr_as(Expr::val("held"), kind)
-        .from(hold::Entity)
-        .and_where(hold::Column::TenantId.eq(tenant_id))
-        .and_where(hold::Column::OrderId.is_in(orders.iter().copied()))
-        .to_owned();
+    let (mut reserved, held) = checked_queries(tenant_id, orders);
     let query = reserved.union(UnionType::All, held).to_owned();
     let mut checked = HashMap::new();
     for row in conn.query_all(&query).await? {
-        let order: String = row.try_get("", "order_id")?;
-        let kind: String = row.try_get("", "kind")?;
-        // A reservation tells more than a hold (one released into it).
-        if kind == "reserved" {
-            checked.insert(order.clone(), CreditError::OrderAlreadyReserved(order));
-        } else if !checked.contains_key(&order) {
-            checked.insert(order.clone(), CreditError::OrderHeld(order));
-        }
+        add_checked(&mut checked, &row)?;
     }
     Ok(checked)
+}
+
+/// The idempotency records of `keys` in `scope`, by key, and
+/// [`orders_checked`] for `orders`: what a batch reads before it decides,
+/// in one statement.
+pub async fn recorded_and_checked(
+    conn: &impl ConnectionTrait,
+    scope: &str,
+    keys: &[&str],
+    tenant_id: &str,
+    orders: &[&str],
+) -> Result<
+    (
+        HashMap<String, idempotency::Recorded>,
+        HashMap<String, CreditError>,
+    ),
+    ApiError,
+> {
+    let mut recorded = HashMap::new();
+    let mut checked = HashMap::new();
+    if keys.is_empty() && orders.is_empty() {
+        return Ok((recorded, checked));
+    }
+    let (reserved, held) = checked_queries(tenant_id, orders);
+    let query = idempotency::recorded_query(scope, keys)
+        .expr_as(Expr::val(KEY), Alias::new(KIND))
+        .union(UnionType::All, reserved)
+        .union(UnionType::All, held)
+        .to_owned();
+    for row in conn.query_all(&query).await? {
+        let kind: String = row.try_get("", KIND)?;
+        if kind == KEY {
+            let (key, record) = idempotency::Recorded::from_row(&row)?;
+            recorded.insert(key, record);
+        } else {
+            add_checked(&mut checked, &row)?;
+        }
+    }
+    Ok((recorded, checked))
+}
+
+/// The column telling what a row of [`recorded_and_checked`] is: an
+/// idempotency record ([`KEY`]), a reservation or a hold.
+const KIND: &str = "kind";
+const KEY: &str = "key";
+const RESERVED: &str = "reserved";
+const HELD: &str = "held";
+
+/// The reservations and the holds of `orders`, in the shape of
+/// [`idempotency::recorded_query`]'s rows (the order id as `key`, no
+/// request or response) plus their [`KIND`].
+fn checked_queries(tenant_id: &str, orders: &[&str]) -> (SelectStatement, SelectStatement) {
+    let query = |table: Alias, order: Alias, tenant: Alias, kind: &str| {
+        Query::select()
+            .expr_as(Expr::col(order.clone()), Alias::new(KEY))
+            .expr_as(Expr::val(Option::<Vec<u8>>::None), Alias::new("request"))
+            .expr_as(Expr::val(Option::<Vec<u8>>::None), Alias::new("response"))
+            .expr_as(Expr::val(kind), Alias::new(KIND))
+            .from(table)
+            .and_where(Expr::col(tenant).eq(tenant_id))
+            .and_where(Expr::col(order).is_in(orders.iter().copied()))
+            .to_owned()
+    };
+    (
+        query(
+            Alias::new(reservation::Entity.table_name()),
+            Alias::new(reservation::Column::OrderId.as_str()),
+            Alias::new(reservation::Column::TenantId.as_str()),
+            RESERVED,
+        ),
+        query(
+            Alias::new(hold::Entity.table_name()),
+            Alias::new(hold::Column::OrderId.as_str()),
+            Alias::new(hold::Column::TenantId.as_str()),
+            HELD,
+        ),
+    )
+}
+
+/// Adds what a row of [`checked_queries`] tells to `checked`.
+fn add_checked(
+    checked: &mut HashMap<String, CreditError>,
+    row: &sea_orm::QueryResult,
+) -> Result<(), ApiError> {
+    let order: String = row.try_get("", KEY)?;
+    let kind: String = row.try_get("", KIND)?;
+    // A reservation tells more than a hold (one released into it).
+    if kind == RESERVED {
+        checked.insert(order.clone(), CreditError::OrderAlreadyReserved(order));
+    } else if !checked.contains_key(&order) {
+        checked.insert(order.clone(), CreditError::OrderHeld(order));
+    }
+    Ok(())
 }
 
 /// Writes everything a set-wise batch decided: each account's exposure and

@@ -108,8 +108,14 @@ fn placed_order(decision: &credit_pb::CreditDecision) -> Result<storage::Order, 
 
 impl GatewayApi {
     pub fn new(db: DatabaseConnection, up: Upstream) -> Self {
+        Self::with_journal(db.clone(), db, up)
+    }
+
+    /// The API on `db`, writing placed orders behind through `journal` (a
+    /// pool with asynchronous commits, on PostgreSQL).
+    pub fn with_journal(db: DatabaseConnection, journal: DatabaseConnection, up: Upstream) -> Self {
         Self {
-            journal: Journal::start(db.clone()),
+            journal: Journal::start(journal),
             db,
             up,
             currencies: Arc::default(),

@@ -14,13 +14,17 @@
 //!   [`Journal::flush`] and reads again; an order that is still missing
 //!   (another replica placed it, or this one stopped before writing) is
 //!   rebuilt from its credit decision by the caller.
-//! - It commits asynchronously on PostgreSQL (see [`write_once`]).
+//! - On PostgreSQL it writes through a pool of its own whose commits are
+//!   asynchronous ([`o2c_kit::db::connect_async_commit`]): what it writes is
+//!   already durable in credit, so a crash costs at most a rebuild, and the
+//!   gateway's writes neither wait for the disk nor queue with credit's
+//!   commits for it. Each write is one statement: one round trip.
 //! - A write that keeps failing is given up after [`ATTEMPTS`] tries and
 //!   logged: those orders, too, are rebuilt from credit when next read.
 
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, TransactionTrait};
+use sea_orm::{DatabaseConnection, DbErr};
 use tokio::sync::{mpsc, oneshot};
 
 use super::entities::order;
@@ -51,8 +55,9 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Starts the writer on `db`. It stops when every clone is dropped,
-    /// after writing what was queued.
+    /// Starts the writer on `db` (on PostgreSQL, a pool with asynchronous
+    /// commits). It stops when every clone is dropped, after writing what
+    /// was queued.
     pub fn start(db: DatabaseConnection) -> Self {
         let (sender, receiver) = mpsc::channel(CAPACITY);
         tokio::spawn(write(db, receiver));
@@ -106,19 +111,9 @@ async fn write(db: DatabaseConnection, mut receiver: mpsc::Receiver<Entry>) {
     }
 }
 
-/// One statement in a transaction of its own. On PostgreSQL it commits
-/// without waiting for its WAL to reach the disk (`synchronous_commit =
-/// off`, for this transaction only): what it writes is already durable in
-/// credit, so a crash costs at most a rebuild, and the gateway's commits do
-/// not queue with credit's for the disk.
+/// One statement, committed on its own.
 async fn write_once(db: &DatabaseConnection, rows: Vec<order::Model>) -> Result<(), DbErr> {
-    let txn = db.begin().await?;
-    if txn.get_database_backend() == DbBackend::Postgres {
-        txn.execute_unprepared("SET LOCAL synchronous_commit TO OFF")
-            .await?;
-    }
-    super::insert_if_absent(&txn, rows).await?;
-    txn.commit().await
+    super::insert_if_absent(db, rows).await
 }
 
 async fn insert(db: &DatabaseConnection, rows: Vec<order::Model>) {
