@@ -8,6 +8,14 @@ use sea_orm_migration::MigratorTrait;
 
 /// Connections per PostgreSQL pool.
 pub const POSTGRES_MAX_CONNECTIONS: u32 = 16;
+/// A pooled connection idle at least this long is pinged before it is
+/// handed out (a server, proxy or firewall may have dropped it meanwhile);
+/// one in use since is handed out at once. Pinging on every checkout, the
+/// pool's default, costs a round trip per statement outside a transaction
+/// and per transaction. A connection that broke while in use (a database
+/// restart) fails its next statement, which the caller sees as an error
+/// and retries.
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(10);
 /// How long a call waits for a pooled connection before failing Unavailable.
 pub const ACQUIRE_TIMEOUT_MS: u64 = 5_000;
 /// The same for SQLite's single connection, where queueing behind other
@@ -37,6 +45,7 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     options
         .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
         .connect_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+        .test_before_acquire_if_idle_for(PING_AFTER_IDLE)
         .sqlx_logging(false);
     if sqlite {
         options
@@ -74,6 +83,7 @@ pub async fn connect_async_commit(url: &str) -> Result<Option<DatabaseConnection
     options
         .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
         .connect_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+        .test_before_acquire_if_idle_for(PING_AFTER_IDLE)
         .sqlx_logging(false)
         .min_connections(0)
         .max_connections(ASYNC_COMMIT_MAX_CONNECTIONS)

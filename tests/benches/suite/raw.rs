@@ -23,6 +23,9 @@ impl Raw {
         options
             .max_connections(clients as u32)
             .min_connections(clients as u32)
+            // As pgbench: no ping before each transaction (the suite's
+            // pools ping only connections idle for a while).
+            .test_before_acquire(false)
             .sqlx_logging(false);
         let db = Database::connect(options).await?;
         db.execute_unprepared(
