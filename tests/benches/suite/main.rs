@@ -308,7 +308,7 @@ async fn main() {
     };
     println!(
         "O2C suite benchmark: {}; PostgreSQL {version} ({transport}), Redis; \
-         {clients} clients, {spread} customers, {}s phases",
+         {clients} clients, {spread} customers, {}s phases, each after a CHECKPOINT",
         machine(),
         phase.as_secs()
     );
@@ -406,9 +406,18 @@ async fn main() {
             }
         })
     };
+    let checkpoint = || {
+        let raw = raw.clone();
+        async move {
+            if let Err(error) = raw.checkpoint().await {
+                eprintln!("  (no CHECKPOINT before the phase: {error})");
+            }
+        }
+    };
     let mut raw_spread = Vec::new();
     let mut raw_hot = Vec::new();
     for hot in [false, true, true, false] {
+        checkpoint().await;
         let run = raw_run(hot).await;
         println!(
             "  raw PostgreSQL  {:<6} {:>8.1} reservations/s ({} failed)",
@@ -445,6 +454,7 @@ async fn main() {
             }
         })
     };
+    checkpoint().await;
     let warm = suite_run(false, warmup).await;
     println!(
         "  gateway  warm-up        {:>8.1} orders/s ({} not approved)",
@@ -454,6 +464,7 @@ async fn main() {
     let mut suite_hot = Vec::new();
     let mut not_approved = 0;
     for on_hot in [false, true, true, false] {
+        checkpoint().await;
         let run = suite_run(on_hot, phase).await;
         not_approved += run.failed;
         println!(
