@@ -16,6 +16,18 @@ pub const POSTGRES_MAX_CONNECTIONS: u32 = 16;
 /// restart) fails its next statement, which the caller sees as an error
 /// and retries.
 pub const PING_AFTER_IDLE: Duration = Duration::from_secs(10);
+/// PostgreSQL plans every execution of a prepared statement with its
+/// values (`plan_cache_mode = force_custom_plan` for our sessions). Its
+/// default keeps a generic plan after five executions, made with the
+/// statistics of the moment and kept until the table is next analyzed: a
+/// lookup by `(scope, key) IN (…)` planned while a fresh table held a few
+/// rows searched the index by `scope` alone and filtered every row of it,
+/// so a credit check grew slower with every row until autovacuum came by
+/// (the benchmark's throughput fell to a third within a minute). A custom
+/// plan sees the table's current size each time, at the price of planning
+/// each execution: tens of microseconds of the server's time for the
+/// statements we send.
+pub const PLAN_CACHE_MODE: &str = "force_custom_plan";
 /// How long a call waits for a pooled connection before failing Unavailable.
 pub const ACQUIRE_TIMEOUT_MS: u64 = 5_000;
 /// The same for SQLite's single connection, where queueing behind other
@@ -53,7 +65,11 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
             .min_connections(1)
             .acquire_timeout(Duration::from_millis(SQLITE_ACQUIRE_TIMEOUT_MS));
     } else {
-        options.max_connections(POSTGRES_MAX_CONNECTIONS);
+        options
+            .max_connections(POSTGRES_MAX_CONNECTIONS)
+            .map_sqlx_postgres_opts(|options| {
+                options.options([("plan_cache_mode", PLAN_CACHE_MODE)])
+            });
     }
     let db = Database::connect(options).await?;
     if sqlite {
@@ -87,7 +103,12 @@ pub async fn connect_async_commit(url: &str) -> Result<Option<DatabaseConnection
         .sqlx_logging(false)
         .min_connections(0)
         .max_connections(ASYNC_COMMIT_MAX_CONNECTIONS)
-        .map_sqlx_postgres_opts(|options| options.options([("synchronous_commit", "off")]));
+        .map_sqlx_postgres_opts(|options| {
+            options.options([
+                ("synchronous_commit", "off"),
+                ("plan_cache_mode", PLAN_CACHE_MODE),
+            ])
+        });
     Database::connect(options).await.map(Some)
 }
 

@@ -613,3 +613,69 @@ async fn client_reference_migrates_both_ways_on_sqlite() {
 async fn client_reference_migrates_both_ways_on_postgres() {
     client_reference_migrates_both_ways(Backend::Postgres).await;
 }
+
+/// A batch's first read finds its keys through the index however the
+/// table grew since the statement was first run on a connection. With
+/// PostgreSQL's default plan caching, a statement run a few times while
+/// the table was small kept a generic plan that searched the index by
+/// scope alone and filtered every row of it: each credit check read the
+/// whole table (`kit::db::PLAN_CACHE_MODE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_read_stays_on_the_index_as_its_table_grows_postgres() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(test_db) = o2c_testkit::database(Backend::Postgres, "plans").await else {
+        return;
+    };
+    let db =
+        o2c_kit::db::connect_and_migrate::<o2c_credit::storage::migrations::Migrator>(&test_db.url)
+            .await
+            .unwrap();
+    let scope = "t1/credit.CheckAndReserve";
+    // One transaction: one connection, so one prepared statement.
+    let txn = db.begin().await.unwrap();
+    txn.execute_unprepared(&format!(
+        "INSERT INTO idempotency_keys (scope, key, request, response, created_at) \
+         SELECT '{scope}', 'early-' || g, '\\x00', NULL, now() FROM generate_series(1, 20) g"
+    ))
+    .await
+    .unwrap();
+    let read = || async {
+        o2c_credit::storage::batch::recorded_and_checked(
+            &txn,
+            scope,
+            &["early-1", "early-2"],
+            TENANT,
+            &["order-1", "order-2"],
+        )
+        .await
+        .unwrap()
+    };
+    for _ in 0..10 {
+        assert_eq!(read().await.0.len(), 2);
+    }
+    txn.execute_unprepared(&format!(
+        "INSERT INTO idempotency_keys (scope, key, request, response, created_at) \
+         SELECT '{scope}', 'later-' || g, '\\x00', NULL, now() FROM generate_series(1, 50000) g"
+    ))
+    .await
+    .unwrap();
+    let entries_read = || async {
+        let row = txn
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT pg_stat_get_xact_tuples_returned('\"pk-idempotency_keys\"'::regclass) AS n",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get::<i64>("", "n").unwrap()
+    };
+    let before = entries_read().await;
+    assert_eq!(read().await.0.len(), 2);
+    let read_now = entries_read().await - before;
+    assert!(
+        read_now < 100,
+        "one read of two keys took {read_now} index entries of a 50,020-row table"
+    );
+    txn.rollback().await.unwrap();
+}
