@@ -12,9 +12,10 @@ pub const POSTGRES_MAX_CONNECTIONS: u32 = 16;
 /// handed out (a server, proxy or firewall may have dropped it meanwhile);
 /// one in use since is handed out at once. Pinging on every checkout, the
 /// pool's default, costs a round trip per statement outside a transaction
-/// and per transaction. A connection that broke while in use (a database
-/// restart) fails its next statement, which the caller sees as an error
-/// and retries.
+/// and per transaction. The price: after a database restart, each pooled
+/// connection used within this time fails one statement (up to one
+/// request per connection answers UNAVAILABLE, which callers retry; every
+/// mutation is idempotent) before the pool replaces it.
 pub const PING_AFTER_IDLE: Duration = Duration::from_secs(10);
 /// PostgreSQL plans every execution of a prepared statement with its
 /// values (`plan_cache_mode = force_custom_plan` for our sessions). Its
@@ -53,23 +54,14 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     } else {
         url.to_owned()
     };
-    let mut options = ConnectOptions::new(url);
-    options
-        .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
-        .connect_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
-        .test_before_acquire_if_idle_for(PING_AFTER_IDLE)
-        .sqlx_logging(false);
+    let mut options = pool_options(url, &[]);
     if sqlite {
         options
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_millis(SQLITE_ACQUIRE_TIMEOUT_MS));
     } else {
-        options
-            .max_connections(POSTGRES_MAX_CONNECTIONS)
-            .map_sqlx_postgres_opts(|options| {
-                options.options([("plan_cache_mode", PLAN_CACHE_MODE)])
-            });
+        options.max_connections(POSTGRES_MAX_CONNECTIONS);
     }
     let db = Database::connect(options).await?;
     if sqlite {
@@ -95,21 +87,31 @@ pub async fn connect_async_commit(url: &str) -> Result<Option<DatabaseConnection
     if url.starts_with("sqlite:") {
         return Ok(None);
     }
-    let mut options = ConnectOptions::new(url.to_owned());
+    let mut options = pool_options(url.to_owned(), &[("synchronous_commit", "off")]);
+    options
+        .min_connections(0)
+        .max_connections(ASYNC_COMMIT_MAX_CONNECTIONS);
+    Database::connect(options).await.map(Some)
+}
+
+/// What every pool of ours has: its timeouts, [`PING_AFTER_IDLE`], and on
+/// PostgreSQL [`PLAN_CACHE_MODE`] plus `settings` for each session.
+fn pool_options(url: String, settings: &'static [(&'static str, &'static str)]) -> ConnectOptions {
+    let mut options = ConnectOptions::new(url);
     options
         .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
         .connect_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
         .test_before_acquire_if_idle_for(PING_AFTER_IDLE)
         .sqlx_logging(false)
-        .min_connections(0)
-        .max_connections(ASYNC_COMMIT_MAX_CONNECTIONS)
-        .map_sqlx_postgres_opts(|options| {
-            options.options([
-                ("synchronous_commit", "off"),
-                ("plan_cache_mode", PLAN_CACHE_MODE),
-            ])
+        .map_sqlx_postgres_opts(move |options| {
+            options.options(
+                [("plan_cache_mode", PLAN_CACHE_MODE)]
+                    .iter()
+                    .chain(settings)
+                    .copied(),
+            )
         });
-    Database::connect(options).await.map(Some)
+    options
 }
 
 fn prepare_sqlite(url: &str) -> Result<String, DbErr> {

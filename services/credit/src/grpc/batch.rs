@@ -4,20 +4,23 @@
 //! [`MAX_BATCH`]) is decided in the next transaction and committed once.
 //! Each order still sees every earlier one: the limit is never overrun.
 //!
-//! A batch is decided set-wise, in a constant number of statements however
-//! many orders and customers it holds:
-//! 1. one statement reads the idempotency records of all its keys;
-//! 2. one locks the accounts of all its customers (in id order), one reads
-//!    which of its orders were checked before, one reads the oldest open
+//! A batch is decided set-wise, in a constant number of round trips however
+//! many orders and customers it holds (five on PostgreSQL):
+//! 1. `BEGIN`; one statement locks the accounts of all its customers (in id
+//!    order, skipping rows held elsewhere);
+//! 2. one statement, after the locks, reads the idempotency records of all
+//!    its keys, which of its orders were checked before, and the oldest open
 //!    due date of each account;
 //! 3. every order is decided in memory, in arrival order, on the account as
 //!    the orders before it left it ([`check::plan_order`], the policy of
 //!    [`check::check_order`]);
 //! 4. one statement writes every account (guarded by the version read under
-//!    the lock), one per table inserts the reservations, holds, alerts,
-//!    decisions and idempotency records, one records the `ExposureChanged`
-//!    events (one per customer, with its exposure after its last order);
-//!    then the commit, one pipelined cache write, and the answers.
+//!    the lock) and inserts the reservations, holds, alerts, decisions,
+//!    idempotency records and `ExposureChanged` events (one per customer,
+//!    with its exposure after its last order): data-modifying CTEs on
+//!    PostgreSQL, one statement per table on SQLite;
+//! 5. the commit; then, in a task of its own so the next batch need not
+//!    wait for Redis, one pipelined cache write and the answers.
 //!
 //! What this does not decide goes through [`CreditApi::decide_each`], one
 //! order after another in one transaction, each at its own savepoint: the
@@ -414,10 +417,11 @@ impl CreditApi {
             for (pending, fate) in answers {
                 reply(self, pending, fate);
             }
-        } else if let Err((_, answers)) = self
+        } else if let Err((error, answers)) = self
             .commit_then_answer(tenant, txn, exposures, answers, opener)
             .await
         {
+            tracing::warn!(%error, checks = answers.len(), "a set-wise batch of credit checks did not commit; deciding them one by one");
             let mut batch: Vec<Pending> = answers.into_iter().map(|(pending, _)| pending).collect();
             batch.extend(after);
             batch.extend(rest);
@@ -440,17 +444,19 @@ impl CreditApi {
         let scope = batch.first().map_or("", |p| p.check.scope.as_str());
         let keys: Vec<&str> = batch.iter().map(|p| p.check.key.as_str()).collect();
         let orders: Vec<&str> = batch.iter().map(|p| p.check.order.as_str()).collect();
-        let (mut recorded, mut checked_before) =
-            storage::batch::recorded_and_checked(txn, scope, &keys, tenant, &orders).await?;
-        let fresh: Vec<&Check> = batch
-            .iter()
-            .map(|p| &p.check)
-            .filter(|c| !recorded.contains_key(&c.key))
-            .collect();
-        let mut customers: Vec<CustomerId> = fresh.iter().map(|c| c.customer).collect();
+        // The locks first, then everything else in one statement that sees
+        // what committed before them. A replay's customer is locked too,
+        // and left as it was.
+        let mut customers: Vec<CustomerId> = batch.iter().map(|p| p.check.customer).collect();
         customers.sort_unstable();
         customers.dedup();
-        let (mut accounts, due) = storage::batch::lock_accounts(txn, tenant, &customers).await?;
+        let mut accounts = storage::batch::lock_accounts(txn, tenant, &customers).await?;
+        let ids: Vec<String> = accounts.values().map(|a| a.id.to_string()).collect();
+        let storage::batch::Found {
+            mut recorded,
+            checked: mut checked_before,
+            oldest_due: due,
+        } = storage::batch::read_after_lock(txn, scope, &keys, tenant, &orders, &ids).await?;
         let read_versions: HashMap<CustomerId, i64> = accounts
             .iter()
             .map(|(customer, account)| (*customer, account.exposure.version))
@@ -495,7 +501,7 @@ impl CreditApi {
                 fates.push(Fate::Refused(error));
                 continue;
             }
-            let oldest_due = due.get(&c.customer).copied();
+            let oldest_due = due.get(&account.id.to_string()).copied();
             let planned = check::plan_order(
                 &ctx,
                 &c.tenant,

@@ -11,10 +11,9 @@ use o2c_money::ids::CustomerId;
 use sea_orm::entity::prelude::*;
 use sea_orm::sea_query::{
     Alias, CaseStatement, CommonTableExpression, ExprTrait, Func, InsertStatement, LockBehavior,
-    LockType, Query, QueryStatementBuilder, SelectStatement, UnionType, UpdateStatement,
-    WithClause,
+    LockType, Query, SelectStatement, UnionType, UpdateStatement, WithClause,
 };
-use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, QueryOrder, QuerySelect, QueryTrait};
+use sea_orm::{ConnectionTrait, DbBackend, QueryOrder, QuerySelect, QueryTrait};
 
 use super::entities::{account, alert, decision, hold, receivable, reservation};
 use super::{Account, Alert, Decision, Hold, to_account};
@@ -22,61 +21,31 @@ use crate::domain::CreditError;
 
 /// The accounts of `customers` that are not members of a group, by
 /// customer, each row locked for the caller's transaction (on PostgreSQL;
-/// SQLite admits one writer at a time), with the due date of each one's
-/// oldest open receivable (by customer, for those that have one), read by
-/// the same statement. A row another transaction holds is skipped rather
-/// than waited for, so a batch never waits for a lock while holding others
-/// and is never part of a deadlock. A customer missing here has no
-/// account, is a member of a group, or was busy: its checks are decided one
-/// by one.
+/// SQLite admits one writer at a time). A row another transaction holds
+/// is skipped rather than waited for, so a batch never waits for a lock
+/// while holding others and is never part of a deadlock. A customer
+/// missing here has no account, is a member of a group, or was busy: its
+/// checks are decided one by one.
 pub async fn lock_accounts(
     conn: &impl ConnectionTrait,
     tenant_id: &str,
     customers: &[CustomerId],
-) -> Result<(HashMap<CustomerId, Account>, HashMap<CustomerId, NaiveDate>), ApiError> {
-    let mut accounts = HashMap::new();
-    let mut oldest_due = HashMap::new();
+) -> Result<HashMap<CustomerId, Account>, ApiError> {
     if customers.is_empty() {
-        return Ok((accounts, oldest_due));
+        return Ok(HashMap::new());
     }
-    let due = Query::select()
-        .expr(Func::min(Expr::col((
-            receivable::Entity,
-            receivable::Column::DueDate,
-        ))))
-        .from(receivable::Entity)
-        .and_where(
-            Expr::col((receivable::Entity, receivable::Column::AccountId))
-                .equals((account::Entity, account::Column::Id)),
-        )
-        .and_where(Expr::col((receivable::Entity, receivable::Column::OpenMinor)).gt(0))
-        .and_where(Expr::col((receivable::Entity, receivable::Column::DueDate)).is_not_null())
-        .to_owned();
-    let query = account::Entity::find()
+    account::Entity::find()
         .filter(account::Column::TenantId.eq(tenant_id))
         .filter(account::Column::CustomerId.is_in(customers.iter().map(ToString::to_string)))
         .filter(account::Column::ParentAccountId.is_null())
-        .expr_as(
-            Expr::SubQuery(None, Box::new(due.into_sub_query_statement())),
-            OLDEST_DUE,
-        )
         .order_by_asc(account::Column::Id)
         .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
-        .into_query();
-    for row in conn.query_all(&query).await? {
-        let due: Option<NaiveDate> = row.try_get("", OLDEST_DUE)?;
-        let account = to_account(account::Model::from_query_result(&row, "")?)?;
-        let customer = account.exposure.customer_id;
-        if let Some(due) = due {
-            oldest_due.insert(customer, due);
-        }
-        accounts.insert(customer, account);
-    }
-    Ok((accounts, oldest_due))
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(|row| to_account(row).map(|a| (a.exposure.customer_id, a)))
+        .collect()
 }
-
-/// The column [`lock_accounts`] reads the oldest open due date into.
-const OLDEST_DUE: &str = "oldest_open_due";
 
 /// What each of `orders` was checked into before, by order: a reservation
 /// (in any state, which tells more than a hold) or a hold. One statement
@@ -98,49 +67,87 @@ pub async fn orders_checked(
     Ok(checked)
 }
 
-/// The idempotency records of `keys` in `scope`, by key, and
-/// [`orders_checked`] for `orders`: what a batch reads before it decides,
-/// in one statement.
-pub async fn recorded_and_checked(
+/// What a batch reads once it holds its accounts' row locks, in one
+/// statement: the idempotency records of `keys` in `scope`, what each of
+/// `orders` was checked into before ([`orders_checked`]), and the due date
+/// of the oldest open receivable of each of `accounts` that has one. Read
+/// after the locks, it sees everything committed before them: a hold of one
+/// of the orders by another replica, or an invoice that changed an account
+/// together with its receivables.
+pub async fn read_after_lock(
     conn: &impl ConnectionTrait,
     scope: &str,
     keys: &[&str],
     tenant_id: &str,
     orders: &[&str],
-) -> Result<
-    (
-        HashMap<String, idempotency::Recorded>,
-        HashMap<String, CreditError>,
-    ),
-    ApiError,
-> {
-    let mut recorded = HashMap::new();
-    let mut checked = HashMap::new();
-    if keys.is_empty() && orders.is_empty() {
-        return Ok((recorded, checked));
+    accounts: &[String],
+) -> Result<Found, ApiError> {
+    let mut found = Found::default();
+    if keys.is_empty() && orders.is_empty() && accounts.is_empty() {
+        return Ok(found);
     }
-    let (reserved, held) = checked_queries(tenant_id, orders);
-    let query = idempotency::recorded_query(scope, keys)
+    let no_due = || Expr::val(Option::<NaiveDate>::None);
+    let (mut reserved, mut held) = checked_queries(tenant_id, orders);
+    reserved.expr_as(no_due(), Alias::new(DUE));
+    held.expr_as(no_due(), Alias::new(DUE));
+    let mut query = idempotency::recorded_query(scope, keys)
         .expr_as(Expr::val(KEY), Alias::new(KIND))
+        .expr_as(no_due(), Alias::new(DUE))
         .union(UnionType::All, reserved)
         .union(UnionType::All, held)
         .to_owned();
+    if !accounts.is_empty() {
+        let due = Query::select()
+            .expr_as(Expr::col(receivable::Column::AccountId), Alias::new(KEY))
+            .expr_as(Expr::val(Option::<Vec<u8>>::None), Alias::new("request"))
+            .expr_as(Expr::val(Option::<Vec<u8>>::None), Alias::new("response"))
+            .expr_as(Expr::val(DUE), Alias::new(KIND))
+            .expr_as(
+                Func::min(Expr::col(receivable::Column::DueDate)),
+                Alias::new(DUE),
+            )
+            .from(receivable::Entity)
+            .and_where(receivable::Column::AccountId.is_in(accounts.iter().cloned()))
+            .and_where(receivable::Column::OpenMinor.gt(0))
+            .and_where(receivable::Column::DueDate.is_not_null())
+            .group_by_col(receivable::Column::AccountId)
+            .to_owned();
+        query.union(UnionType::All, due);
+    }
     for row in conn.query_all(&query).await? {
         let kind: String = row.try_get("", KIND)?;
         if kind == KEY {
             let (key, record) = idempotency::Recorded::from_row(&row)?;
-            recorded.insert(key, record);
+            found.recorded.insert(key, record);
+        } else if kind == DUE {
+            let account: String = row.try_get("", KEY)?;
+            if let Some(due) = row.try_get::<Option<NaiveDate>>("", DUE)? {
+                found.oldest_due.insert(account, due);
+            }
         } else {
-            add_checked(&mut checked, &row)?;
+            add_checked(&mut found.checked, &row)?;
         }
     }
-    Ok((recorded, checked))
+    Ok(found)
 }
 
-/// The column telling what a row of [`recorded_and_checked`] is: an
-/// idempotency record ([`KEY`]), a reservation or a hold.
+/// What [`read_after_lock`] found.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Idempotency records, by key.
+    pub recorded: HashMap<String, idempotency::Recorded>,
+    /// What each order was checked into before, by order.
+    pub checked: HashMap<String, CreditError>,
+    /// The oldest open due date, by account id.
+    pub oldest_due: HashMap<String, NaiveDate>,
+}
+
+/// The column telling what a row of [`read_after_lock`] is: an idempotency
+/// record ([`KEY`]), a reservation, a hold or an account's oldest due date
+/// ([`DUE`], also the column that date is in).
 const KIND: &str = "kind";
 const KEY: &str = "key";
+const DUE: &str = "due";
 const RESERVED: &str = "reserved";
 const HELD: &str = "held";
 
@@ -255,8 +262,10 @@ pub async fn write_all(
             Some(update) => conn.execute(&update).await?.rows_affected(),
             None => 0,
         };
-        for insert in inserts {
-            conn.execute(&insert).await?;
+        if written == accounts.len() as u64 {
+            for insert in inserts {
+                conn.execute(&insert).await?;
+            }
         }
         written
     };

@@ -616,10 +616,10 @@ async fn client_reference_migrates_both_ways_on_postgres() {
 
 /// A batch's first read finds its keys through the index however the
 /// table grew since the statement was first run on a connection. With
-/// PostgreSQL's default plan caching, a statement run a few times while
-/// the table was small kept a generic plan that searched the index by
-/// scope alone and filtered every row of it: each credit check read the
-/// whole table (`kit::db::PLAN_CACHE_MODE`).
+/// PostgreSQL's default plan caching, `scope = $1 AND key IN (…)` run a
+/// few times while the table was small kept a generic plan that searched
+/// the index by scope alone and filtered every row of it: each credit check
+/// read the whole table (`kit::db::PLAN_CACHE_MODE`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_read_stays_on_the_index_as_its_table_grows_postgres() {
     use sea_orm::{ConnectionTrait, TransactionTrait};
@@ -640,18 +640,19 @@ async fn a_batch_read_stays_on_the_index_as_its_table_grows_postgres() {
     .await
     .unwrap();
     let read = || async {
-        o2c_credit::storage::batch::recorded_and_checked(
+        o2c_credit::storage::batch::read_after_lock(
             &txn,
             scope,
             &["early-1", "early-2"],
             TENANT,
             &["order-1", "order-2"],
+            &[],
         )
         .await
         .unwrap()
     };
     for _ in 0..10 {
-        assert_eq!(read().await.0.len(), 2);
+        assert_eq!(read().await.recorded.len(), 2);
     }
     txn.execute_unprepared(&format!(
         "INSERT INTO idempotency_keys (scope, key, request, response, created_at) \
@@ -671,7 +672,7 @@ async fn a_batch_read_stays_on_the_index_as_its_table_grows_postgres() {
         row.try_get::<i64>("", "n").unwrap()
     };
     let before = entries_read().await;
-    assert_eq!(read().await.0.len(), 2);
+    assert_eq!(read().await.recorded.len(), 2);
     let read_now = entries_read().await - before;
     assert!(
         read_now < 100,

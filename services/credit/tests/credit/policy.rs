@@ -338,7 +338,7 @@ async fn a_batch_write_checks_versions(backend: Backend) {
     };
     for (key, stale) in [("stale", true), ("fresh", false)] {
         let txn = db.begin().await.unwrap();
-        let (accounts, _) = batch::lock_accounts(&txn, TENANT, &[id]).await.unwrap();
+        let accounts = batch::lock_accounts(&txn, TENANT, &[id]).await.unwrap();
         let mut account = accounts[&id].clone();
         let read = account.exposure.version;
         account.exposure.reserved_minor += 700;
@@ -363,7 +363,7 @@ async fn a_batch_write_checks_versions(backend: Backend) {
             txn.commit().await.unwrap();
         }
     }
-    let (accounts, _) = batch::lock_accounts(&db, TENANT, &[id]).await.unwrap();
+    let accounts = batch::lock_accounts(&db, TENANT, &[id]).await.unwrap();
     assert_eq!(accounts[&id].exposure.reserved_minor, 700);
     let recorded = o2c_kit::idempotency::recorded_in(&db, scope, &["stale", "fresh"])
         .await
