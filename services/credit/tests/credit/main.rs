@@ -633,12 +633,16 @@ async fn a_batch_read_stays_on_the_index_as_its_table_grows_postgres() {
     let scope = "t1/credit.CheckAndReserve";
     // One transaction: one connection, so one prepared statement.
     let txn = db.begin().await.unwrap();
-    txn.execute_unprepared(&format!(
-        "INSERT INTO idempotency_keys (scope, key, request, response, created_at) \
-         SELECT '{scope}', 'early-' || g, '\\x00', NULL, now() FROM generate_series(1, 20) g"
-    ))
-    .await
-    .unwrap();
+    let add_keys = |prefix: &str, n: u32| {
+        let insert = format!(
+            "INSERT INTO idempotency_keys (scope, key, request, response, created_at) \
+             SELECT '{scope}', '{prefix}-' || g, '\\x00', NULL, now() \
+             FROM generate_series(1, {n}) g"
+        );
+        let txn = &txn;
+        async move { txn.execute_unprepared(&insert).await.unwrap() }
+    };
+    add_keys("early", 20).await;
     let read = || async {
         o2c_credit::storage::batch::read_after_lock(
             &txn,
@@ -654,12 +658,7 @@ async fn a_batch_read_stays_on_the_index_as_its_table_grows_postgres() {
     for _ in 0..10 {
         assert_eq!(read().await.recorded.len(), 2);
     }
-    txn.execute_unprepared(&format!(
-        "INSERT INTO idempotency_keys (scope, key, request, response, created_at) \
-         SELECT '{scope}', 'later-' || g, '\\x00', NULL, now() FROM generate_series(1, 50000) g"
-    ))
-    .await
-    .unwrap();
+    add_keys("later", 50_000).await;
     let entries_read = || async {
         let row = txn
             .query_one_raw(sea_orm::Statement::from_string(
