@@ -182,6 +182,13 @@ impl Batcher {
         }
     }
 
+    /// Whether checks of `key` wait for its next batch.
+    fn waiting(&self, key: &Key) -> bool {
+        self.queues()
+            .get(key)
+            .is_some_and(|queue| !queue.is_empty())
+    }
+
     /// The next batch of `key`; None (and the tenant's queue gone) when
     /// nothing waits.
     fn next(&self, key: &Key) -> Option<Vec<Pending>> {
@@ -340,8 +347,14 @@ impl CreditApi {
             let api = self.clone();
             tokio::spawn(async move {
                 let _unwind = Unwind(&api.batcher, &key);
+                // A transaction begun while the last batch committed, for
+                // the checks that queued meanwhile.
+                let mut spare = None;
                 while let Some(batch) = api.batcher.next(&key) {
-                    api.decide_batch(&key.0, batch).await;
+                    api.decide_batch(&key, batch, &mut spare).await;
+                }
+                if let Some(txn) = spare {
+                    let _ = txn.rollback().await;
                 }
             });
         }
@@ -350,7 +363,13 @@ impl CreditApi {
             .map_err(|_| Status::internal("the credit check's batch ended without an answer"))?
     }
 
-    async fn decide_batch(&self, tenant: &str, batch: Vec<Pending>) {
+    async fn decide_batch(
+        &self,
+        key: &Key,
+        batch: Vec<Pending>,
+        spare: &mut Option<DatabaseTransaction>,
+    ) {
+        let tenant = key.0.as_str();
         let opener = batch
             .first()
             .map(|p| p.span.clone())
@@ -361,7 +380,7 @@ impl CreditApi {
         let mut queue = batch;
         while !queue.is_empty() {
             let size = queue.len();
-            let Left { alone, rest } = self.decide_together(tenant, queue, &opener).await;
+            let Left { alone, rest } = self.decide_together(key, queue, &opener, spare).await;
             self.batcher
                 .count(size - alone.len() - rest.len(), alone.len());
             if !alone.is_empty() {
@@ -380,11 +399,17 @@ impl CreditApi {
     /// be decided one by one.
     async fn decide_together(
         &self,
-        tenant: &str,
+        key: &Key,
         mut batch: Vec<Pending>,
         opener: &tracing::Span,
+        spare: &mut Option<DatabaseTransaction>,
     ) -> Left {
-        let txn = match self.db.begin().instrument(opener.clone()).await {
+        let tenant = key.0.as_str();
+        let begun = match spare.take() {
+            Some(txn) => Ok(txn),
+            None => self.db.begin().instrument(opener.clone()).await,
+        };
+        let txn = match begun {
             Ok(txn) => txn,
             // The next path reports what keeps the database away.
             Err(_) => return Left::all(batch),
@@ -417,10 +442,18 @@ impl CreditApi {
             for (pending, fate) in answers {
                 reply(self, pending, fate);
             }
-        } else if let Err((error, answers)) = self
-            .commit_then_answer(tenant, txn, exposures, answers, opener)
-            .await
-        {
+        } else if let (Err((error, answers)), _) = tokio::join!(
+            self.commit_then_answer(tenant, txn, exposures, answers, opener),
+            // The next batch's `BEGIN` goes while this one commits, when
+            // checks are waiting for it: one round trip off the lane's
+            // path. (A transaction takes no snapshot and no lock before its
+            // first statement.)
+            async {
+                if self.batcher.waiting(key) {
+                    *spare = self.db.begin().instrument(opener.clone()).await.ok();
+                }
+            }
+        ) {
             tracing::warn!(%error, checks = answers.len(), "a set-wise batch of credit checks did not commit; deciding them one by one");
             let mut batch: Vec<Pending> = answers.into_iter().map(|(pending, _)| pending).collect();
             batch.extend(after);
