@@ -143,7 +143,7 @@ pub async fn build(
         .await
         .map_err(|e| anyhow::anyhow!("gateway database {}: {e}", service.database_url))?
         .unwrap_or_else(|| db.clone());
-    let api = grpc::GatewayApi::with_journal(db.clone(), journal, up);
+    let api = grpc::GatewayApi::new(db.clone(), journal, up);
     if upstreams.reconcile_interval_ms > 0 {
         let reconciler = Reconciler {
             api: api.clone(),

@@ -313,6 +313,14 @@ fn latest_exposures<'a>(decided: impl Iterator<Item = &'a Decided>) -> Vec<Expos
     latest.into_values().collect()
 }
 
+/// Answers every check of `checks` with `error`.
+fn fail_all(checks: impl IntoIterator<Item = Pending>, error: ApiError) {
+    let status = Status::from(error);
+    for pending in checks {
+        let _ = pending.reply.send(Err(status.clone()));
+    }
+}
+
 /// Answers a check with its fate: a decision once it is durable, or a
 /// refusal.
 fn reply(api: &CreditApi, pending: Pending, fate: Fate) {
@@ -617,13 +625,7 @@ impl CreditApi {
         let opener = opener.clone();
         let txn = match self.db.begin().instrument(opener.clone()).await {
             Ok(txn) => txn,
-            Err(error) => {
-                let status = Status::from(ApiError::from(error));
-                for pending in batch {
-                    let _ = pending.reply.send(Err(status.clone()));
-                }
-                return;
-            }
+            Err(error) => return fail_all(batch, error.into()),
         };
         // Savepoints only when orders share the transaction: alone, an
         // order's failure rolls back the transaction that is all its own.
@@ -641,12 +643,8 @@ impl CreditApi {
                 reserved: HashMap::new(),
             },
             Err(error) => {
-                let status = Status::from(error);
-                for pending in batch {
-                    let _ = pending.reply.send(Err(status.clone()));
-                }
                 let _ = txn.rollback().instrument(opener).await;
-                return;
+                return fail_all(batch, error);
             }
         };
         let mut decided = Vec::new();
@@ -710,10 +708,7 @@ impl CreditApi {
                 }
             };
             if let Err((error, answers)) = committed {
-                let status = Status::from(error);
-                for (pending, _) in answers {
-                    let _ = pending.reply.send(Err(status.clone()));
-                }
+                fail_all(answers.into_iter().map(|(pending, _)| pending), error);
             }
         }
         for pending in raced {

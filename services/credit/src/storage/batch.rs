@@ -155,31 +155,44 @@ const HELD: &str = "held";
 /// [`idempotency::recorded_query`]'s rows (the order id as `key`, no
 /// request or response) plus their [`KIND`].
 fn checked_queries(tenant_id: &str, orders: &[&str]) -> (SelectStatement, SelectStatement) {
-    let query = |table: Alias, order: Alias, tenant: Alias, kind: &str| {
-        Query::select()
-            .expr_as(Expr::col(order.clone()), Alias::new(KEY))
-            .expr_as(Expr::val(Option::<Vec<u8>>::None), Alias::new("request"))
-            .expr_as(Expr::val(Option::<Vec<u8>>::None), Alias::new("response"))
-            .expr_as(Expr::val(kind), Alias::new(KIND))
-            .from(table)
-            .and_where(Expr::col(tenant).eq(tenant_id))
-            .and_where(Expr::col(order).is_in(orders.iter().copied()))
-            .to_owned()
-    };
     (
-        query(
-            Alias::new(reservation::Entity.table_name()),
-            Alias::new(reservation::Column::OrderId.as_str()),
-            Alias::new(reservation::Column::TenantId.as_str()),
+        checked_query(
+            reservation::Entity,
+            reservation::Column::OrderId,
+            reservation::Column::TenantId,
             RESERVED,
+            tenant_id,
+            orders,
         ),
-        query(
-            Alias::new(hold::Entity.table_name()),
-            Alias::new(hold::Column::OrderId.as_str()),
-            Alias::new(hold::Column::TenantId.as_str()),
+        checked_query(
+            hold::Entity,
+            hold::Column::OrderId,
+            hold::Column::TenantId,
             HELD,
+            tenant_id,
+            orders,
         ),
     )
+}
+
+/// One of [`checked_queries`]: the rows of `orders` in `entity`'s table.
+fn checked_query<E: EntityTrait>(
+    entity: E,
+    order: E::Column,
+    tenant: E::Column,
+    kind: &str,
+    tenant_id: &str,
+    orders: &[&str],
+) -> SelectStatement {
+    Query::select()
+        .expr_as(Expr::col(order), Alias::new(KEY))
+        .expr_as(Expr::val(Option::<Vec<u8>>::None), Alias::new("request"))
+        .expr_as(Expr::val(Option::<Vec<u8>>::None), Alias::new("response"))
+        .expr_as(Expr::val(kind), Alias::new(KIND))
+        .from(entity)
+        .and_where(tenant.eq(tenant_id))
+        .and_where(order.is_in(orders.iter().copied()))
+        .to_owned()
 }
 
 /// Adds what a row of [`checked_queries`] tells to `checked`.

@@ -107,13 +107,9 @@ fn placed_order(decision: &credit_pb::CreditDecision) -> Result<storage::Order, 
 }
 
 impl GatewayApi {
-    pub fn new(db: DatabaseConnection, up: Upstream) -> Self {
-        Self::with_journal(db.clone(), db, up)
-    }
-
     /// The API on `db`, writing placed orders behind through `journal` (a
     /// pool with asynchronous commits, on PostgreSQL).
-    pub fn with_journal(db: DatabaseConnection, journal: DatabaseConnection, up: Upstream) -> Self {
+    pub fn new(db: DatabaseConnection, journal: DatabaseConnection, up: Upstream) -> Self {
         Self {
             journal: Journal::start(journal),
             db,

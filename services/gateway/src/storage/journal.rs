@@ -24,7 +24,7 @@
 
 use std::time::Duration;
 
-use sea_orm::{DatabaseConnection, DbErr};
+use sea_orm::DatabaseConnection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::entities::order;
@@ -111,15 +111,10 @@ async fn write(db: DatabaseConnection, mut receiver: mpsc::Receiver<Entry>) {
     }
 }
 
-/// One statement, committed on its own.
-async fn write_once(db: &DatabaseConnection, rows: Vec<order::Model>) -> Result<(), DbErr> {
-    super::insert_if_absent(db, rows).await
-}
-
 async fn insert(db: &DatabaseConnection, rows: Vec<order::Model>) {
     let mut pause = BACKOFF;
     for attempt in 1..=ATTEMPTS {
-        match write_once(db, rows.clone()).await {
+        match super::insert_if_absent(db, rows.clone()).await {
             Ok(_) => return,
             Err(error) if attempt < ATTEMPTS => {
                 tracing::warn!(%error, attempt, rows = rows.len(), "writing placed orders failed; retrying");
