@@ -34,6 +34,23 @@ pub fn rpc(service: &str, method: &str, status_code: i64, took: Duration) {
     );
 }
 
+static BATCH_STEP: LazyLock<Histogram<f64>> = LazyLock::new(|| {
+    meter()
+        .f64_histogram("o2c.credit.batch.step.duration")
+        .with_unit("ms")
+        .with_description(
+            "Time of each step of a set-wise batch of credit checks: per check for queued and \
+             answer, per batch for begin, lock, read, decide, write and commit",
+        )
+        .build()
+});
+
+/// One step of a set-wise batch of credit checks (`step`: queued, begin,
+/// lock, read, decide, write, commit or answer).
+pub fn credit_batch_step(step: &'static str, took: Duration) {
+    BATCH_STEP.record(took.as_secs_f64() * 1000.0, &[KeyValue::new("step", step)]);
+}
+
 static DECISIONS: LazyLock<Counter<u64>> = LazyLock::new(|| {
     meter()
         .u64_counter("o2c.credit.decisions")

@@ -122,6 +122,9 @@ pub struct Addresses {
 /// A running suite.
 pub struct Suite {
     pub addresses: Addresses,
+    /// The credit service's batcher of credit checks: how they were
+    /// decided and where their time went.
+    pub credit_batches: std::sync::Arc<o2c_credit::grpc::Batcher>,
     stop: watch::Sender<bool>,
     servers: Vec<(
         &'static str,
@@ -211,6 +214,12 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         ]),
         ..settings.invoicing_policy.clone()
     };
+    let (credit_routes, credit_batches) = o2c_credit::build_running(
+        &settings.credit,
+        settings.common.redis_url.as_deref(),
+        &credit_policy,
+    )
+    .await?;
     let routes: [(&'static str, &'static str, Routes, &ServiceSettings); 6] = [
         (
             "gateway",
@@ -239,12 +248,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         (
             "credit",
             o2c_credit::SERVICE_NAME,
-            o2c_credit::build(
-                &settings.credit,
-                settings.common.redis_url.as_deref(),
-                &credit_policy,
-            )
-            .await?,
+            credit_routes,
             &settings.credit,
         ),
         (
@@ -301,6 +305,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
     }
     Ok(Suite {
         addresses,
+        credit_batches,
         stop,
         servers,
     })

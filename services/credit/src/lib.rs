@@ -208,12 +208,25 @@ pub async fn build_with(
     })
 }
 
-/// Builds the service on the system clock and starts its maintenance loop.
+/// Builds the service on the system clock and starts its maintenance loop
+/// and event relay.
 pub async fn build(
     service: &ServiceSettings,
     redis_url: Option<&str>,
     credit: &CreditSettings,
 ) -> anyhow::Result<Routes> {
+    build_running(service, redis_url, credit)
+        .await
+        .map(|(routes, _)| routes)
+}
+
+/// [`build`], also returning the batcher of its credit checks (whose
+/// [`grpc::Batcher::timings`] tell where their time goes).
+pub async fn build_running(
+    service: &ServiceSettings,
+    redis_url: Option<&str>,
+    credit: &CreditSettings,
+) -> anyhow::Result<(Routes, std::sync::Arc<grpc::Batcher>)> {
     let built = build_with(service, redis_url, credit, system_clock()).await?;
     built
         .relay
@@ -235,7 +248,7 @@ pub async fn build(
             }
         }
     });
-    Ok(built.routes)
+    Ok((built.routes, built.batches))
 }
 
 /// Serves on `listener` until `shutdown` resolves.

@@ -170,6 +170,23 @@ async fn onboard(gateway: &mut Gateway, name: &str, limit: &str) -> Result<Strin
 }
 
 /// One order of [`ORDER_AMOUNT`]; Ok only when approved.
+/// Where the credit checks' time went in a phase: the set-wise batches'
+/// steps on average (per batch, but per check for the wait in the queue
+/// and the answer after the commit).
+fn print_batches(t: &o2c_credit::grpc::Timings) {
+    let steps: Vec<String> = t
+        .averages()
+        .into_iter()
+        .map(|(step, micros)| format!("{step} {micros}"))
+        .collect();
+    println!(
+        "    credit batches: {} of {:.1} checks on average; µs: {}",
+        t.batches,
+        t.checks as f64 / t.batches.max(1) as f64,
+        steps.join(", ")
+    );
+}
+
 async fn order(mut gateway: Gateway, customer: String, key: String) -> Result<(), Status> {
     let placed = gateway
         .place_order(pb::PlaceOrderRequest {
@@ -465,6 +482,7 @@ async fn main() {
     let mut not_approved = 0;
     for on_hot in [false, true, true, false] {
         checkpoint().await;
+        let before = suite.credit_batches.timings();
         let run = suite_run(on_hot, phase).await;
         not_approved += run.failed;
         println!(
@@ -473,6 +491,7 @@ async fn main() {
             run.rate,
             run.failed
         );
+        print_batches(&suite.credit_batches.timings().since(&before));
         if on_hot {
             &mut suite_hot
         } else {

@@ -49,6 +49,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 use o2c_kit::ApiError;
 use o2c_kit::idempotency;
@@ -69,6 +70,111 @@ use crate::storage::{self, Alert, check};
 /// Most orders decided in one transaction.
 pub const MAX_BATCH: usize = 128;
 
+/// The steps of a set-wise batch whose time [`Timings`] sums, and that the
+/// `o2c.credit.batch.step.duration` histogram records.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Per check: from its arrival to the start of its batch.
+    Queued,
+    /// Per batch: its `BEGIN` (when it was not begun already).
+    Begin,
+    /// Per batch: the locking read of its accounts.
+    Lock,
+    /// Per batch: the read after the locks.
+    Read,
+    /// Per batch: deciding every check in memory.
+    Decide,
+    /// Per batch: the write of everything it decided.
+    Write,
+    /// Per batch: its commit.
+    Commit,
+    /// Per check: from its batch's commit to its answer (the cache write,
+    /// then the reply).
+    Answer,
+}
+
+impl Step {
+    const ALL: [Step; 8] = [
+        Step::Queued,
+        Step::Begin,
+        Step::Lock,
+        Step::Read,
+        Step::Decide,
+        Step::Write,
+        Step::Commit,
+        Step::Answer,
+    ];
+
+    fn code(self) -> &'static str {
+        match self {
+            Step::Queued => "queued",
+            Step::Begin => "begin",
+            Step::Lock => "lock",
+            Step::Read => "read",
+            Step::Decide => "decide",
+            Step::Write => "write",
+            Step::Commit => "commit",
+            Step::Answer => "answer",
+        }
+    }
+}
+
+/// Where set-wise batches spent their time since the service started:
+/// sums in microseconds, so that two readings give the averages between
+/// them ([`Timings::since`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// Set-wise batches begun.
+    pub batches: u64,
+    /// The checks they held.
+    pub checks: u64,
+    /// Per step, in the order of `Step::ALL`: summed over checks for
+    /// `queued` and `answer`, over batches for the others.
+    pub micros: [u64; 8],
+}
+
+impl Timings {
+    /// What happened between `earlier` and this reading.
+    pub fn since(&self, earlier: &Timings) -> Timings {
+        let mut micros = [0; 8];
+        for (i, m) in micros.iter_mut().enumerate() {
+            *m = self.micros[i].saturating_sub(earlier.micros[i]);
+        }
+        Timings {
+            batches: self.batches.saturating_sub(earlier.batches),
+            checks: self.checks.saturating_sub(earlier.checks),
+            micros,
+        }
+    }
+
+    /// Each step's code with its average in microseconds: per check for
+    /// `queued` and `answer`, per batch for the others.
+    pub fn averages(&self) -> Vec<(&'static str, u64)> {
+        Step::ALL
+            .iter()
+            .zip(self.micros)
+            .map(|(step, sum)| {
+                let per = match step {
+                    Step::Queued | Step::Answer => self.checks,
+                    _ => self.batches,
+                };
+                (step.code(), sum / per.max(1))
+            })
+            .collect()
+    }
+}
+
+/// Times one step from `started` into the batcher's sums (`times` of it:
+/// one per check for a per-check step timed once for all) and the metric.
+fn record(batcher: &Batcher, step: Step, started: Instant, times: usize) {
+    let took = started.elapsed();
+    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    batcher.micros[step as usize].fetch_add(micros.saturating_mul(times as u64), Ordering::Relaxed);
+    for _ in 0..times {
+        o2c_kit::metrics::credit_batch_step(step.code(), took);
+    }
+}
+
 /// A validated credit check.
 pub(super) struct Check {
     pub tenant: String,
@@ -86,6 +192,8 @@ pub(super) struct Check {
 type Answer = Result<pb::CheckAndReserveResponse, Status>;
 
 pub(super) struct Pending {
+    /// When the check arrived.
+    queued: Instant,
     check: Check,
     span: tracing::Span,
     reply: oneshot::Sender<Answer>,
@@ -108,6 +216,11 @@ pub struct Batcher {
     one_at_a_time: tokio::sync::Mutex<()>,
     together: AtomicU64,
     one_by_one: AtomicU64,
+    /// Set-wise batches begun and the checks they held.
+    batches: AtomicU64,
+    batched: AtomicU64,
+    /// [`Timings::micros`].
+    micros: [AtomicU64; 8],
 }
 
 impl Batcher {
@@ -119,6 +232,9 @@ impl Batcher {
             one_at_a_time: tokio::sync::Mutex::new(()),
             together: AtomicU64::default(),
             one_by_one: AtomicU64::default(),
+            batches: AtomicU64::default(),
+            batched: AtomicU64::default(),
+            micros: Default::default(),
         }
     }
 
@@ -138,6 +254,15 @@ impl Batcher {
             self.together.load(Ordering::Relaxed),
             self.one_by_one.load(Ordering::Relaxed),
         )
+    }
+
+    /// Where set-wise batches spent their time so far.
+    pub fn timings(&self) -> Timings {
+        Timings {
+            batches: self.batches.load(Ordering::Relaxed),
+            checks: self.batched.load(Ordering::Relaxed),
+            micros: std::array::from_fn(|i| self.micros[i].load(Ordering::Relaxed)),
+        }
     }
 
     /// How many batch runners are deciding and how many checks wait for
@@ -349,6 +474,7 @@ impl CreditApi {
         let pending = Pending {
             check,
             span: tracing::Span::current(),
+            queued: Instant::now(),
             reply,
         };
         if self.batcher.enqueue(key.clone(), pending) {
@@ -413,10 +539,22 @@ impl CreditApi {
         spare: &mut Option<DatabaseTransaction>,
     ) -> Left {
         let tenant = key.0.as_str();
+        let started = Instant::now();
+        self.batcher.batches.fetch_add(1, Ordering::Relaxed);
+        self.batcher
+            .batched
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for pending in &batch {
+            let waited = started.saturating_duration_since(pending.queued);
+            let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+            self.batcher.micros[Step::Queued as usize].fetch_add(micros, Ordering::Relaxed);
+            o2c_kit::metrics::credit_batch_step(Step::Queued.code(), waited);
+        }
         let begun = match spare.take() {
             Some(txn) => Ok(txn),
             None => self.db.begin().instrument(opener.clone()).await,
         };
+        record(&self.batcher, Step::Begin, started, 1);
         let txn = match begun {
             Ok(txn) => txn,
             // The next path reports what keeps the database away.
@@ -491,13 +629,18 @@ impl CreditApi {
         let mut customers: Vec<CustomerId> = batch.iter().map(|p| p.check.customer).collect();
         customers.sort_unstable();
         customers.dedup();
+        let started = Instant::now();
         let mut accounts = storage::batch::lock_accounts(txn, tenant, &customers).await?;
+        record(&self.batcher, Step::Lock, started, 1);
+        let started = Instant::now();
         let ids: Vec<String> = accounts.values().map(|a| a.id.to_string()).collect();
         let storage::batch::Found {
             mut recorded,
             checked: mut checked_before,
             oldest_due: due,
         } = storage::batch::read_after_lock(txn, scope, &keys, tenant, &orders, &ids).await?;
+        record(&self.batcher, Step::Read, started, 1);
+        let started = Instant::now();
         let read_versions: HashMap<CustomerId, i64> = accounts
             .iter()
             .map(|(customer, account)| (*customer, account.exposure.version))
@@ -604,6 +747,8 @@ impl CreditApi {
             idempotency::insert_all(scope, &records),
             o2c_kit::outbox::insert_all(&self.subscribers, events, ctx.now),
         ];
+        record(&self.batcher, Step::Decide, started, 1);
+        let started = Instant::now();
         storage::batch::write_all(
             txn,
             &changed,
@@ -612,6 +757,7 @@ impl CreditApi {
             more.into_iter().flatten().collect(),
         )
         .await?;
+        record(&self.batcher, Step::Write, started, 1);
         Ok(Planned {
             fates,
             run,
@@ -737,9 +883,12 @@ impl CreditApi {
         answers: Vec<(Pending, Fate)>,
         opener: &tracing::Span,
     ) -> Result<(), (ApiError, Vec<(Pending, Fate)>)> {
+        let started = Instant::now();
         if let Err(error) = txn.commit().instrument(opener.clone()).await {
             return Err((error.into(), answers));
         }
+        record(&self.batcher, Step::Commit, started, 1);
+        let committed = Instant::now();
         let api = self.clone();
         let tenant = tenant.to_owned();
         let opener = opener.clone();
@@ -753,9 +902,11 @@ impl CreditApi {
                     o2c_kit::metrics::exposure_utilisation(percent);
                 }
             }
+            let checks = answers.len();
             for (pending, fate) in answers {
                 reply(&api, pending, fate);
             }
+            record(&api.batcher, Step::Answer, committed, checks);
         });
         Ok(())
     }
@@ -848,5 +999,47 @@ impl CreditApi {
             alerts: checked.alerts,
             counted: Some((checked.outcome.code(), reasons)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timings_average_per_check_while_queued_and_answering_and_per_batch_otherwise() {
+        let earlier = Timings {
+            batches: 1,
+            checks: 3,
+            micros: [30, 1, 2, 3, 4, 5, 6, 30],
+        };
+        let later = Timings {
+            batches: 3,
+            checks: 13,
+            micros: [230, 41, 402, 603, 24, 805, 1006, 530],
+        };
+        let between = later.since(&earlier);
+        assert_eq!((between.batches, between.checks), (2, 10));
+        assert_eq!(
+            between.averages(),
+            vec![
+                ("queued", 20),
+                ("begin", 20),
+                ("lock", 200),
+                ("read", 300),
+                ("decide", 10),
+                ("write", 400),
+                ("commit", 500),
+                ("answer", 50),
+            ]
+        );
+        // Nothing between two equal readings: zeros, not a division by zero.
+        assert!(
+            later
+                .since(&later)
+                .averages()
+                .iter()
+                .all(|(_, micros)| *micros == 0)
+        );
     }
 }

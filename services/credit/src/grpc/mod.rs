@@ -5,7 +5,7 @@
 
 mod batch;
 
-pub use batch::Batcher;
+pub use batch::{Batcher, Timings};
 mod convert;
 
 use std::collections::HashMap;

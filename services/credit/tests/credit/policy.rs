@@ -232,6 +232,7 @@ async fn batch_answers_each_check_on_its_own(backend: Backend) {
         ));
     }
     let before = h.batches.decided();
+    let timed = h.batches.timings();
     // Interleaved, so retries and second checks share batches with their
     // originals.
     let mut rng = Seeded(20261205);
@@ -297,6 +298,14 @@ async fn batch_answers_each_check_on_its_own(backend: Backend) {
     // One customer outside any group: every check decided set-wise.
     let after = h.batches.decided();
     assert_eq!((after.0 - before.0, after.1 - before.1), (55, 0));
+    // Their batches' steps were timed: every check queued in one of them,
+    // and each batch that decided something took time to commit.
+    let timings = h.batches.timings().since(&timed);
+    assert_eq!(timings.checks, 55);
+    assert!((1..=55).contains(&timings.batches), "{timings:?}");
+    let steps: std::collections::HashMap<&str, u64> = timings.averages().into_iter().collect();
+    assert!(steps["commit"] > 0, "{timings:?}");
+    assert!(steps["write"] > 0, "{timings:?}");
     let e = assert_consistent(&mut h.client, &customer).await;
     assert_eq!(amount(&e.reserved), "15.00");
     assert_eq!(amount(&e.available), "0.00");
