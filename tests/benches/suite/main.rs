@@ -19,7 +19,7 @@
 //! (`O2C_TEST_POSTGRES_URL`, `O2C_TEST_REDIS_URL`; the local defaults
 //! otherwise). Tuning: `O2C_BENCH_CLIENTS` (16), `O2C_BENCH_CUSTOMERS`
 //! (1000), `O2C_BENCH_PHASE_SECS` (4), `O2C_BENCH_WARMUP_SECS` (10),
-//! `O2C_BENCH_LATENCY_ROUNDS` (5), `O2C_BENCH_OBJECTIVE_MS` (100),
+//! `O2C_BENCH_LATENCY_ROUNDS` (20), `O2C_BENCH_OBJECTIVE_MS` (100),
 //! `O2C_BENCH_MEMORY` (1; 0 skips building and starting the binaries),
 //! `O2C_BENCH_CHECK_LANES` (credit's `check_lanes`, its default otherwise).
 
@@ -259,7 +259,7 @@ async fn main() {
     let spread = env("O2C_BENCH_CUSTOMERS", 1000) as usize;
     let phase = Duration::from_secs(env("O2C_BENCH_PHASE_SECS", 4));
     let warmup = Duration::from_secs(env("O2C_BENCH_WARMUP_SECS", 10));
-    let rounds = env("O2C_BENCH_LATENCY_ROUNDS", 5);
+    let rounds = env("O2C_BENCH_LATENCY_ROUNDS", 20);
     let objective = Duration::from_millis(env("O2C_BENCH_OBJECTIVE_MS", 100));
     let with_memory = env("O2C_BENCH_MEMORY", 1) == 1;
     // `O2C_BENCH_LOG` (a filter such as `warn,sea_orm=info`) also prints
