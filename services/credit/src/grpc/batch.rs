@@ -121,12 +121,13 @@ impl Step {
 
 /// Where set-wise batches spent their time since the service started:
 /// sums in microseconds, so that two readings give the averages between
-/// them ([`Timings::since`]).
+/// them ([`Timings::since`]). Checks decided one by one are not timed; a
+/// check that a set-wise batch leaves to a later one counts in both.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Timings {
     /// Set-wise batches begun.
     pub batches: u64,
-    /// The checks they held.
+    /// The checks they were given.
     pub checks: u64,
     /// Per step, in the order of `Step::ALL`: summed over checks for
     /// `queued` and `answer`, over batches for the others.
@@ -589,7 +590,7 @@ impl CreditApi {
                 reply(self, pending, fate);
             }
         } else if let (Err((error, answers)), _) = tokio::join!(
-            self.commit_then_answer(tenant, txn, exposures, answers, opener),
+            self.commit_then_answer(tenant, txn, exposures, answers, opener, true),
             // The next batch's `BEGIN` goes while this one commits, when
             // checks are waiting for it: one round trip off the lane's
             // path. (A transaction takes no snapshot and no lock before its
@@ -845,7 +846,7 @@ impl CreditApi {
                 .await
             {
                 Ok(()) => {
-                    self.commit_then_answer(tenant, txn, exposures, answers, &opener)
+                    self.commit_then_answer(tenant, txn, exposures, answers, &opener, false)
                         .await
                 }
                 Err(error) => {
@@ -871,7 +872,8 @@ impl CreditApi {
         }
     }
 
-    /// Commits `txn`, whose checks left `exposures`; then, in a task of
+    /// Commits `txn`, whose checks left `exposures` (timing the commit and
+    /// the answers when it is a set-wise batch's); then, in a task of
     /// its own so that the lane's next batch does not wait for Redis,
     /// writes those exposures to the cache and answers each check. When
     /// the commit fails, nothing is answered: the checks come back.
@@ -882,12 +884,15 @@ impl CreditApi {
         exposures: Vec<Exposure>,
         answers: Vec<(Pending, Fate)>,
         opener: &tracing::Span,
+        set_wise: bool,
     ) -> Result<(), (ApiError, Vec<(Pending, Fate)>)> {
         let started = Instant::now();
         if let Err(error) = txn.commit().instrument(opener.clone()).await {
             return Err((error.into(), answers));
         }
-        record(&self.batcher, Step::Commit, started, 1);
+        if set_wise {
+            record(&self.batcher, Step::Commit, started, 1);
+        }
         let committed = Instant::now();
         let api = self.clone();
         let tenant = tenant.to_owned();
@@ -906,7 +911,9 @@ impl CreditApi {
             for (pending, fate) in answers {
                 reply(&api, pending, fate);
             }
-            record(&api.batcher, Step::Answer, committed, checks);
+            if set_wise {
+                record(&api.batcher, Step::Answer, committed, checks);
+            }
         });
         Ok(())
     }
