@@ -169,14 +169,16 @@ async fn onboard(gateway: &mut Gateway, name: &str, limit: &str) -> Result<Strin
     Ok(customer)
 }
 
-/// One order of [`ORDER_AMOUNT`]; Ok only when approved.
-/// Where the credit checks' time went in a phase: the set-wise batches'
-/// steps on average (per batch, but per check for the wait in the queue
-/// and the answer after the commit).
-fn print_batches(t: &o2c_credit::grpc::Timings) {
-    let steps: Vec<String> = t
-        .averages()
-        .into_iter()
+/// Where the credit checks' time went in a phase of `clients` closed
+/// loops at `rate` orders a second: the steps of the set-wise batches on
+/// average (per check for the wait in the queue and the answer after the
+/// commit, per batch for the rest), and what is left of an order's time
+/// (`clients ÷ rate`, by Little's law) outside credit's queue, batch and
+/// answer: the gRPC hops, the gateway, credit's handler and the client.
+fn print_batches(t: &o2c_credit::grpc::Timings, clients: usize, rate: f64) {
+    let averages = t.averages();
+    let steps: Vec<String> = averages
+        .iter()
         .map(|(step, micros)| format!("{step} {micros}"))
         .collect();
     println!(
@@ -185,8 +187,17 @@ fn print_batches(t: &o2c_credit::grpc::Timings) {
         t.checks as f64 / t.batches.max(1) as f64,
         steps.join(", ")
     );
+    let in_credit: u64 = averages.iter().map(|(_, micros)| micros).sum();
+    let per_order = clients as f64 / rate.max(f64::MIN_POSITIVE) * 1e6;
+    println!(
+        "    an order's {:.0} µs: {} in credit's queue, batch and answer, {:.0} elsewhere",
+        per_order,
+        in_credit,
+        per_order - in_credit as f64
+    );
 }
 
+/// One order of [`ORDER_AMOUNT`]; Ok only when approved.
 async fn order(mut gateway: Gateway, customer: String, key: String) -> Result<(), Status> {
     let placed = gateway
         .place_order(pb::PlaceOrderRequest {
@@ -491,7 +502,11 @@ async fn main() {
             run.rate,
             run.failed
         );
-        print_batches(&suite.credit_batches.timings().since(&before));
+        print_batches(
+            &suite.credit_batches.timings().since(&before),
+            clients,
+            run.rate,
+        );
         if on_hot {
             &mut suite_hot
         } else {

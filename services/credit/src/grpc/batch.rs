@@ -74,7 +74,8 @@ pub const MAX_BATCH: usize = 128;
 /// `o2c.credit.batch.step.duration` histogram records.
 #[derive(Debug, Clone, Copy)]
 enum Step {
-    /// Per check: from its arrival to the start of its batch.
+    /// Per check taken from the queue: from its arrival until the lane's
+    /// runner took it (whichever path then decides it).
     Queued,
     /// Per batch: its `BEGIN` (when it was not begun already).
     Begin,
@@ -94,6 +95,7 @@ enum Step {
 }
 
 impl Step {
+    /// Every step, each at the index of its value.
     const ALL: [Step; 8] = [
         Step::Queued,
         Step::Begin,
@@ -120,60 +122,66 @@ impl Step {
 }
 
 /// Where set-wise batches spent their time since the service started:
-/// sums in microseconds, so that two readings give the averages between
-/// them ([`Timings::since`]). Checks decided one by one are not timed; a
-/// check that a set-wise batch leaves to a later one counts in both.
+/// for each step, the sum of its times in microseconds and how many times
+/// it was timed, so that two readings give the averages between them
+/// ([`Timings::since`]). Checks decided one by one are timed only while
+/// queued.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Timings {
     /// Set-wise batches begun.
     pub batches: u64,
-    /// The checks they were given.
+    /// The checks they were given (a check a batch leaves to a later one
+    /// counts in both).
     pub checks: u64,
-    /// Per step, in the order of `Step::ALL`: summed over checks for
-    /// `queued` and `answer`, over batches for the others.
-    pub micros: [u64; 8],
+    /// Per step, in the order of `Step::ALL`: the sum of its times.
+    pub micros: [u64; STEPS],
+    /// Per step: how many times it was timed (per check for `queued` and
+    /// `answer`, per batch for the others).
+    pub counts: [u64; STEPS],
 }
+
+/// How many steps [`Timings`] has.
+pub const STEPS: usize = Step::ALL.len();
 
 impl Timings {
     /// What happened between `earlier` and this reading.
     pub fn since(&self, earlier: &Timings) -> Timings {
-        let mut micros = [0; 8];
-        for (i, m) in micros.iter_mut().enumerate() {
-            *m = self.micros[i].saturating_sub(earlier.micros[i]);
-        }
+        let between = |now: &[u64; STEPS], then: &[u64; STEPS]| {
+            std::array::from_fn(|i| now[i].saturating_sub(then[i]))
+        };
         Timings {
             batches: self.batches.saturating_sub(earlier.batches),
             checks: self.checks.saturating_sub(earlier.checks),
-            micros,
+            micros: between(&self.micros, &earlier.micros),
+            counts: between(&self.counts, &earlier.counts),
         }
     }
 
-    /// Each step's code with its average in microseconds: per check for
-    /// `queued` and `answer`, per batch for the others.
+    /// Each step's code with its average in microseconds over the times it
+    /// was timed (0 when it was not).
     pub fn averages(&self) -> Vec<(&'static str, u64)> {
         Step::ALL
             .iter()
-            .zip(self.micros)
-            .map(|(step, sum)| {
-                let per = match step {
-                    Step::Queued | Step::Answer => self.checks,
-                    _ => self.batches,
-                };
-                (step.code(), sum / per.max(1))
+            .map(|step| {
+                let i = *step as usize;
+                (step.code(), self.micros[i] / self.counts[i].max(1))
             })
             .collect()
     }
 }
 
-/// Times one step from `started` into the batcher's sums (`times` of it:
-/// one per check for a per-check step timed once for all) and the metric.
-fn record(batcher: &Batcher, step: Step, started: Instant, times: usize) {
-    let took = started.elapsed();
+/// Adds one time of `step`, `took`, to the batcher's sums and the metric.
+fn record_took(batcher: &Batcher, step: Step, took: std::time::Duration) {
     let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-    batcher.micros[step as usize].fetch_add(micros.saturating_mul(times as u64), Ordering::Relaxed);
-    for _ in 0..times {
-        o2c_kit::metrics::credit_batch_step(step.code(), took);
-    }
+    let i = step as usize;
+    batcher.micros[i].fetch_add(micros, Ordering::Relaxed);
+    batcher.counts[i].fetch_add(1, Ordering::Relaxed);
+    o2c_kit::metrics::credit_batch_step(step.code(), took);
+}
+
+/// Adds the time of `step` from `started` until now.
+fn record(batcher: &Batcher, step: Step, started: Instant) {
+    record_took(batcher, step, started.elapsed());
 }
 
 /// A validated credit check.
@@ -220,8 +228,9 @@ pub struct Batcher {
     /// Set-wise batches begun and the checks they held.
     batches: AtomicU64,
     batched: AtomicU64,
-    /// [`Timings::micros`].
-    micros: [AtomicU64; 8],
+    /// [`Timings::micros`] and [`Timings::counts`].
+    micros: [AtomicU64; STEPS],
+    counts: [AtomicU64; STEPS],
 }
 
 impl Batcher {
@@ -236,6 +245,7 @@ impl Batcher {
             batches: AtomicU64::default(),
             batched: AtomicU64::default(),
             micros: Default::default(),
+            counts: Default::default(),
         }
     }
 
@@ -263,6 +273,7 @@ impl Batcher {
             batches: self.batches.load(Ordering::Relaxed),
             checks: self.batched.load(Ordering::Relaxed),
             micros: std::array::from_fn(|i| self.micros[i].load(Ordering::Relaxed)),
+            counts: std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed)),
         }
     }
 
@@ -505,6 +516,14 @@ impl CreditApi {
         spare: &mut Option<DatabaseTransaction>,
     ) {
         let tenant = key.0.as_str();
+        let taken = Instant::now();
+        for pending in &batch {
+            record_took(
+                &self.batcher,
+                Step::Queued,
+                taken.saturating_duration_since(pending.queued),
+            );
+        }
         let opener = batch
             .first()
             .map(|p| p.span.clone())
@@ -540,22 +559,16 @@ impl CreditApi {
         spare: &mut Option<DatabaseTransaction>,
     ) -> Left {
         let tenant = key.0.as_str();
-        let started = Instant::now();
         self.batcher.batches.fetch_add(1, Ordering::Relaxed);
         self.batcher
             .batched
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for pending in &batch {
-            let waited = started.saturating_duration_since(pending.queued);
-            let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
-            self.batcher.micros[Step::Queued as usize].fetch_add(micros, Ordering::Relaxed);
-            o2c_kit::metrics::credit_batch_step(Step::Queued.code(), waited);
-        }
+        let started = Instant::now();
         let begun = match spare.take() {
             Some(txn) => Ok(txn),
             None => self.db.begin().instrument(opener.clone()).await,
         };
-        record(&self.batcher, Step::Begin, started, 1);
+        record(&self.batcher, Step::Begin, started);
         let txn = match begun {
             Ok(txn) => txn,
             // The next path reports what keeps the database away.
@@ -632,7 +645,7 @@ impl CreditApi {
         customers.dedup();
         let started = Instant::now();
         let mut accounts = storage::batch::lock_accounts(txn, tenant, &customers).await?;
-        record(&self.batcher, Step::Lock, started, 1);
+        record(&self.batcher, Step::Lock, started);
         let started = Instant::now();
         let ids: Vec<String> = accounts.values().map(|a| a.id.to_string()).collect();
         let storage::batch::Found {
@@ -640,7 +653,7 @@ impl CreditApi {
             checked: mut checked_before,
             oldest_due: due,
         } = storage::batch::read_after_lock(txn, scope, &keys, tenant, &orders, &ids).await?;
-        record(&self.batcher, Step::Read, started, 1);
+        record(&self.batcher, Step::Read, started);
         let started = Instant::now();
         let read_versions: HashMap<CustomerId, i64> = accounts
             .iter()
@@ -748,7 +761,7 @@ impl CreditApi {
             idempotency::insert_all(scope, &records),
             o2c_kit::outbox::insert_all(&self.subscribers, events, ctx.now),
         ];
-        record(&self.batcher, Step::Decide, started, 1);
+        record(&self.batcher, Step::Decide, started);
         let started = Instant::now();
         storage::batch::write_all(
             txn,
@@ -758,7 +771,7 @@ impl CreditApi {
             more.into_iter().flatten().collect(),
         )
         .await?;
-        record(&self.batcher, Step::Write, started, 1);
+        record(&self.batcher, Step::Write, started);
         Ok(Planned {
             fates,
             run,
@@ -891,7 +904,7 @@ impl CreditApi {
             return Err((error.into(), answers));
         }
         if set_wise {
-            record(&self.batcher, Step::Commit, started, 1);
+            record(&self.batcher, Step::Commit, started);
         }
         let committed = Instant::now();
         let api = self.clone();
@@ -907,12 +920,11 @@ impl CreditApi {
                     o2c_kit::metrics::exposure_utilisation(percent);
                 }
             }
-            let checks = answers.len();
             for (pending, fate) in answers {
                 reply(&api, pending, fate);
-            }
-            if set_wise {
-                record(&api.batcher, Step::Answer, committed, checks);
+                if set_wise {
+                    record(&api.batcher, Step::Answer, committed);
+                }
             }
         });
         Ok(())
@@ -1014,16 +1026,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn timings_average_per_check_while_queued_and_answering_and_per_batch_otherwise() {
+    fn each_step_is_averaged_over_the_times_it_was_timed() {
         let earlier = Timings {
             batches: 1,
             checks: 3,
             micros: [30, 1, 2, 3, 4, 5, 6, 30],
+            counts: [3, 1, 1, 1, 1, 1, 1, 3],
         };
         let later = Timings {
             batches: 3,
             checks: 13,
-            micros: [230, 41, 402, 603, 24, 805, 1006, 530],
+            micros: [230, 41, 402, 603, 24, 805, 406, 530],
+            counts: [13, 3, 3, 3, 3, 3, 2, 8],
         };
         let between = later.since(&earlier);
         assert_eq!((between.batches, between.checks), (2, 10));
@@ -1036,8 +1050,9 @@ mod tests {
                 ("read", 300),
                 ("decide", 10),
                 ("write", 400),
-                ("commit", 500),
-                ("answer", 50),
+                // One of the two batches committed; five checks answered.
+                ("commit", 400),
+                ("answer", 100),
             ]
         );
         // Nothing between two equal readings: zeros, not a division by zero.
@@ -1048,5 +1063,12 @@ mod tests {
                 .iter()
                 .all(|(_, micros)| *micros == 0)
         );
+    }
+
+    #[test]
+    fn every_step_sits_at_the_index_of_its_value() {
+        for (i, step) in Step::ALL.iter().enumerate() {
+            assert_eq!(*step as usize, i, "{}", step.code());
+        }
     }
 }
