@@ -20,7 +20,9 @@
 //!    with its exposure after its last order): data-modifying CTEs on
 //!    PostgreSQL, one statement per table on SQLite;
 //! 5. the commit; then, in a task of its own so the next batch need not
-//!    wait for Redis, one pipelined cache write and the answers.
+//!    wait for Redis, the answers and one pipelined cache write (reads of
+//!    those customers go to the database until it lands:
+//!    `storage::cache`).
 //!
 //! What this does not decide goes through [`CreditApi::decide_each`], one
 //! order after another in one transaction, each at its own savepoint: the
@@ -89,8 +91,8 @@ enum Step {
     Write,
     /// Per batch: its commit.
     Commit,
-    /// Per check: from its batch's commit to its answer (the cache write,
-    /// then the reply).
+    /// Per check: from its batch's commit to its reply (the cache write
+    /// follows the replies).
     Answer,
 }
 
@@ -888,7 +890,9 @@ impl CreditApi {
     /// Commits `txn`, whose checks left `exposures` (timing the commit and
     /// the answers when it is a set-wise batch's); then, in a task of
     /// its own so that the lane's next batch does not wait for Redis,
-    /// writes those exposures to the cache and answers each check. When
+    /// answers each check and writes those exposures to the cache (noted
+    /// first, so this process reads those customers from the database
+    /// until the write lands). When
     /// the commit fails, nothing is answered: the checks come back.
     async fn commit_then_answer(
         &self,
@@ -911,21 +915,24 @@ impl CreditApi {
         let tenant = tenant.to_owned();
         let opener = opener.clone();
         tokio::spawn(async move {
-            api.cache
-                .put_all(&tenant, &exposures)
-                .instrument(opener)
-                .await;
-            for exposure in &exposures {
-                if let Some(percent) = exposure.utilisation_percent() {
-                    o2c_kit::metrics::exposure_utilisation(percent);
-                }
-            }
+            // The answers go first; reads of these customers go to the
+            // database until the cache has them (`storage::cache`).
+            api.cache.begin_writes(&tenant, &exposures);
             for (pending, fate) in answers {
                 reply(&api, pending, fate);
                 if set_wise {
                     record(&api.batcher, Step::Answer, committed);
                 }
             }
+            for exposure in &exposures {
+                if let Some(percent) = exposure.utilisation_percent() {
+                    o2c_kit::metrics::exposure_utilisation(percent);
+                }
+            }
+            api.cache
+                .put_all(&tenant, &exposures)
+                .instrument(opener)
+                .await;
         });
         Ok(())
     }

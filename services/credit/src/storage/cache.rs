@@ -5,6 +5,18 @@
 //! higher version), so a slow writer can never replace a newer snapshot
 //! with an older one; entries also expire, bounding how long a missed
 //! update can linger. Every Redis failure is logged and treated as a miss.
+//!
+//! A batch of credit checks answers before its cache write lands (it writes
+//! while its callers read their answers). So that a caller never reads a
+//! snapshot older than an answer it got, the cache first notes the versions
+//! it is about to write ([`ExposureCache::begin_writes`]), and a read of a
+//! customer with a write in flight goes to the database. This holds for
+//! reads served by the same process; another replica may serve the older
+//! snapshot until the write lands (well under a millisecond), as it may
+//! when a write fails, until the entry expires.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use redis::aio::ConnectionManager;
 use tracing::Instrument;
@@ -32,6 +44,9 @@ pub struct ExposureCache {
     // None when no Redis is configured, or until it is first reached.
     redis: std::sync::Arc<std::sync::RwLock<Option<ConnectionManager>>>,
     script: redis::Script,
+    /// The newest version of each key that is being written and may have
+    /// been answered already; reads of these keys go to the database.
+    writing: Arc<Mutex<HashMap<String, i64>>>,
 }
 
 impl ExposureCache {
@@ -39,6 +54,7 @@ impl ExposureCache {
         Self {
             redis: std::sync::Arc::new(std::sync::RwLock::new(redis)),
             script: redis::Script::new(PUT_IF_NEWER),
+            writing: Arc::default(),
         }
     }
 
@@ -85,10 +101,36 @@ impl ExposureCache {
         format!("o2c:credit:exposure:{tenant_id}:{exposure_customer}")
     }
 
-    /// The cached snapshot, or None on a miss or any failure.
+    fn writing(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        // Every change is one insert or removal: consistent whatever a
+        // panicking holder did.
+        self.writing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes that `exposures` are about to be written ([`Self::put_all`]
+    /// ends it): until then, their customers are read from the database.
+    /// Call it before answering for them.
+    pub fn begin_writes(&self, tenant_id: &str, exposures: &[Exposure]) {
+        if exposures.is_empty() || !self.enabled() {
+            return;
+        }
+        let mut writing = self.writing();
+        for exposure in exposures {
+            let version = writing
+                .entry(Self::key(tenant_id, &exposure.customer_id.to_string()))
+                .or_insert(exposure.version);
+            *version = (*version).max(exposure.version);
+        }
+    }
+
+    /// The cached snapshot, or None on a miss, while a newer snapshot of
+    /// the customer is being written, or on any failure.
     pub async fn get(&self, tenant_id: &str, customer_id: &str) -> Option<Exposure> {
         let mut redis = self.connection()?;
         let key = Self::key(tenant_id, customer_id);
+        if self.writing().contains_key(&key) {
+            return None;
+        }
         let span = o2c_kit::cache::span("HGET");
         let read = redis::cmd("HGET")
             .arg(&key)
@@ -121,11 +163,30 @@ impl ExposureCache {
     }
 
     /// Stores each of `exposures` unless a newer version of it is already
-    /// cached: one pipelined round trip.
+    /// cached: one pipelined round trip. Then ends the writes
+    /// [`Self::begin_writes`] noted up to these versions, whether or not
+    /// Redis took them.
     pub async fn put_all(&self, tenant_id: &str, exposures: &[Exposure]) {
         if exposures.is_empty() {
             return;
         }
+        self.write_all(tenant_id, exposures).await;
+        let mut writing = self.writing();
+        if writing.is_empty() {
+            return;
+        }
+        for exposure in exposures {
+            let key = Self::key(tenant_id, &exposure.customer_id.to_string());
+            if writing
+                .get(&key)
+                .is_some_and(|noted| *noted <= exposure.version)
+            {
+                writing.remove(&key);
+            }
+        }
+    }
+
+    async fn write_all(&self, tenant_id: &str, exposures: &[Exposure]) {
         let Some(mut redis) = self.connection() else {
             return;
         };
@@ -155,5 +216,54 @@ impl ExposureCache {
         if let Err(error) = result {
             tracing::warn!(%error, "exposure cache write failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use o2c_money::ids::CustomerId;
+
+    fn snapshot(customer: CustomerId, version: i64) -> Exposure {
+        Exposure {
+            customer_id: customer,
+            currency: o2c_money::Currency::from_code("EUR").unwrap(),
+            limit_minor: 50_000,
+            reserved_minor: version * 100,
+            receivable_minor: 0,
+            version,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_customer_whose_newer_snapshot_is_being_written_is_not_read_from_the_cache() {
+        let Some(url) = o2c_testkit::redis_url().await else {
+            return;
+        };
+        let cache = ExposureCache::connect(&url).await;
+        assert!(cache.enabled());
+        let tenant = format!("t-{}", uuid::Uuid::new_v4());
+        let (customer, other) = (CustomerId::new(), CustomerId::new());
+        let id = customer.to_string();
+        cache
+            .put_all(&tenant, &[snapshot(customer, 5), snapshot(other, 1)])
+            .await;
+        assert_eq!(cache.get(&tenant, &id).await, Some(snapshot(customer, 5)));
+
+        // Version 6 is answered for before it reaches Redis: the cached 5
+        // is not served meanwhile; another customer still is.
+        cache.begin_writes(&tenant, &[snapshot(customer, 6)]);
+        assert_eq!(cache.get(&tenant, &id).await, None);
+        assert_eq!(
+            cache.get(&tenant, &other.to_string()).await,
+            Some(snapshot(other, 1))
+        );
+        // A later write of the same customer begins before the first ends:
+        // ending the first does not end the second.
+        cache.begin_writes(&tenant, &[snapshot(customer, 7)]);
+        cache.put_all(&tenant, &[snapshot(customer, 6)]).await;
+        assert_eq!(cache.get(&tenant, &id).await, None);
+        cache.put_all(&tenant, &[snapshot(customer, 7)]).await;
+        assert_eq!(cache.get(&tenant, &id).await, Some(snapshot(customer, 7)));
     }
 }
