@@ -609,9 +609,14 @@ impl CreditApi {
             // The next batch's `BEGIN` goes while this one commits, when
             // checks are waiting for it: one round trip off the lane's
             // path. (A transaction takes no snapshot and no lock before its
-            // first statement.)
+            // first statement.) Not when checks of this batch are decided
+            // one by one next: their transaction needs a connection of its
+            // own, and SQLite has one (it has no round trip to save either).
             async {
-                if self.batcher.waiting(key) {
+                if after.is_empty()
+                    && self.db.get_database_backend() == sea_orm::DbBackend::Postgres
+                    && self.batcher.waiting(key)
+                {
                     *spare = self.db.begin().instrument(opener.clone()).await.ok();
                 }
             }

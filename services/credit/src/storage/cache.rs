@@ -9,11 +9,14 @@
 //! A batch of credit checks answers before its cache write lands (it writes
 //! while its callers read their answers). So that a caller never reads a
 //! snapshot older than an answer it got, the cache first notes the versions
-//! it is about to write ([`ExposureCache::begin_writes`]), and a read of a
-//! customer with a write in flight goes to the database. This holds for
-//! reads served by the same process; another replica may serve the older
-//! snapshot until the write lands (well under a millisecond), as it may
-//! when a write fails, until the entry expires.
+//! it is about to write ([`ExposureCache::begin_writes`]), and reads a
+//! customer with a noted version from the database until Redis has taken
+//! a write of that version or a newer one (a failed write leaves the note).
+//! This holds for reads served by the same process (up to
+//! [`MAX_NOTED_WRITES`] notes); another replica may serve the older
+//! snapshot until the write lands (typically well under a millisecond;
+//! Redis commands time out after 250 ms), as it may after a failed write
+//! until the entry expires.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -44,17 +47,31 @@ pub struct ExposureCache {
     // None when no Redis is configured, or until it is first reached.
     redis: std::sync::Arc<std::sync::RwLock<Option<ConnectionManager>>>,
     script: redis::Script,
-    /// The newest version of each key that is being written and may have
-    /// been answered already; reads of these keys go to the database.
+    /// The newest version of each key that may have been answered already
+    /// but is not known to be in Redis; reads of these keys go to the
+    /// database. Kept only when a Redis is configured.
     writing: Arc<Mutex<HashMap<String, i64>>>,
+    configured: bool,
 }
 
+/// Most keys [`ExposureCache::begin_writes`] keeps noted (Redis away for
+/// long while many customers change); past that it forgets them all, and
+/// those customers may be served their older snapshots until they expire.
+pub const MAX_NOTED_WRITES: usize = 100_000;
+
 impl ExposureCache {
+    /// A cache on `redis`; None: no Redis configured, no cache.
     pub fn new(redis: Option<ConnectionManager>) -> Self {
+        let configured = redis.is_some();
+        Self::with(redis, configured)
+    }
+
+    fn with(redis: Option<ConnectionManager>, configured: bool) -> Self {
         Self {
             redis: std::sync::Arc::new(std::sync::RwLock::new(redis)),
             script: redis::Script::new(PUT_IF_NEWER),
             writing: Arc::default(),
+            configured,
         }
     }
 
@@ -66,7 +83,7 @@ impl ExposureCache {
             Ok(connection) => Self::new(Some(connection)),
             Err(error) => {
                 tracing::warn!(%error, "Redis unreachable; exposure reads go to the database until it is back");
-                let cache = Self::new(None);
+                let cache = Self::with(None, true);
                 let slot = cache.redis.clone();
                 let url = url.to_owned();
                 tokio::spawn(async move {
@@ -111,10 +128,19 @@ impl ExposureCache {
     /// ends it): until then, their customers are read from the database.
     /// Call it before answering for them.
     pub fn begin_writes(&self, tenant_id: &str, exposures: &[Exposure]) {
-        if exposures.is_empty() || !self.enabled() {
+        // Noted even while Redis is away: it may be back before a write
+        // lands.
+        if exposures.is_empty() || !self.configured {
             return;
         }
         let mut writing = self.writing();
+        if writing.len() >= MAX_NOTED_WRITES {
+            tracing::warn!(
+                noted = writing.len(),
+                "too many exposure snapshots not yet in the cache; forgetting which"
+            );
+            writing.clear();
+        }
         for exposure in exposures {
             let version = writing
                 .entry(Self::key(tenant_id, &exposure.customer_id.to_string()))
@@ -163,14 +189,14 @@ impl ExposureCache {
     }
 
     /// Stores each of `exposures` unless a newer version of it is already
-    /// cached: one pipelined round trip. Then ends the writes
-    /// [`Self::begin_writes`] noted up to these versions, whether or not
-    /// Redis took them.
+    /// cached: one pipelined round trip. When Redis took them, ends the
+    /// notes of [`Self::begin_writes`] up to these versions; otherwise the
+    /// notes stay, and reads of those customers keep going to the database
+    /// (whose read writes the snapshot again).
     pub async fn put_all(&self, tenant_id: &str, exposures: &[Exposure]) {
-        if exposures.is_empty() {
+        if exposures.is_empty() || !self.write_all(tenant_id, exposures).await {
             return;
         }
-        self.write_all(tenant_id, exposures).await;
         let mut writing = self.writing();
         if writing.is_empty() {
             return;
@@ -186,9 +212,10 @@ impl ExposureCache {
         }
     }
 
-    async fn write_all(&self, tenant_id: &str, exposures: &[Exposure]) {
+    /// Whether Redis took the write.
+    async fn write_all(&self, tenant_id: &str, exposures: &[Exposure]) -> bool {
         let Some(mut redis) = self.connection() else {
-            return;
+            return false;
         };
         let invocations: Vec<redis::ScriptInvocation<'_>> = exposures
             .iter()
@@ -213,8 +240,12 @@ impl ExposureCache {
             .query_async::<()>(&mut redis)
             .instrument(o2c_kit::cache::span("EVALSHA"))
             .await;
-        if let Err(error) = result {
-            tracing::warn!(%error, "exposure cache write failed");
+        match result {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "exposure cache write failed");
+                false
+            }
         }
     }
 }
@@ -265,5 +296,22 @@ mod tests {
         assert_eq!(cache.get(&tenant, &id).await, None);
         cache.put_all(&tenant, &[snapshot(customer, 7)]).await;
         assert_eq!(cache.get(&tenant, &id).await, Some(snapshot(customer, 7)));
+    }
+
+    #[tokio::test]
+    async fn a_note_stays_until_redis_has_taken_the_write() {
+        // A Redis that is configured but not there: every write fails.
+        let cache = ExposureCache::connect("redis://127.0.0.1:1").await;
+        assert!(!cache.enabled());
+        let customer = CustomerId::new();
+        let key = ExposureCache::key("t1", &customer.to_string());
+        cache.begin_writes("t1", &[snapshot(customer, 3)]);
+        cache.put_all("t1", &[snapshot(customer, 3)]).await;
+        assert_eq!(cache.writing().get(&key), Some(&3));
+
+        // No Redis configured at all: nothing to note.
+        let none = ExposureCache::new(None);
+        none.begin_writes("t1", &[snapshot(customer, 3)]);
+        assert!(none.writing().is_empty());
     }
 }
