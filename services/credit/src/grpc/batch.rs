@@ -227,8 +227,8 @@ pub struct Batcher {
     one_at_a_time: tokio::sync::Mutex<()>,
     together: AtomicU64,
     one_by_one: AtomicU64,
-    /// Set-wise batches begun and the checks they held.
-    batches: AtomicU64,
+    /// The checks set-wise batches were given (the batches are the times
+    /// their `begin` was timed).
     batched: AtomicU64,
     /// [`Timings::micros`] and [`Timings::counts`].
     micros: [AtomicU64; STEPS],
@@ -244,7 +244,6 @@ impl Batcher {
             one_at_a_time: tokio::sync::Mutex::new(()),
             together: AtomicU64::default(),
             one_by_one: AtomicU64::default(),
-            batches: AtomicU64::default(),
             batched: AtomicU64::default(),
             micros: Default::default(),
             counts: Default::default(),
@@ -272,7 +271,7 @@ impl Batcher {
     /// Where set-wise batches spent their time so far.
     pub fn timings(&self) -> Timings {
         Timings {
-            batches: self.batches.load(Ordering::Relaxed),
+            batches: self.counts[Step::Begin as usize].load(Ordering::Relaxed),
             checks: self.batched.load(Ordering::Relaxed),
             micros: std::array::from_fn(|i| self.micros[i].load(Ordering::Relaxed)),
             counts: std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed)),
@@ -561,7 +560,6 @@ impl CreditApi {
         spare: &mut Option<DatabaseTransaction>,
     ) -> Left {
         let tenant = key.0.as_str();
-        self.batcher.batches.fetch_add(1, Ordering::Relaxed);
         self.batcher
             .batched
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
