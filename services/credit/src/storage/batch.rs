@@ -10,42 +10,14 @@ use o2c_kit::idempotency;
 use o2c_money::ids::CustomerId;
 use sea_orm::entity::prelude::*;
 use sea_orm::sea_query::{
-    Alias, CaseStatement, CommonTableExpression, ExprTrait, Func, InsertStatement, LockBehavior,
-    LockType, Query, SelectStatement, UnionType, UpdateStatement, WithClause,
+    Alias, CaseStatement, CommonTableExpression, ExprTrait, Func, InsertStatement, Query,
+    SelectStatement, UnionType, UpdateStatement, WithClause,
 };
-use sea_orm::{ConnectionTrait, DbBackend, QueryOrder, QuerySelect, QueryTrait};
+use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, Iterable, QueryTrait};
 
-use super::entities::{account, alert, decision, hold, receivable, reservation};
+use super::entities::{account, alert, checked_order, decision, hold, receivable, reservation};
 use super::{Account, Alert, Decision, Hold, to_account};
 use crate::domain::CreditError;
-
-/// The accounts of `customers` that are not members of a group, by
-/// customer, each row locked for the caller's transaction (on PostgreSQL;
-/// SQLite admits one writer at a time). A row another transaction holds
-/// is skipped rather than waited for, so a batch never waits for a lock
-/// while holding others and is never part of a deadlock. A customer
-/// missing here has no account, is a member of a group, or was busy: its
-/// checks are decided one by one.
-pub async fn lock_accounts(
-    conn: &impl ConnectionTrait,
-    tenant_id: &str,
-    customers: &[CustomerId],
-) -> Result<HashMap<CustomerId, Account>, ApiError> {
-    if customers.is_empty() {
-        return Ok(HashMap::new());
-    }
-    account::Entity::find()
-        .filter(account::Column::TenantId.eq(tenant_id))
-        .filter(account::Column::CustomerId.is_in(customers.iter().map(ToString::to_string)))
-        .filter(account::Column::ParentAccountId.is_null())
-        .order_by_asc(account::Column::Id)
-        .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
-        .all(conn)
-        .await?
-        .into_iter()
-        .map(|row| to_account(row).map(|a| (a.exposure.customer_id, a)))
-        .collect()
-}
 
 /// What each of `orders` was checked into before, by order: a reservation
 /// (in any state, which tells more than a hold) or a hold. One statement
@@ -67,56 +39,97 @@ pub async fn orders_checked(
     Ok(checked)
 }
 
-/// What a batch reads once it holds its accounts' row locks, in one
-/// statement: the idempotency records of `keys` in `scope`, what each of
-/// `orders` was checked into before ([`orders_checked`]), and the due date
-/// of the oldest open receivable of each of `accounts` that has one. Read
-/// after the locks, it sees everything committed before them: a hold of one
-/// of the orders by another replica, or an invoice that changed an account
-/// together with its receivables.
-pub async fn read_after_lock(
+/// Everything a batch of credit checks decides on, in one statement and so
+/// in one snapshot, without locks: the accounts of `customers` in
+/// `tenant_id` that are not members of a group (a customer missing there
+/// has no account or is a member: its checks are decided one by one), the
+/// idempotency records of `keys` in `scope`, what each of `orders` was
+/// checked into before ([`orders_checked`]), and the due date of the oldest
+/// open receivable of each of those accounts. What commits after that
+/// snapshot and bears on a decision changes an account's version (an
+/// exposure, a limit, a control, a receivable), or collides with a row the
+/// batch inserts (an idempotency key, a reservation, a hold): the batch's
+/// write ([`write_all`]) then fails as a whole.
+///
+/// One `UNION ALL`: the accounts' rows first (their columns give the
+/// union its column types), then each other kind of row with the account
+/// columns empty.
+pub async fn read_all(
     conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    customers: &[CustomerId],
     scope: &str,
     keys: &[&str],
-    tenant_id: &str,
     orders: &[&str],
-    accounts: &[String],
-) -> Result<Found, ApiError> {
+) -> Result<(HashMap<CustomerId, Account>, Found), ApiError> {
     let mut found = Found::default();
-    if keys.is_empty() && orders.is_empty() && accounts.is_empty() {
-        return Ok(found);
+    if customers.is_empty() && keys.is_empty() && orders.is_empty() {
+        return Ok((HashMap::new(), found));
     }
+    let accounts_of = |query: &mut SelectStatement| {
+        query
+            .from(account::Entity)
+            .and_where(account::Column::TenantId.eq(tenant_id))
+            .and_where(account::Column::CustomerId.is_in(customers.iter().map(ToString::to_string)))
+            .and_where(account::Column::ParentAccountId.is_null());
+    };
     let no_due = || Expr::val(Option::<NaiveDate>::None);
+    let no_bytes = || Expr::val(Option::<Vec<u8>>::None);
+    // Every other kind of row leaves the account columns empty.
+    let no_account = |query: &mut SelectStatement| {
+        for _ in account::Column::iter() {
+            query.expr(Expr::cust("NULL"));
+        }
+    };
+    let mut query = Query::select();
+    query
+        .expr_as(Expr::col(account::Column::Id), Alias::new(KEY))
+        .expr_as(no_bytes(), Alias::new("request"))
+        .expr_as(no_bytes(), Alias::new("response"))
+        .expr_as(Expr::val(ACCOUNT), Alias::new(KIND))
+        .expr_as(no_due(), Alias::new(DUE))
+        .columns(account::Column::iter());
+    accounts_of(&mut query);
+    let mut recorded = idempotency::recorded_query(scope, keys);
+    recorded
+        .expr_as(Expr::val(KEY), Alias::new(KIND))
+        .expr_as(no_due(), Alias::new(DUE));
     let (mut reserved, mut held) = checked_queries(tenant_id, orders);
     reserved.expr_as(no_due(), Alias::new(DUE));
     held.expr_as(no_due(), Alias::new(DUE));
-    let mut query = idempotency::recorded_query(scope, keys)
-        .expr_as(Expr::val(KEY), Alias::new(KIND))
-        .expr_as(no_due(), Alias::new(DUE))
+    let mut ids = Query::select();
+    ids.column(account::Column::Id);
+    accounts_of(&mut ids);
+    let mut due = Query::select()
+        .expr_as(Expr::col(receivable::Column::AccountId), Alias::new(KEY))
+        .expr_as(no_bytes(), Alias::new("request"))
+        .expr_as(no_bytes(), Alias::new("response"))
+        .expr_as(Expr::val(DUE), Alias::new(KIND))
+        .expr_as(
+            Func::min(Expr::col(receivable::Column::DueDate)),
+            Alias::new(DUE),
+        )
+        .from(receivable::Entity)
+        .and_where(Expr::col(receivable::Column::AccountId).in_subquery(ids))
+        .and_where(receivable::Column::OpenMinor.gt(0))
+        .and_where(receivable::Column::DueDate.is_not_null())
+        .group_by_col(receivable::Column::AccountId)
+        .to_owned();
+    for other in [&mut recorded, &mut reserved, &mut held, &mut due] {
+        no_account(other);
+    }
+    query
+        .union(UnionType::All, recorded)
         .union(UnionType::All, reserved)
         .union(UnionType::All, held)
-        .to_owned();
-    if !accounts.is_empty() {
-        let due = Query::select()
-            .expr_as(Expr::col(receivable::Column::AccountId), Alias::new(KEY))
-            .expr_as(Expr::val(Option::<Vec<u8>>::None), Alias::new("request"))
-            .expr_as(Expr::val(Option::<Vec<u8>>::None), Alias::new("response"))
-            .expr_as(Expr::val(DUE), Alias::new(KIND))
-            .expr_as(
-                Func::min(Expr::col(receivable::Column::DueDate)),
-                Alias::new(DUE),
-            )
-            .from(receivable::Entity)
-            .and_where(receivable::Column::AccountId.is_in(accounts.iter().cloned()))
-            .and_where(receivable::Column::OpenMinor.gt(0))
-            .and_where(receivable::Column::DueDate.is_not_null())
-            .group_by_col(receivable::Column::AccountId)
-            .to_owned();
-        query.union(UnionType::All, due);
-    }
+        .union(UnionType::All, due);
+    let mut accounts = HashMap::new();
     for row in conn.query_all(&query).await? {
         let kind: String = row.try_get("", KIND)?;
-        if kind == KEY {
+        if kind == ACCOUNT {
+            let account = to_account(account::Model::from_query_result(&row, "")?)?;
+            accounts.insert(account.exposure.customer_id, account);
+        } else if kind == KEY {
             let (key, record) = idempotency::Recorded::from_row(&row)?;
             found.recorded.insert(key, record);
         } else if kind == DUE {
@@ -128,10 +141,10 @@ pub async fn read_after_lock(
             add_checked(&mut found.checked, &row)?;
         }
     }
-    Ok(found)
+    Ok((accounts, found))
 }
 
-/// What [`read_after_lock`] found.
+/// What [`read_all`] found besides the accounts.
 #[derive(Debug, Default)]
 pub struct Found {
     /// Idempotency records, by key.
@@ -142,10 +155,11 @@ pub struct Found {
     pub oldest_due: HashMap<String, NaiveDate>,
 }
 
-/// The column telling what a row of [`read_after_lock`] is: an idempotency
-/// record ([`KEY`]), a reservation, a hold or an account's oldest due date
-/// ([`DUE`], also the column that date is in).
+/// The column telling what a row of [`read_all`] is: an account
+/// ([`ACCOUNT`]), an idempotency record ([`KEY`]), a reservation, a hold or
+/// an account's oldest due date ([`DUE`], also the column that date is in).
 const KIND: &str = "kind";
+const ACCOUNT: &str = "account";
 const KEY: &str = "key";
 const DUE: &str = "due";
 const RESERVED: &str = "reserved";
@@ -215,15 +229,18 @@ fn add_checked(
 /// version as the batch left them, provided each row still has the version
 /// it was read with (paired with it here), then `rows` and the `more`
 /// inserts (idempotency records, events). Err when an account changed
-/// meanwhile, which the row lock rules out on PostgreSQL: the caller rolls
-/// back.
+/// since it was read, or another transaction inserted one of the same
+/// keys, reservations or holds first.
 ///
-/// On PostgreSQL this is one statement, whatever the batch holds: the
-/// update and every insert are data-modifying CTEs, each of which runs
-/// exactly once whether or not the final `SELECT` (the count of accounts
-/// written) reads it. A batch's writes thus cost one round trip rather than
-/// one per table. SQLite has no such CTEs, and runs in process: one
-/// statement each there.
+/// On PostgreSQL this is one statement, whatever the batch holds, and it
+/// needs no transaction around it: the update and every insert are
+/// data-modifying CTEs, each of which runs exactly once, and the final
+/// `SELECT` fails the statement, and so undoes all of them, unless the
+/// update wrote every account. (The update waits for a row another
+/// transaction is writing and then checks the version of the row that
+/// transaction left.) A batch's writes thus cost one round trip, commit
+/// included. SQLite has no such CTEs, and runs in process: one statement
+/// each there, in the caller's transaction, which rolls back on Err.
 pub async fn write_all(
     conn: &impl ConnectionTrait,
     accounts: &[(i64, &Account)],
@@ -250,8 +267,17 @@ pub async fn write_all(
                         .table_name(written.clone())
                         .to_owned(),
                 );
+                // Not a constant in the `ELSE`, which PostgreSQL would
+                // fold (and fail) when planning.
+                let expected = accounts.len();
                 select
-                    .expr_as(Expr::cust("COUNT(*)"), written.clone())
+                    .expr_as(
+                        Expr::cust(format!(
+                            "CASE WHEN COUNT(*) = {expected} THEN COUNT(*) \
+                             ELSE CAST('credit accounts changed since read: ' || COUNT(*) AS BIGINT) END"
+                        )),
+                        written.clone(),
+                    )
                     .from(written);
             }
             None => {
@@ -332,6 +358,8 @@ fn accounts_update(accounts: &[(i64, &Account)], now: DateTime<Utc>) -> Option<U
 /// The rows a batch of credit checks adds.
 #[derive(Debug, Default)]
 pub struct Rows {
+    /// One per order checked into a reservation or a hold.
+    pub checked: Vec<checked_order::Model>,
     pub reservations: Vec<reservation::Model>,
     pub holds: Vec<Hold>,
     pub alerts: Vec<Alert>,
@@ -339,9 +367,8 @@ pub struct Rows {
 }
 
 impl Rows {
-    /// One insert per table that has rows. A reservation or hold of an
-    /// order that another transaction checked meanwhile fails it with a
-    /// unique violation: the caller rolls back.
+    /// One insert per table that has rows. An order that another
+    /// transaction checked meanwhile fails it with a unique violation.
     fn inserts(self) -> Vec<InsertStatement> {
         fn insert<A: ActiveModelTrait>(
             rows: impl ExactSizeIterator<Item = A>,
@@ -349,6 +376,11 @@ impl Rows {
             (rows.len() > 0).then(|| A::Entity::insert_many(rows).into_query())
         }
         [
+            insert(
+                self.checked
+                    .into_iter()
+                    .map(checked_order::ActiveModel::from),
+            ),
             insert(
                 self.reservations
                     .into_iter()

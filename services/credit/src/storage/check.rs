@@ -176,8 +176,9 @@ pub async fn alerts_after_change(
 }
 
 /// Checks an order of `amount` for `customer` (whose account may be
-/// missing) and reserves it on approval. A non-approved order gets a hold
-/// when `create_hold` (first checks do; re-checks of a hold do not).
+/// missing) and reserves it on approval. A `first_check` (a re-check of a
+/// hold is not) marks the order as checked unless it is blocked
+/// ([`super::claim_order`]), and puts a non-approved order on hold.
 #[allow(clippy::too_many_arguments)]
 pub async fn check_order(
     conn: &impl ConnectionTrait,
@@ -188,7 +189,7 @@ pub async fn check_order(
     order_id: &str,
     client_reference: &str,
     amount: Money,
-    create_hold: bool,
+    first_check: bool,
 ) -> Result<Checked, ApiError> {
     let amount_minor = amount.minor_units();
     let Some(account) = account else {
@@ -223,6 +224,9 @@ pub async fn check_order(
     };
     let (outcome, reasons, state, reserved) =
         evaluate_and_reserve(conn, ctx, account, amount_minor).await?;
+    if first_check && outcome != Outcome::Block {
+        super::claim_order(conn, tenant_id, order_id, ctx.now).await?;
+    }
     let mut alerts = Vec::new();
     // A reservation changed the account, and its write returned it as it
     // is now. Otherwise it is as the decision saw it.
@@ -244,7 +248,7 @@ pub async fn check_order(
     } else {
         None
     };
-    let hold = if outcome == Outcome::Hold && create_hold {
+    let hold = if outcome == Outcome::Hold && first_check {
         let hold =
             super::insert_hold(conn, &after, order_id, amount_minor, &reasons, ctx.now).await?;
         let alert = hold_alert_row(ctx, &after, order_id, &reasons);

@@ -165,6 +165,27 @@ pub mod hold {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod checked_order {
+    use sea_orm::entity::prelude::*;
+
+    /// An order checked into a reservation or a hold: one row per order,
+    /// whichever replica and path checked it, so the database refuses a
+    /// second first check of an order even when two transactions decided
+    /// it at once (their reservation and hold are in different tables).
+    #[sea_orm::model]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "credit_checked_orders")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub order_id: String,
+        pub created_at: DateTimeUtc,
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 pub mod limit_change {
     use sea_orm::entity::prelude::*;
 

@@ -3,8 +3,8 @@
 use sea_orm_migration::prelude::*;
 
 use super::entities::{
-    account, alert, decision, hold, limit_change, payment_behaviour, receivable, reservation,
-    risk_facts, risk_score,
+    account, alert, checked_order, decision, hold, limit_change, payment_behaviour, receivable,
+    reservation, risk_facts, risk_score,
 };
 
 pub struct Migrator;
@@ -18,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateLedger),
             Box::new(o2c_kit::outbox::InboxIndex),
             Box::new(DecisionReference),
+            Box::new(CheckedOrders),
         ]
     }
 }
@@ -128,5 +129,42 @@ impl MigrationTrait for DecisionReference {
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         o2c_kit::db::drop_column_for(manager, decision::Entity, decision::Column::ClientReference)
             .await
+    }
+}
+
+/// One row per checked order (`entities::checked_order`), filled from the
+/// reservations and holds already there.
+struct CheckedOrders;
+
+impl MigrationName for CheckedOrders {
+    fn name(&self) -> &str {
+        "m20261205_000002_credit_checked_orders"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CheckedOrders {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::create_table_for(manager, checked_order::Entity).await?;
+        // An order released from its hold into a reservation has both: one
+        // row, from the earlier.
+        let checked = |table: &str| format!("SELECT tenant_id, order_id, created_at FROM {table}");
+        manager
+            .get_connection()
+            .execute_unprepared(&format!(
+                "INSERT INTO credit_checked_orders (tenant_id, order_id, created_at) \
+                 SELECT tenant_id, order_id, MIN(created_at) FROM ({} UNION ALL {}) AS checked \
+                 WHERE NOT EXISTS (SELECT 1 FROM credit_checked_orders c \
+                   WHERE c.tenant_id = checked.tenant_id AND c.order_id = checked.order_id) \
+                 GROUP BY tenant_id, order_id",
+                checked("credit_reservations"),
+                checked("credit_holds"),
+            ))
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        o2c_kit::db::drop_table_for(manager, checked_order::Entity).await
     }
 }

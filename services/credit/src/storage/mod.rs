@@ -35,7 +35,9 @@ use sea_orm::sea_query::ExprTrait;
 use sea_orm::{ConnectionTrait, QueryOrder, QuerySelect};
 
 use crate::domain::{AccountState, CreditError, Exposure, Group, Outcome, Reason};
-use entities::{account, alert, decision, hold, limit_change, receivable, reservation};
+use entities::{
+    account, alert, checked_order, decision, hold, limit_change, receivable, reservation,
+};
 
 pub const STATE_OPEN: &str = "OPEN";
 pub const STATE_CONVERTED: &str = "CONVERTED";
@@ -1114,6 +1116,42 @@ pub async fn insert_hold(
         Err(error) if o2c_kit::db::is_unique_violation(&error) => {
             Err(CreditError::OrderHeld(order_id.to_owned()).into())
         }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// The row that marks `order_id` as checked.
+pub fn checked_order_row(
+    tenant_id: &str,
+    order_id: &str,
+    now: DateTime<Utc>,
+) -> checked_order::Model {
+    checked_order::Model {
+        tenant_id: tenant_id.to_owned(),
+        order_id: order_id.to_owned(),
+        created_at: now,
+    }
+}
+
+/// Marks `order_id` as checked, the first time it is checked into a
+/// reservation or a hold. Aborted when another transaction marked it
+/// first: it checked the order while this one did (a retry is answered
+/// with what that check made of it).
+pub async fn claim_order(
+    conn: &impl ConnectionTrait,
+    tenant_id: &str,
+    order_id: &str,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let row = checked_order_row(tenant_id, order_id, now);
+    match checked_order::Entity::insert(checked_order::ActiveModel::from(row))
+        .exec_without_returning(conn)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(error) if o2c_kit::db::is_unique_violation(&error) => Err(ApiError::Aborted(format!(
+            "order {order_id} was checked concurrently; retry"
+        ))),
         Err(error) => Err(error.into()),
     }
 }

@@ -598,10 +598,113 @@ async fn client_reference_migrates_both_ways(backend: Backend) {
             .unwrap()
     };
     assert!(has(conn.clone()).await);
-    Migrator::down(&conn, Some(1)).await.unwrap();
+    // This migration and the one after it.
+    Migrator::down(&conn, Some(2)).await.unwrap();
     assert!(!has(conn.clone()).await);
     Migrator::up(&conn, None).await.unwrap();
     assert!(has(conn.clone()).await);
+}
+
+/// The table of checked orders is filled, when it is created, from the
+/// reservations and holds already there: one row per order, from the
+/// earlier of an order's hold and the reservation it was released into.
+async fn checked_orders_migrate_both_ways(backend: Backend) {
+    use o2c_credit::storage::entities::{checked_order, hold, reservation};
+    use o2c_credit::storage::migrations::Migrator;
+    use sea_orm::{ActiveModelTrait, EntityTrait, QueryOrder};
+    use sea_orm_migration::MigratorTrait;
+    use sea_orm_migration::SchemaManager;
+    let Some(db) = o2c_testkit::database(backend, "credit_checked_migration").await else {
+        return;
+    };
+    let conn = o2c_kit::db::connect_and_migrate::<Migrator>(&db.url)
+        .await
+        .unwrap();
+    Migrator::down(&conn, Some(1)).await.unwrap();
+    assert!(
+        !SchemaManager::new(&conn)
+            .has_table("credit_checked_orders")
+            .await
+            .unwrap()
+    );
+    let at = |minutes: i64| {
+        chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+            .unwrap()
+            .to_utc()
+            + chrono::Duration::minutes(minutes)
+    };
+    let reservation = |order: &str, created: i64| reservation::Model {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: TENANT.into(),
+        account_id: "account-1".into(),
+        customer_id: "customer-1".into(),
+        order_id: order.into(),
+        amount_minor: 100,
+        state: "OPEN".into(),
+        invoice_id: None,
+        created_at: at(created),
+        expires_at: at(created + 60),
+        resolved_at: None,
+    };
+    let hold = |order: &str, created: i64| hold::Model {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: TENANT.into(),
+        account_id: "account-1".into(),
+        customer_id: "customer-1".into(),
+        order_id: order.into(),
+        amount_minor: 100,
+        reasons: "OVER_LIMIT".into(),
+        state: "RELEASED".into(),
+        created_at: at(created),
+        resolved_at: None,
+        resolved_by: None,
+        resolution_reason: None,
+        reservation_id: None,
+    };
+    // Held, then released into a reservation; reserved; held.
+    hold::ActiveModel::from(hold("released", 1))
+        .insert(&conn)
+        .await
+        .unwrap();
+    reservation::ActiveModel::from(reservation("released", 5))
+        .insert(&conn)
+        .await
+        .unwrap();
+    reservation::ActiveModel::from(reservation("reserved", 2))
+        .insert(&conn)
+        .await
+        .unwrap();
+    hold::ActiveModel::from(hold("held", 3))
+        .insert(&conn)
+        .await
+        .unwrap();
+    Migrator::up(&conn, None).await.unwrap();
+    let rows: Vec<(String, chrono::DateTime<chrono::Utc>)> = checked_order::Entity::find()
+        .order_by_asc(checked_order::Column::OrderId)
+        .all(&conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| (row.order_id, row.created_at))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("held".into(), at(3)),
+            ("released".into(), at(1)),
+            ("reserved".into(), at(2)),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn checked_orders_migrate_both_ways_on_sqlite() {
+    checked_orders_migrate_both_ways(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn checked_orders_migrate_both_ways_on_postgres() {
+    checked_orders_migrate_both_ways(Backend::Postgres).await;
 }
 
 #[tokio::test]
@@ -643,17 +746,20 @@ async fn a_batch_read_stays_on_the_index_as_its_table_grows_postgres() {
         async move { txn.execute_unprepared(&insert).await.unwrap() }
     };
     add_keys("early", 20).await;
+    let customer: o2c_money::ids::CustomerId =
+        "0193a4b2-7c1d-7e3f-8a9b-0c1d2e3f4a5b".parse().unwrap();
     let read = || async {
-        o2c_credit::storage::batch::read_after_lock(
+        o2c_credit::storage::batch::read_all(
             &txn,
+            TENANT,
+            &[customer],
             scope,
             &["early-1", "early-2"],
-            TENANT,
             &["order-1", "order-2"],
-            &[],
         )
         .await
         .unwrap()
+        .1
     };
     for _ in 0..10 {
         assert_eq!(read().await.recorded.len(), 2);
