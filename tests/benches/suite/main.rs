@@ -314,20 +314,23 @@ async fn main() {
         }
     };
     let raw_db = database("bench_raw").await;
-    let version = {
+    let (version, autovacuum) = {
         use sea_orm::ConnectionTrait;
         let db = sea_orm::Database::connect(&plain_on_loopback(&raw_db.url))
             .await
             .unwrap();
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                db.get_database_backend(),
-                "SHOW server_version",
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        row.try_get::<String>("", "server_version").unwrap()
+        let show = async |setting: &str| {
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    format!("SHOW {setting}"),
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get::<String>("", setting).unwrap()
+        };
+        (show("server_version").await, show("autovacuum").await)
     };
     let transport = if plain_on_loopback(&raw_db.url).contains("sslmode=disable") {
         "no TLS on loopback"
@@ -335,8 +338,8 @@ async fn main() {
         "TLS as its URL says"
     };
     println!(
-        "O2C suite benchmark: {}; PostgreSQL {version} ({transport}), Redis; \
-         {clients} clients, {spread} customers, {}s phases, each after a CHECKPOINT",
+        "O2C suite benchmark: {}; PostgreSQL {version} ({transport}, autovacuum {autovacuum}), Redis; \
+         {clients} clients, {spread} customers, {}s phases, each after VACUUM ANALYZE and a CHECKPOINT",
         machine(),
         phase.as_secs()
     );
@@ -434,9 +437,24 @@ async fn main() {
             }
         })
     };
+    // Before each phase every database is vacuumed and analyzed, as
+    // autovacuum keeps a production server (this machine's PostgreSQL runs
+    // without it, and planned the batch's reads on tables it had never
+    // analyzed), then a checkpoint.
+    let mut tidy = Vec::new();
+    for url in std::iter::once(plain_on_loopback(&raw_db.url)).chain(urls.values().cloned()) {
+        tidy.push(sea_orm::Database::connect(url).await.unwrap());
+    }
+    let tidy = Arc::new(tidy);
     let checkpoint = || {
-        let raw = raw.clone();
+        let (raw, tidy) = (raw.clone(), tidy.clone());
         async move {
+            use sea_orm::ConnectionTrait;
+            for db in tidy.iter() {
+                if let Err(error) = db.execute_unprepared("VACUUM ANALYZE").await {
+                    eprintln!("  (no VACUUM ANALYZE before the phase: {error})");
+                }
+            }
             if let Err(error) = raw.checkpoint().await {
                 eprintln!("  (no CHECKPOINT before the phase: {error})");
             }
