@@ -12,11 +12,16 @@
 //! interleaving of concurrent checks can approve past a limit. Rows are
 //! always locked parent first, then child, so group updates cannot deadlock.
 //!
-//! A batch of credit checks (`batch`) decides set-wise instead: it locks
-//! its accounts first (`FOR UPDATE SKIP LOCKED`), decides each order in
-//! memory on the locked rows with the same condition ([`fits`]), and
-//! writes each account once, guarded by the version it read. Members of
-//! groups are left to the conditional statement above.
+//! A batch of credit checks (`batch`) decides set-wise instead: it reads
+//! its accounts without locks, decides each order in memory with the same
+//! condition ([`fits`]), and writes each account once, guarded by the
+//! version it read; the write fails as a whole when one changed since.
+//! Members of groups are left to the conditional statement above.
+//!
+//! # An order is checked once
+//! `credit_checked_orders` has a row per order checked into a reservation
+//! or a hold, inserted with it ([`claim_order`], a batch's write): two
+//! transactions deciding the same order at once cannot both commit.
 
 pub mod batch;
 pub mod cache;
