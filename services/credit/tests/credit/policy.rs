@@ -334,6 +334,94 @@ async fn batch_answers_each_check_on_its_own_postgres() {
     batch_answers_each_check_on_its_own(Backend::Postgres).await;
 }
 
+/// A batch whose write fails loses nothing, and neither does the batch
+/// decided after it on what it decided (on PostgreSQL the next batch is
+/// read and decided while the write is on its way). One order of forty is
+/// marked as checked beforehand, without a reservation or hold, so the
+/// write of the batch that holds it fails on its row: that batch's checks
+/// are decided one by one, where the marked order is refused ABORTED and
+/// every other is decided; a batch decided on the failed one is decided
+/// again. Against a limit of 20.00, exactly twenty of the other 39 orders
+/// of 1.00 are approved, the exposure is theirs, and every check sent
+/// again under its key is answered with its first decision.
+async fn a_failed_write_loses_nothing(backend: Backend) {
+    use o2c_credit::storage::entities::checked_order;
+    use sea_orm::ActiveModelTrait;
+    let Some(mut h) = start(backend, "failed_write").await else {
+        return;
+    };
+    let customer = open_with_limit(&mut h.client, "20.00").await;
+    let db = o2c_kit::db::connect(&h.db.url).await.unwrap();
+    checked_order::ActiveModel::from(o2c_credit::storage::checked_order_row(
+        TENANT,
+        "o-5",
+        chrono::Utc::now(),
+    ))
+    .insert(&db)
+    .await
+    .unwrap();
+    let request = |i: usize| pb::CheckAndReserveRequest {
+        idempotency_key: format!("k-{i}"),
+        tenant_id: TENANT.into(),
+        customer_id: customer.clone(),
+        order_id: format!("o-{i}"),
+        amount: eur("1.00"),
+        client_reference: String::new(),
+    };
+    let before = h.batches.decided();
+    let send = |client: &CreditServiceClient<Channel>| {
+        (0..40)
+            .map(|i| {
+                let (mut client, request) = (client.clone(), request(i));
+                tokio::spawn(async move {
+                    let answer = client.check_and_reserve(request).await;
+                    (i, answer.map(|r| r.into_inner().decision.unwrap()))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut first = std::collections::BTreeMap::new();
+    for task in send(&h.client) {
+        let (i, answer) = task.await.unwrap();
+        match answer {
+            Ok(decision) => {
+                first.insert(i, decision);
+            }
+            Err(status) => {
+                assert_eq!((i, status.code()), (5, Code::Aborted), "{status:?}");
+            }
+        }
+    }
+    assert_eq!(first.len(), 39, "every other order decided");
+    let approved = first
+        .values()
+        .filter(|d| d.decision() == pb::Decision::Approve)
+        .count();
+    assert_eq!(approved, 20);
+    let after = h.batches.decided();
+    assert!(after.1 > before.1, "the failed batch went one by one");
+    let e = assert_consistent(&mut h.client, &customer).await;
+    assert_eq!(amount(&e.reserved), "20.00");
+    for task in send(&h.client) {
+        let (i, answer) = task.await.unwrap();
+        match first.get(&i) {
+            Some(decision) => assert_eq!(&answer.unwrap(), decision, "o-{i}"),
+            None => assert_eq!(answer.unwrap_err().code(), Code::Aborted),
+        }
+    }
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_loses_nothing_sqlite() {
+    a_failed_write_loses_nothing(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_loses_nothing_postgres() {
+    a_failed_write_loses_nothing(Backend::Postgres).await;
+}
+
 /// Two replicas of the service on one database check orders of the same
 /// three customers at once, every order at both (under two keys), each
 /// order of 1.00 against a limit of 10.00. A replica's set-wise write
