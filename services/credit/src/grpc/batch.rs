@@ -324,20 +324,6 @@ impl Batcher {
         }
     }
 
-    /// The checks of `key` waiting for its next batch (up to
-    /// [`MAX_BATCH`], maybe none); its queue stays, for the runner that
-    /// takes them.
-    fn take(&self, key: &Key) -> Vec<Pending> {
-        let mut queues = self.queues();
-        match queues.get_mut(key) {
-            Some(queue) => {
-                let take = queue.len().min(MAX_BATCH);
-                queue.drain(..take).collect()
-            }
-            None => Vec::new(),
-        }
-    }
-
     /// The next batch of `key`; None (and the tenant's queue gone) when
     /// nothing waits.
     fn next(&self, key: &Key) -> Option<Vec<Pending>> {
@@ -445,71 +431,6 @@ struct Planned {
     exposures: Vec<Exposure>,
 }
 
-/// The span of the check that opened a batch: the batch's statements are
-/// in its trace.
-fn opener_of(batch: &[Pending]) -> tracing::Span {
-    batch
-        .first()
-        .map(|p| p.span.clone())
-        .unwrap_or_else(tracing::Span::none)
-}
-
-/// A set-wise batch whose write is on its way; its checks are answered
-/// when it lands.
-struct InFlight {
-    write: tokio::task::JoinHandle<Result<(), ApiError>>,
-    answers: Vec<(Pending, Fate)>,
-    exposures: Vec<Exposure>,
-    opener: tracing::Span,
-}
-
-/// What a set-wise batch decided, before its write.
-struct Plan {
-    /// One per check decided, in order.
-    fates: Vec<Fate>,
-    /// How many checks from there on have no account here.
-    run: usize,
-    /// Each customer's exposure as its last order left it.
-    exposures: Vec<Exposure>,
-    write: Write,
-    /// What the batch leaves for the next one.
-    overlay: Overlay,
-}
-
-/// Everything a set-wise batch writes, in one statement on PostgreSQL
-/// ([`storage::batch::write_all`]).
-struct Write {
-    /// Each changed account with the version it was decided on.
-    changed: Vec<(i64, storage::Account)>,
-    now: chrono::DateTime<chrono::Utc>,
-    rows: storage::batch::Rows,
-    more: Vec<sea_orm::sea_query::InsertStatement>,
-}
-
-impl Write {
-    async fn run(self, conn: &impl ConnectionTrait, batcher: &Batcher) -> Result<(), ApiError> {
-        let started = Instant::now();
-        let changed: Vec<(i64, &storage::Account)> = self
-            .changed
-            .iter()
-            .map(|(read, account)| (*read, account))
-            .collect();
-        storage::batch::write_all(conn, &changed, self.now, self.rows, self.more).await?;
-        record(batcher, Step::Write, started);
-        Ok(())
-    }
-}
-
-/// What a batch decided, as the next batch must see it before the write
-/// lands: each account it read as its orders left it, the idempotency
-/// records of its keys and the orders checked, its own included.
-#[derive(Default)]
-struct Overlay {
-    accounts: HashMap<CustomerId, storage::Account>,
-    recorded: HashMap<String, idempotency::Recorded>,
-    checked: HashMap<String, CreditError>,
-}
-
 /// The exposure each customer was left with by the last of `decided` that
 /// changed it.
 fn latest_exposures<'a>(decided: impl Iterator<Item = &'a Decided>) -> Vec<Exposure> {
@@ -570,7 +491,9 @@ impl CreditApi {
             let api = self.clone();
             tokio::spawn(async move {
                 let _unwind = Unwind(&api.batcher, &key);
-                api.run_lane(&key).await;
+                while let Some(batch) = api.batcher.next(&key) {
+                    api.decide_batch(&key, batch).await;
+                }
             });
         }
         answer
@@ -578,170 +501,32 @@ impl CreditApi {
             .map_err(|_| Status::internal("the credit check's batch ended without an answer"))?
     }
 
-    /// Decides the lane's batches until nothing waits for it. On
-    /// PostgreSQL a batch overlaps the one before it: it is read and
-    /// decided while that one's write is on its way, on what that one
-    /// decided laid over what it read ([`Overlay`]), and its own write goes
-    /// once that one's has landed, so that it finds the versions it was
-    /// decided on. When a write fails, its checks are decided one by one
-    /// and the batch decided on it is decided again.
-    async fn run_lane(&self, key: &Key) {
-        let overlapping = self.db.get_database_backend() == DbBackend::Postgres;
-        let mut flying: Option<(InFlight, Overlay)> = None;
-        loop {
-            let batch = if flying.is_some() {
-                self.batcher.take(key)
-            } else {
-                match self.batcher.next(key) {
-                    Some(batch) => batch,
-                    None => return,
-                }
-            };
-            if !overlapping {
-                self.decide_batch(key, batch).await;
-            } else if batch.is_empty() {
-                // Nothing queued behind the write: land it, then look again.
-                if let Some((flight, _)) = flying.take() {
-                    self.land(&key.0, flight).await;
-                }
-            } else {
-                flying = self.overlap(key, batch, flying.take()).await;
-            }
-        }
-    }
-
-    /// Reads and decides `batch` while the write of the batch `before` it
-    /// lands, and sends its write when every check of it was decided
-    /// set-wise on a `before` that landed. Otherwise `batch` is decided
-    /// again, as [`Self::decide_batch`] decides one (a read more, for a
-    /// batch with group members or customers without an account).
-    async fn overlap(
-        &self,
-        key: &Key,
-        batch: Vec<Pending>,
-        before: Option<(InFlight, Overlay)>,
-    ) -> Option<(InFlight, Overlay)> {
+    async fn decide_batch(&self, key: &Key, batch: Vec<Pending>) {
         let tenant = key.0.as_str();
-        self.record_queued(&batch);
-        let opener = opener_of(&batch);
-        let (flight, overlay) = match before {
-            Some((flight, overlay)) => (Some(flight), Some(overlay)),
-            None => (None, None),
-        };
-        let plan = self
-            .plan_batch(&self.db, tenant, &batch, overlay.as_ref())
-            .instrument(opener.clone());
-        let (landed, plan) = match flight {
-            Some(flight) => tokio::join!(self.land(tenant, flight), plan),
-            None => (true, plan.await),
-        };
-        match plan {
-            Ok(plan) if landed && plan.fates.len() == batch.len() => {
-                Some(self.launch(batch, plan, opener))
-            }
-            Ok(_) | Err(_) => {
-                self.decide_runs(key, batch, &opener).await;
-                None
-            }
-        }
-    }
-
-    /// Sends the write of `plan`, the plan of `batch`.
-    fn launch(
-        &self,
-        batch: Vec<Pending>,
-        plan: Plan,
-        opener: tracing::Span,
-    ) -> (InFlight, Overlay) {
-        let Plan {
-            fates,
-            exposures,
-            write,
-            overlay,
-            ..
-        } = plan;
-        self.batcher
-            .batched
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let (db, batcher) = (self.db.clone(), self.batcher.clone());
-        let write =
-            tokio::spawn(async move { write.run(&db, &batcher).await }.instrument(opener.clone()));
-        let flight = InFlight {
-            write,
-            answers: batch.into_iter().zip(fates).collect(),
-            exposures,
-            opener,
-        };
-        (flight, overlay)
-    }
-
-    /// Waits for the write of `flight`; answers its checks when it landed,
-    /// and decides them one by one when it did not. True when it landed.
-    async fn land(&self, tenant: &str, flight: InFlight) -> bool {
-        let InFlight {
-            write,
-            answers,
-            exposures,
-            opener,
-        } = flight;
-        let landed = match write.await {
-            Ok(Ok(())) => true,
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "a set-wise batch's write failed; deciding its checks one by one");
-                false
-            }
-            // Whether it committed is unknown: the checks read it again.
-            Err(error) => {
-                tracing::warn!(%error, "a set-wise batch's write ended without an outcome; deciding its checks one by one");
-                false
-            }
-        };
-        if landed {
-            self.batcher.count(answers.len(), 0);
-            self.answer_all(tenant, exposures, answers, &opener, Instant::now(), true);
-        } else {
-            self.batcher.count(0, answers.len());
-            let checks = answers.into_iter().map(|(pending, _)| pending).collect();
-            let _turn = self.batcher.one_at_a_time.lock().await;
-            self.decide_each(tenant, checks, &opener).await;
-        }
-        landed
-    }
-
-    /// Records how long each check of `batch` waited to be taken.
-    fn record_queued(&self, batch: &[Pending]) {
         let taken = Instant::now();
-        for pending in batch {
+        for pending in &batch {
             record_took(
                 &self.batcher,
                 Step::Queued,
                 taken.saturating_duration_since(pending.queued),
             );
         }
-    }
-
-    /// Decides `batch` without overlapping another.
-    async fn decide_batch(&self, key: &Key, batch: Vec<Pending>) {
-        self.record_queued(&batch);
-        let opener = opener_of(&batch);
-        self.decide_runs(key, batch, &opener).await;
-    }
-
-    /// Decides `batch` set-wise up to the first check it cannot decide,
-    /// then the run of such checks one by one, then set-wise again from
-    /// there.
-    async fn decide_runs(&self, key: &Key, batch: Vec<Pending>, opener: &tracing::Span) {
-        let tenant = key.0.as_str();
-        // Arrival order holds across the two paths.
+        let opener = batch
+            .first()
+            .map(|p| p.span.clone())
+            .unwrap_or_else(tracing::Span::none);
+        // Arrival order holds across the two paths: set-wise up to the
+        // first check it cannot decide, then the run of such checks one by
+        // one, then set-wise again from there.
         let mut queue = batch;
         while !queue.is_empty() {
             let size = queue.len();
-            let Left { alone, rest } = self.decide_together(key, queue, opener).await;
+            let Left { alone, rest } = self.decide_together(key, queue, &opener).await;
             self.batcher
                 .count(size - alone.len() - rest.len(), alone.len());
             if !alone.is_empty() {
                 let _turn = self.batcher.one_at_a_time.lock().await;
-                self.decide_each(tenant, alone, opener).await;
+                self.decide_each(tenant, alone, &opener).await;
             }
             queue = rest;
         }
@@ -850,32 +635,6 @@ impl CreditApi {
         tenant: &str,
         batch: &[Pending],
     ) -> Result<Planned, ApiError> {
-        let Plan {
-            fates,
-            run,
-            exposures,
-            write,
-            ..
-        } = self.plan_batch(conn, tenant, batch, None).await?;
-        write.run(conn, &self.batcher).await?;
-        Ok(Planned {
-            fates,
-            run,
-            exposures,
-        })
-    }
-
-    /// Reads what `batch` needs and decides its checks in memory up to the
-    /// first one that has no account here (no account, or a member of a
-    /// group), on what it read with `after` laid over it: what the batch
-    /// before it decided, when that one's write may not have landed yet.
-    async fn plan_batch(
-        &self,
-        conn: &impl ConnectionTrait,
-        tenant: &str,
-        batch: &[Pending],
-        after: Option<&Overlay>,
-    ) -> Result<Plan, ApiError> {
         // One tenant, so one scope.
         let scope = batch.first().map_or("", |p| p.check.scope.as_str());
         let keys: Vec<&str> = batch.iter().map(|p| p.check.key.as_str()).collect();
@@ -896,25 +655,6 @@ impl CreditApi {
             },
         ) = storage::batch::read_all(conn, tenant, &customers, scope, &keys, &orders).await?;
         record(&self.batcher, Step::Read, started);
-        if let Some(before) = after {
-            // The newer of what was read and what the batch before left
-            // (not there yet when its write has not landed).
-            for (customer, account) in &before.accounts {
-                if let Some(read) = accounts.get_mut(customer)
-                    && read.exposure.version < account.exposure.version
-                {
-                    *read = account.clone();
-                }
-            }
-            for (key, found) in &before.recorded {
-                recorded.entry(key.clone()).or_insert_with(|| found.clone());
-            }
-            for (order, error) in &before.checked {
-                checked_before
-                    .entry(order.clone())
-                    .or_insert_with(|| error.clone());
-            }
-        }
         let started = Instant::now();
         let read_versions: HashMap<CustomerId, i64> = accounts
             .iter()
@@ -1005,11 +745,11 @@ impl CreditApi {
                 counted: Some((checked.outcome.code(), reasons)),
             })));
         }
-        let changed: Vec<(i64, storage::Account)> = accounts
+        let changed: Vec<(i64, &storage::Account)> = accounts
             .iter()
             .filter_map(|(customer, account)| {
                 let read = read_versions.get(customer).copied()?;
-                (read != account.exposure.version).then(|| (read, account.clone()))
+                (read != account.exposure.version).then_some((read, account))
             })
             .collect();
         let exposures = latest_exposures(fates.iter().filter_map(|fate| match fate {
@@ -1022,21 +762,20 @@ impl CreditApi {
             o2c_kit::outbox::insert_all(&self.subscribers, events, ctx.now),
         ];
         record(&self.batcher, Step::Decide, started);
-        Ok(Plan {
+        let started = Instant::now();
+        storage::batch::write_all(
+            conn,
+            &changed,
+            ctx.now,
+            rows,
+            more.into_iter().flatten().collect(),
+        )
+        .await?;
+        record(&self.batcher, Step::Write, started);
+        Ok(Planned {
             fates,
             run,
             exposures,
-            write: Write {
-                changed,
-                now: ctx.now,
-                rows,
-                more: more.into_iter().flatten().collect(),
-            },
-            overlay: Overlay {
-                accounts,
-                recorded,
-                checked: checked_before,
-            },
         })
     }
 

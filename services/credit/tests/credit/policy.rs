@@ -334,16 +334,14 @@ async fn batch_answers_each_check_on_its_own_postgres() {
     batch_answers_each_check_on_its_own(Backend::Postgres).await;
 }
 
-/// A batch whose write fails loses nothing, and neither does the batch
-/// decided after it on what it decided (on PostgreSQL the next batch is
-/// read and decided while the write is on its way). One order of forty is
-/// marked as checked beforehand, without a reservation or hold, so the
-/// write of the batch that holds it fails on its row: that batch's checks
-/// are decided one by one, where the marked order is refused ABORTED and
-/// every other is decided; a batch decided on the failed one is decided
-/// again. Against a limit of 20.00, exactly twenty of the other 39 orders
-/// of 1.00 are approved, the exposure is theirs, and every check sent
-/// again under its key is answered with its first decision.
+/// A batch whose write fails loses nothing. One order of forty is marked
+/// as checked beforehand, without a reservation or hold, so the write of
+/// the batch that holds it fails on its row and writes nothing: that
+/// batch's checks are decided one by one, where the marked order is
+/// refused ABORTED and every other is decided. Against a limit of 20.00,
+/// exactly twenty of the other 39 orders of 1.00 are approved, the
+/// exposure is theirs, and every check sent again under its key is
+/// answered with its first decision.
 async fn a_failed_write_loses_nothing(backend: Backend) {
     use o2c_credit::storage::entities::checked_order;
     use sea_orm::ActiveModelTrait;
