@@ -14,15 +14,16 @@
 //!    the orders before it left it ([`check::plan_order`], the policy of
 //!    [`check::check_order`]);
 //! 3. one statement, a transaction of its own, writes every account it
-//!    changed, guarded by the version it read, and inserts the
-//!    reservations, holds, alerts, decisions, idempotency records and
-//!    `ExposureChanged` events (one per customer, with its exposure after
-//!    its last order) as data-modifying CTEs
+//!    decided an order on (as its orders left it, or as read when it only
+//!    held or blocked them), guarded by the version it read, and inserts
+//!    the checked orders, reservations, holds, alerts, decisions,
+//!    idempotency records and `ExposureChanged` events (one per customer,
+//!    with its exposure after its last order) as data-modifying CTEs
 //!    ([`storage::batch::write_all`]). It fails as a whole, and commits
-//!    nothing, when an account it writes changed since the read (another
-//!    replica's check, an invoice, a limit: everything a decision rests on
-//!    changes the version) or another transaction inserted one of its
-//!    keys, reservations or holds first;
+//!    nothing, when one of those accounts changed since the read (another
+//!    replica's check, an invoice, a payment, a limit: everything a
+//!    decision rests on changes the version) or another transaction
+//!    inserted one of its keys or checked one of its orders first;
 //! 4. then, in a task of its own so the next batch need not wait for
 //!    Redis, the answers and one pipelined cache write (reads of those
 //!    customers go to the database until it lands: `storage::cache`).
@@ -33,7 +34,8 @@
 //!
 //! What this does not decide goes through [`CreditApi::decide_each`], one
 //! order after another in one transaction, each at its own savepoint: the
-//! orders of group members (whose check needs the parent's row) and of
+//! orders of group members (whose check needs the parent's row), of
+//! parents of groups (whose rows their members' checks change) and of
 //! customers without an account, and the whole batch whenever the
 //! set-wise write fails (another replica that changed one of its accounts
 //! or checked one of its orders or keys first). That path reads everything
@@ -421,7 +423,8 @@ fn log_decision(outcome: &'static str, reasons: &str) {
     o2c_kit::telemetry::annotate("credit.policy", domain::POLICY_VERSION);
 }
 
-/// What a set-wise batch decided and wrote, before its commit.
+/// What a set-wise batch decided and wrote (on SQLite, before its
+/// commit).
 struct Planned {
     /// One per check decided, in order.
     fates: Vec<Fate>,
@@ -665,6 +668,13 @@ impl CreditApi {
         let mut records: Vec<(&str, &[u8], Vec<u8>)> = Vec::new();
         let mut fates = Vec::with_capacity(batch.len());
         let mut run = 0;
+        // Customers with a new decision: their accounts are written, each
+        // guarded by the version read, whether or not a reservation changed
+        // it, so that a hold or a block rests on the account as it still
+        // is when it commits (a payment committed meanwhile fails the
+        // write; a recheck of the holds after the payment would not see
+        // this batch's hold).
+        let mut decided_on: std::collections::HashSet<CustomerId> = Default::default();
         for (i, pending) in batch.iter().enumerate() {
             let c = &pending.check;
             if let Some(found) = recorded.get(&c.key) {
@@ -738,6 +748,7 @@ impl CreditApi {
             rows.holds.extend(checked.hold);
             rows.alerts.extend(checked.alerts.iter().cloned());
             rows.decisions.push(checked.decision);
+            decided_on.insert(c.customer);
             fates.push(Fate::Decided(Box::new(Decided {
                 response,
                 exposures: checked.account.iter().map(|a| a.exposure).collect(),
@@ -749,7 +760,8 @@ impl CreditApi {
             .iter()
             .filter_map(|(customer, account)| {
                 let read = read_versions.get(customer).copied()?;
-                (read != account.exposure.version).then_some((read, account))
+                (decided_on.contains(customer) || read != account.exposure.version)
+                    .then_some((read, account))
             })
             .collect();
         let exposures = latest_exposures(fates.iter().filter_map(|fate| match fate {

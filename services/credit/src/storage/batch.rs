@@ -41,15 +41,17 @@ pub async fn orders_checked(
 
 /// Everything a batch of credit checks decides on, in one statement and so
 /// in one snapshot, without locks: the accounts of `customers` in
-/// `tenant_id` that are not members of a group (a customer missing there
-/// has no account or is a member: its checks are decided one by one), the
-/// idempotency records of `keys` in `scope`, what each of `orders` was
-/// checked into before ([`orders_checked`]), and the due date of the oldest
-/// open receivable of each of those accounts. What commits after that
-/// snapshot and bears on a decision changes an account's version (an
-/// exposure, a limit, a control, a receivable), or collides with a row the
-/// batch inserts (an idempotency key, a reservation, a hold): the batch's
-/// write ([`write_all`]) then fails as a whole.
+/// `tenant_id` that neither belong to a group as members nor have members
+/// (a customer missing there has no account or is in a group: its checks
+/// are decided one by one, since a member's check changes its parent's
+/// row), the idempotency records of `keys` in `scope`, what each of
+/// `orders` was checked into before ([`orders_checked`]), and the due date
+/// of the oldest open receivable of each of those accounts. What commits
+/// after that snapshot and bears on a decision changes an account's
+/// version (an exposure, a limit, a control, a receivable), which fails
+/// the batch's write ([`write_all`]) for every account it decided an order
+/// on, or collides with a row the write inserts (an idempotency key, a
+/// checked order, a reservation, a hold).
 ///
 /// One `UNION ALL`: the accounts' rows first (their columns give the
 /// union its column types), then each other kind of row with the account
@@ -66,9 +68,9 @@ pub async fn read_all(
     if customers.is_empty() && keys.is_empty() && orders.is_empty() {
         return Ok((HashMap::new(), found));
     }
-    // Members of groups are left out below rather than here: the unique
-    // index on (tenant, customer) serves this alone, whatever the
-    // planner's statistics say about `parent_account_id`.
+    // Members and parents of groups are left out below rather than here:
+    // the unique index on (tenant, customer) serves this alone, whatever
+    // the planner's statistics say about `parent_account_id`.
     let accounts_of = |query: &mut SelectStatement| {
         query
             .from(account::Entity)
@@ -81,10 +83,19 @@ pub async fn read_all(
     let no_bytes = || Expr::val(Option::<Vec<u8>>::None);
     // Every other kind of row leaves the account columns empty.
     let no_account = |query: &mut SelectStatement| {
-        for _ in account::Column::iter() {
+        for _ in account::Column::iter().chain([account::Column::Id]) {
             query.expr(Expr::cust("NULL"));
         }
     };
+    let member = Alias::new("member");
+    let has_members = Query::select()
+        .expr(Expr::val(1))
+        .from_as(account::Entity, member.clone())
+        .and_where(
+            Expr::col((member, account::Column::ParentAccountId))
+                .equals((account::Entity, account::Column::Id)),
+        )
+        .to_owned();
     let mut query = Query::select();
     query
         .expr_as(Expr::col(account::Column::Id), Alias::new(KEY))
@@ -92,7 +103,8 @@ pub async fn read_all(
         .expr_as(no_bytes(), Alias::new("response"))
         .expr_as(Expr::val(ACCOUNT), Alias::new(KIND))
         .expr_as(no_due(), Alias::new(DUE))
-        .columns(account::Column::iter());
+        .columns(account::Column::iter())
+        .expr_as(Expr::exists(has_members), Alias::new(HAS_MEMBERS));
     accounts_of(&mut query);
     let mut recorded = idempotency::recorded_query(scope, keys);
     recorded
@@ -132,7 +144,8 @@ pub async fn read_all(
         let kind: String = row.try_get("", KIND)?;
         if kind == ACCOUNT {
             let account = to_account(account::Model::from_query_result(&row, "")?)?;
-            if account.parent_account_id.is_none() {
+            let has_members: bool = row.try_get("", HAS_MEMBERS)?;
+            if account.parent_account_id.is_none() && !has_members {
                 accounts.insert(account.exposure.customer_id, account);
             }
         } else if kind == KEY {
@@ -166,6 +179,8 @@ pub struct Found {
 /// an account's oldest due date ([`DUE`], also the column that date is in).
 const KIND: &str = "kind";
 const ACCOUNT: &str = "account";
+/// Whether an account is the parent of a group.
+const HAS_MEMBERS: &str = "has_members";
 const KEY: &str = "key";
 const DUE: &str = "due";
 const RESERVED: &str = "reserved";
@@ -234,9 +249,12 @@ fn add_checked(
 /// Writes everything a set-wise batch decided: each account's exposure and
 /// version as the batch left them, provided each row still has the version
 /// it was read with (paired with it here), then `rows` and the `more`
-/// inserts (idempotency records, events). Err when an account changed
-/// since it was read, or another transaction inserted one of the same
-/// keys, reservations or holds first.
+/// inserts (idempotency records, events). An account a batch decided
+/// orders on without changing it (holds, blocks) is written as read, so
+/// that it is guarded all the same. Err when an account changed since it
+/// was read, or another transaction inserted one of the same keys, checked
+/// orders, reservations or holds first (on PostgreSQL a database error
+/// from the statement; on SQLite `Aborted` for an account).
 ///
 /// On PostgreSQL this is one statement, whatever the batch holds, and it
 /// needs no transaction around it: the update and every insert are

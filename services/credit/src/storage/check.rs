@@ -93,7 +93,19 @@ async fn evaluate_and_reserve(
         let state = super::policy_state(conn, &fresh).await?;
         let (outcome, reasons) = domain::evaluate(ctx.policy, Some(&state), amount_minor, today);
         if outcome != Outcome::Approve {
-            return Ok((outcome, reasons, state, None));
+            // A refusal changes no row, so nothing else would notice a
+            // change it missed (a payment that a recheck of the holds
+            // already looked past): it holds only on the rows as read,
+            // locked from here until the commit.
+            if super::still_as_read(conn, &fresh, &state).await? {
+                return Ok((outcome, reasons, state, None));
+            }
+            if attempt == MAX_RESERVE_ATTEMPTS {
+                return Err(ApiError::Aborted(
+                    "the credit account changed while the order was checked; retry".into(),
+                ));
+            }
+            continue;
         }
         match super::try_reserve(conn, &fresh, amount_minor, ctx.now).await? {
             Ok(after) => return Ok((Outcome::Approve, Vec::new(), state, Some(after))),
@@ -296,7 +308,9 @@ pub struct Planned {
 }
 
 /// Checks an order as [`check_order`] does, in memory, for a caller that
-/// holds `account`'s row locked and writes what this returns: the decision,
+/// writes what this returns, with `account` guarded by the version it was
+/// read with (held or not, so that the decision rests on the account as it
+/// still is when it commits): the decision,
 /// the reservation or hold with their alerts, and `account` as the
 /// reservation left it (its exposure, group exposure and version; the
 /// caller writes these too). `account` must belong to no group as a member

@@ -289,7 +289,8 @@ pub fn account_state(
 
 /// Whether `amount_minor` fits on `account`, which belongs to no group as
 /// a member: the condition [`try_reserve`]'s statement checks, for a caller
-/// that holds the account's row locked and decides in memory.
+/// that decides in memory and writes the account guarded by the version
+/// it decided on.
 pub fn fits(account: &Account, amount_minor: i64) -> bool {
     let limit = i128::from(account.exposure.limit_minor);
     let amount = i128::from(amount_minor);
@@ -582,6 +583,40 @@ pub async fn try_reserve(
         shift_group(conn, parent, -amount_minor, now).await?;
     }
     Ok(Err(Reason::OverLimit))
+}
+
+/// Whether `account`, and for a member of a group its parent's limit and
+/// group exposure, are still as `state` was taken on them; locks those
+/// rows (parent first) for the caller's transaction, so they stay so until
+/// it ends.
+pub async fn still_as_read(
+    conn: &impl ConnectionTrait,
+    account: &Account,
+    state: &AccountState,
+) -> Result<bool, ApiError> {
+    let touch = || {
+        account::Entity::update_many().col_expr(
+            account::Column::Version,
+            Expr::col(account::Column::Version),
+        )
+    };
+    if let (Some(parent), Some(group)) = (&account.parent_account_id, state.group) {
+        let held = touch()
+            .filter(account::Column::Id.eq(parent.clone()))
+            .filter(account::Column::LimitMinor.eq(group.limit_minor))
+            .filter(account::Column::GroupExposureMinor.eq(group.exposure_minor))
+            .exec(conn)
+            .await?;
+        if held.rows_affected != 1 {
+            return Ok(false);
+        }
+    }
+    let held = touch()
+        .filter(account::Column::Id.eq(account.id.to_string()))
+        .filter(account::Column::Version.eq(account.exposure.version))
+        .exec(conn)
+        .await?;
+    Ok(held.rows_affected == 1)
 }
 
 async fn shift_group(

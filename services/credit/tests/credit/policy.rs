@@ -466,14 +466,17 @@ async fn two_replicas_decide_each_order_once_postgres() {
                     client_reference: String::new(),
                 };
                 tasks.push(tokio::spawn(async move {
-                    loop {
+                    for _ in 0..20 {
                         match client.check_and_reserve(request.clone()).await {
-                            Err(status) if status.code() == Code::Aborted => continue,
+                            Err(status) if status.code() == Code::Aborted => {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
                             answer => {
-                                break (c, i, answer.map(|r| r.into_inner().decision.unwrap()));
+                                return (c, i, answer.map(|r| r.into_inner().decision.unwrap()));
                             }
                         }
                     }
+                    panic!("o-{c}-{i} was refused ABORTED twenty times");
                 }));
             }
         }
@@ -502,14 +505,14 @@ async fn two_replicas_decide_each_order_once_postgres() {
         let e = assert_consistent(&mut a.client, customer).await;
         assert_eq!(amount(&e.reserved), "10.00");
     }
-    // Each check once by one path or the other, and again when retried.
+    // How often the replicas' writes met (not asserted: it depends on how
+    // the two interleave).
     let after = (a.batches.decided(), built.batches.decided());
     let (together, one_by_one) = (
         after.0.0 - before.0.0 + after.1.0 - before.1.0,
         after.0.1 - before.0.1 + after.1.1 - before.1.1,
     );
     eprintln!("two replicas: {together} checks decided set-wise, {one_by_one} one by one");
-    assert!(together + one_by_one >= 180, "{before:?} {after:?}");
     served_b.stop().await;
     a.served.stop().await;
 }
@@ -545,11 +548,19 @@ async fn a_batch_write_checks_versions(backend: Backend) {
             .unwrap();
         accounts[&id].clone()
     };
-    for (key, stale) in [("stale", true), ("fresh", false)] {
+    // A batch that only held orders on the account writes it as read,
+    // guarded all the same.
+    for (key, stale, reserves) in [
+        ("stale", true, true),
+        ("held", true, false),
+        ("fresh", false, true),
+    ] {
         let mut account = read().await;
         let version = account.exposure.version;
-        account.exposure.reserved_minor += 700;
-        account.exposure.version += 1;
+        if reserves {
+            account.exposure.reserved_minor += 700;
+            account.exposure.version += 1;
+        }
         let guard = if stale { version - 1 } else { version };
         let changed = [(guard, &account)];
         let written = if postgres {
@@ -581,11 +592,60 @@ async fn a_batch_write_checks_versions(backend: Backend) {
         assert_eq!(written.is_err(), stale, "{key}: {written:?}");
     }
     assert_eq!(read().await.exposure.reserved_minor, 700);
-    let recorded = o2c_kit::idempotency::recorded_in(&db, scope, &["stale", "fresh"])
+    let recorded = o2c_kit::idempotency::recorded_in(&db, scope, &["stale", "held", "fresh"])
         .await
         .unwrap();
     assert!(recorded.contains_key("fresh"));
     assert!(!recorded.contains_key("stale"));
+    assert!(!recorded.contains_key("held"));
+}
+
+/// A check decided one by one that changes no row (a hold, a block) holds
+/// only on the account as it was read: once another transaction changed
+/// the account (a payment), `still_as_read` says no and the check is
+/// evaluated again; as read, it says yes.
+async fn a_refusal_rests_on_the_account_as_read(backend: Backend) {
+    let Some(mut h) = start(backend, "still_as_read").await else {
+        return;
+    };
+    let customer = open_with_limit(&mut h.client, "50.00").await;
+    let id: o2c_money::ids::CustomerId = customer.parse().unwrap();
+    let db = o2c_kit::db::connect(&h.db.url).await.unwrap();
+    let read = o2c_credit::storage::require_account(&db, TENANT, id)
+        .await
+        .unwrap();
+    let state = o2c_credit::storage::policy_state(&db, &read).await.unwrap();
+    assert!(
+        o2c_credit::storage::still_as_read(&db, &read, &state)
+            .await
+            .unwrap()
+    );
+    o2c_credit::storage::adjust(&db, &read.id.to_string(), 0, -100, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(
+        !o2c_credit::storage::still_as_read(&db, &read, &state)
+            .await
+            .unwrap()
+    );
+    let fresh = o2c_credit::storage::require_account(&db, TENANT, id)
+        .await
+        .unwrap();
+    assert!(
+        o2c_credit::storage::still_as_read(&db, &fresh, &state)
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_rests_on_the_account_as_read_sqlite() {
+    a_refusal_rests_on_the_account_as_read(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_rests_on_the_account_as_read_postgres() {
+    a_refusal_rests_on_the_account_as_read(Backend::Postgres).await;
 }
 
 #[tokio::test]
@@ -603,7 +663,7 @@ async fn a_batch_write_checks_versions_postgres() {
 /// once, in two lanes. Each customer's limit holds on its own, the group's
 /// limit holds across parent and member, the customer without an account
 /// is blocked; and the orders of customers outside groups are decided
-/// set-wise while the member's and the unknown customer's go one by one.
+/// set-wise while the group's and the unknown customer's go one by one.
 async fn batch_spans_customers_and_groups(backend: Backend) {
     // Two lanes (on PostgreSQL; SQLite has one): the member's checks, one
     // by one in one lane, hold the parent's row while the parent's own
@@ -691,13 +751,12 @@ async fn batch_spans_customers_and_groups(backend: Backend) {
     assert_eq!(amount(&group.total), "4.00");
     assert!(group.consistent);
     assert!(!approved.contains_key(&unknown));
-    // The 20 orders of the four customers set-wise; the member's 6 and the
-    // unknown customer's 2 one by one; the parent's 2 either way (a batch
-    // in another lane skips its row while a member's check holds it).
+    // The 20 orders of the four customers set-wise; the member's 6, the
+    // parent's 2 (its row changes with every reservation of its member) and
+    // the unknown customer's 2 one by one.
     let after = h.batches.decided();
     let (together, one_by_one) = (after.0 - before.0, after.1 - before.1);
-    assert_eq!(together + one_by_one, 30);
-    assert!(together >= 20 && one_by_one >= 8, "{together} {one_by_one}");
+    assert_eq!((together, one_by_one), (20, 10));
     h.served.stop().await;
 }
 
