@@ -629,7 +629,7 @@ impl CreditApi {
     }
 
     /// Reads what `batch` needs, decides its checks in memory up to the
-    /// first one that has no account here (no account, or a member of a
+    /// first one that has no account here (no account, or one in a
     /// group), and writes the result, with the events of the exposures it
     /// left, in `conn`.
     async fn plan_together(
@@ -696,7 +696,7 @@ impl CreditApi {
                 fates.push(Fate::Refused(checked.clone().into()));
                 continue;
             }
-            // No account, or a member of a group: decided one by one, and
+            // No account, or one in a group: decided one by one, and
             // so is everything from here on until that has been.
             let Some(account) = accounts.get_mut(&c.customer) else {
                 run = batch[i..]

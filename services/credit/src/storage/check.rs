@@ -12,8 +12,9 @@ use sea_orm::ConnectionTrait;
 use super::{Account, Alert, AlertKind, Decision, DecisionRecord, Hold, Reservation};
 use crate::domain::{self, AccountState, Exposure, Outcome, Policy, Reason};
 
-/// Attempts when a concurrent change makes the atomic reservation fail
-/// although the policy (on a moment-older read) approved.
+/// Evaluations of a check whose rows a concurrent change made stale (the
+/// guarded reservation refused what the policy approved, or a refusal's
+/// rows changed); the last one locks the rows before it evaluates.
 const MAX_RESERVE_ATTEMPTS: usize = 3;
 
 /// Time and policy a check runs under.
@@ -74,13 +75,21 @@ fn inputs_json(state: &AccountState, amount_minor: i64, ctx: &Context<'_>) -> St
 
 /// Evaluates the policy on fresh state and, when it approves, reserves
 /// atomically. Returns the verdict, the state it was taken on, and the
-/// account as the reservation left it (when it reserved).
+/// account as it now is (as the reservation left it, or as the verdict
+/// read it).
+///
+/// A refusal changes no row, so nothing else would notice a change it
+/// missed (a payment that a recheck of the holds already looked past): it
+/// holds only on the rows as read, which it confirms and locks until the
+/// commit ([`super::still_as_read`]), evaluating again when they changed.
+/// The last evaluation locks the rows first, so that its verdict, a
+/// refused reservation included, rests on them as they are.
 async fn evaluate_and_reserve(
     conn: &impl ConnectionTrait,
     ctx: &Context<'_>,
     account: &Account,
     amount_minor: i64,
-) -> Result<(Outcome, Vec<Reason>, AccountState, Option<Account>), ApiError> {
+) -> Result<(Outcome, Vec<Reason>, AccountState, Account), ApiError> {
     let today = ctx.now.date_naive();
     for attempt in 1..=MAX_RESERVE_ATTEMPTS {
         // The caller read `account` in this transaction a moment ago; a
@@ -91,27 +100,23 @@ async fn evaluate_and_reserve(
             super::account_by_id(conn, &account.id.to_string()).await?
         };
         let state = super::policy_state(conn, &fresh).await?;
+        let last = attempt == MAX_RESERVE_ATTEMPTS;
+        if last && !super::still_as_read(conn, &fresh, &state).await? {
+            return Err(ApiError::Aborted(
+                "the credit account kept changing while the order was checked; retry".into(),
+            ));
+        }
         let (outcome, reasons) = domain::evaluate(ctx.policy, Some(&state), amount_minor, today);
         if outcome != Outcome::Approve {
-            // A refusal changes no row, so nothing else would notice a
-            // change it missed (a payment that a recheck of the holds
-            // already looked past): it holds only on the rows as read,
-            // locked from here until the commit.
-            if super::still_as_read(conn, &fresh, &state).await? {
-                return Ok((outcome, reasons, state, None));
-            }
-            if attempt == MAX_RESERVE_ATTEMPTS {
-                return Err(ApiError::Aborted(
-                    "the credit account changed while the order was checked; retry".into(),
-                ));
+            if last || super::still_as_read(conn, &fresh, &state).await? {
+                return Ok((outcome, reasons, state, fresh));
             }
             continue;
         }
         match super::try_reserve(conn, &fresh, amount_minor, ctx.now).await? {
-            Ok(after) => return Ok((Outcome::Approve, Vec::new(), state, Some(after))),
-            Err(reason) if attempt == MAX_RESERVE_ATTEMPTS => {
-                return Ok((Outcome::Hold, vec![reason], state, None));
-            }
+            Ok(after) => return Ok((Outcome::Approve, Vec::new(), state, after)),
+            // The rows are locked as read: the refusal rests on them.
+            Err(reason) if last => return Ok((Outcome::Hold, vec![reason], state, fresh)),
             // Something changed between our read and the guarded write:
             // evaluate again on the new state.
             Err(_) => continue,
@@ -234,22 +239,13 @@ pub async fn check_order(
             alerts: Vec::new(),
         });
     };
-    let (outcome, reasons, state, reserved) =
+    // As the reservation left it, or as the verdict read it.
+    let (outcome, reasons, state, after) =
         evaluate_and_reserve(conn, ctx, account, amount_minor).await?;
     if first_check && outcome != Outcome::Block {
         super::claim_order(conn, tenant_id, order_id, ctx.now).await?;
     }
     let mut alerts = Vec::new();
-    // A reservation changed the account, and its write returned it as it
-    // is now. Otherwise it is as the decision saw it.
-    let after = match reserved {
-        Some(after) => after,
-        None => {
-            let mut seen = account.clone();
-            seen.exposure = state.exposure;
-            seen
-        }
-    };
     let reservation = if outcome == Outcome::Approve {
         let expires_at = ctx.now + ctx.reservation_ttl;
         let reservation =

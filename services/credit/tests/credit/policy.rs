@@ -554,6 +554,7 @@ async fn a_batch_write_checks_versions(backend: Backend) {
         ("stale", true, true),
         ("held", true, false),
         ("fresh", false, true),
+        ("kept", false, false),
     ] {
         let mut account = read().await;
         let version = account.exposure.version;
@@ -592,10 +593,12 @@ async fn a_batch_write_checks_versions(backend: Backend) {
         assert_eq!(written.is_err(), stale, "{key}: {written:?}");
     }
     assert_eq!(read().await.exposure.reserved_minor, 700);
-    let recorded = o2c_kit::idempotency::recorded_in(&db, scope, &["stale", "held", "fresh"])
-        .await
-        .unwrap();
+    let recorded =
+        o2c_kit::idempotency::recorded_in(&db, scope, &["stale", "held", "fresh", "kept"])
+            .await
+            .unwrap();
     assert!(recorded.contains_key("fresh"));
+    assert!(recorded.contains_key("kept"));
     assert!(!recorded.contains_key("stale"));
     assert!(!recorded.contains_key("held"));
 }
@@ -665,9 +668,8 @@ async fn a_batch_write_checks_versions_postgres() {
 /// is blocked; and the orders of customers outside groups are decided
 /// set-wise while the group's and the unknown customer's go one by one.
 async fn batch_spans_customers_and_groups(backend: Backend) {
-    // Two lanes (on PostgreSQL; SQLite has one): the member's checks, one
-    // by one in one lane, hold the parent's row while the parent's own
-    // checks may be batched in the other.
+    // Two lanes (on PostgreSQL; SQLite has one): the plain customers'
+    // batches in both run beside the group's checks, one by one.
     let settings = o2c_credit::CreditSettings {
         check_lanes: 2,
         ..Default::default()
