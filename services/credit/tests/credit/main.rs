@@ -579,6 +579,19 @@ async fn exposure_reads_use_redis_and_never_go_back_in_version() {
     h.served.stop().await;
 }
 
+/// How many of credit's migrations there are from `name` to the last,
+/// `name` included: the steps down to before it.
+fn from_migration(name: &str) -> u32 {
+    use o2c_credit::storage::migrations::Migrator;
+    use sea_orm_migration::MigratorTrait;
+    let names: Vec<String> = Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    let at = names.iter().position(|n| n == name).unwrap();
+    u32::try_from(names.len() - at).unwrap()
+}
+
 /// A database from before decisions kept the client's reference gets the
 /// column from its migration, and loses it again going down.
 async fn client_reference_migrates_both_ways(backend: Backend) {
@@ -598,8 +611,14 @@ async fn client_reference_migrates_both_ways(backend: Backend) {
             .unwrap()
     };
     assert!(has(conn.clone()).await);
-    // This migration and the one after it.
-    Migrator::down(&conn, Some(2)).await.unwrap();
+    Migrator::down(
+        &conn,
+        Some(from_migration(
+            "m20261205_000001_credit_decision_client_reference",
+        )),
+    )
+    .await
+    .unwrap();
     assert!(!has(conn.clone()).await);
     Migrator::up(&conn, None).await.unwrap();
     assert!(has(conn.clone()).await);
@@ -620,7 +639,12 @@ async fn checked_orders_migrate_both_ways(backend: Backend) {
     let conn = o2c_kit::db::connect_and_migrate::<Migrator>(&db.url)
         .await
         .unwrap();
-    Migrator::down(&conn, Some(1)).await.unwrap();
+    Migrator::down(
+        &conn,
+        Some(from_migration("m20261205_000002_credit_checked_orders")),
+    )
+    .await
+    .unwrap();
     assert!(
         !SchemaManager::new(&conn)
             .has_table("credit_checked_orders")
@@ -718,11 +742,14 @@ async fn client_reference_migrates_both_ways_on_postgres() {
 }
 
 /// A batch's first read finds its keys through the index however the
-/// table grew since the statement was first run on a connection. With
-/// PostgreSQL's default plan caching, `scope = $1 AND key IN (…)` run a
-/// few times while the table was small kept a generic plan that searched
-/// the index by scope alone and filtered every row of it: each credit check
-/// read the whole table (`kit::db::PLAN_CACHE_MODE`).
+/// table grew since the statement was first run on a connection, and since
+/// it was last analyzed. With PostgreSQL's default plan caching, `scope =
+/// $1 AND key IN (…)` run a few times while the table was small kept a
+/// generic plan that searched the index by scope alone and filtered every
+/// row of it: each credit check read the whole table
+/// (`kit::db::PLAN_CACHE_MODE`). With statistics taken before the scope
+/// had keys, even a custom plan did that while the index began with the
+/// scope (`kit::idempotency::KeyFirst`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_read_stays_on_the_index_as_its_table_grows_postgres() {
     use sea_orm::{ConnectionTrait, TransactionTrait};
@@ -745,6 +772,18 @@ async fn a_batch_read_stays_on_the_index_as_its_table_grows_postgres() {
         let txn = &txn;
         async move { txn.execute_unprepared(&insert).await.unwrap() }
     };
+    // Statistics taken while the table held only another scope's keys (a
+    // new tenant's first checks): with the scope first in the index, the
+    // planner then searched by scope alone and filtered every key of it.
+    let other = format!(
+        "INSERT INTO idempotency_keys (scope, key, request, response, created_at) \
+         SELECT 't0/credit.OpenCreditAccount', 'open-' || g, '\\x00', NULL, now() \
+         FROM generate_series(1, 2000) g"
+    );
+    txn.execute_unprepared(&other).await.unwrap();
+    txn.execute_unprepared("ANALYZE idempotency_keys")
+        .await
+        .unwrap();
     add_keys("early", 20).await;
     let customer: o2c_money::ids::CustomerId =
         "0193a4b2-7c1d-7e3f-8a9b-0c1d2e3f4a5b".parse().unwrap();

@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateCrmTables),
             Box::new(CreateActivityTables),
             Box::new(o2c_kit::outbox::InboxIndex),
+            Box::new(o2c_kit::idempotency::KeyFirst),
         ]
     }
 }

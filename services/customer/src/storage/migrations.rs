@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateCustomers),
             Box::new(o2c_kit::outbox::Migration),
             Box::new(o2c_kit::outbox::InboxIndex),
+            Box::new(o2c_kit::idempotency::KeyFirst),
         ]
     }
 }

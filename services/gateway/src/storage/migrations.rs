@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateOrders),
             Box::new(CreateApiKeys),
             Box::new(PlaceKeyNotUnique),
+            Box::new(o2c_kit::idempotency::KeyFirst),
         ]
     }
 }
