@@ -775,12 +775,10 @@ async fn a_batch_read_stays_on_the_index_as_its_table_grows_postgres() {
     // Statistics taken while the table held only another scope's keys (a
     // new tenant's first checks): with the scope first in the index, the
     // planner then searched by scope alone and filtered every key of it.
-    let other = format!(
-        "INSERT INTO idempotency_keys (scope, key, request, response, created_at) \
+    let other = "INSERT INTO idempotency_keys (scope, key, request, response, created_at) \
          SELECT 't0/credit.OpenCreditAccount', 'open-' || g, '\\x00', NULL, now() \
-         FROM generate_series(1, 2000) g"
-    );
-    txn.execute_unprepared(&other).await.unwrap();
+         FROM generate_series(1, 2000) g";
+    txn.execute_unprepared(other).await.unwrap();
     txn.execute_unprepared("ANALYZE idempotency_keys")
         .await
         .unwrap();
