@@ -69,7 +69,7 @@ pub async fn read_all(
         return Ok((HashMap::new(), found));
     }
     // Members and parents of groups are left out below rather than here:
-    // the unique index on (tenant, customer) serves this alone, whatever
+    // the unique index on (customer, tenant) serves this alone, whatever
     // the planner's statistics say about `parent_account_id`.
     let accounts_of = |query: &mut SelectStatement| {
         query
