@@ -772,11 +772,14 @@ async fn batch_spans_customers_and_groups_postgres() {
     batch_spans_customers_and_groups(Backend::Postgres).await;
 }
 
-/// Arrival order holds across the set-wise and the one-by-one path: a
+/// Arrival order holds across the set-wise and the one-by-one path. A
 /// group member's order that arrived first gets the group's headroom
-/// before its parent's later order, though the parent's is the one a batch
-/// could decide set-wise. The batch is made deterministic by holding the
-/// lane's runner on a row locked from outside while the two orders queue.
+/// before its parent's later order (both decided one by one), and it gets
+/// its idempotency key before a later check of a customer outside any
+/// group under the same key, though that one is decided set-wise, in the
+/// same batch: the later check is refused as a reused key. The batch is
+/// made deterministic by holding the lane's runner on a row locked from
+/// outside while the three checks queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_keeps_arrival_order_across_paths_postgres() {
     use sea_orm::{ConnectionTrait, TransactionTrait};
@@ -785,6 +788,7 @@ async fn batch_keeps_arrival_order_across_paths_postgres() {
     };
     let c = &mut h.client;
     let blocker = open_with_limit(c, "10.00").await;
+    let plain = open_with_limit(c, "100.00").await;
     let parent = open_with_limit(c, "100.00").await;
     let member = uuid::Uuid::now_v7().to_string();
     open(c, &member, &parent).await.unwrap();
@@ -796,10 +800,22 @@ async fn batch_keeps_arrival_order_across_paths_postgres() {
     ))
     .await
     .unwrap();
-    let send = |customer: String, order: &str| {
+    let send = |customer: &str, order: &str, amount: &str, key: &str| {
         let mut client = h.client.clone();
-        let order = order.to_owned();
-        tokio::spawn(async move { reserve(&mut client, &customer, &order, "80.00").await })
+        let request = pb::CheckAndReserveRequest {
+            idempotency_key: key.into(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.into(),
+            order_id: order.into(),
+            amount: eur(amount),
+            client_reference: String::new(),
+        };
+        tokio::spawn(async move {
+            client
+                .check_and_reserve(request)
+                .await
+                .map(|r| r.into_inner().decision.unwrap())
+        })
     };
     let wait_for = |want: (usize, usize)| {
         let batches = std::sync::Arc::clone(&h.batches);
@@ -822,17 +838,21 @@ async fn batch_keeps_arrival_order_across_paths_postgres() {
     };
     // The runner took the blocker's check and waits for its row.
     wait_for((1, 0)).await;
-    let first = send(member.clone(), "m-1");
+    let first = send(&member, "m-1", "80.00", "shared");
     wait_for((1, 1)).await;
-    let second = send(parent.clone(), "p-1");
+    let second = send(&parent, "p-1", "80.00", &key());
     wait_for((1, 2)).await;
+    let third = send(&plain, "o-1", "1.00", "shared");
+    wait_for((1, 3)).await;
     lock.rollback().await.unwrap();
     assert_eq!(blocked.await.unwrap().decision(), pb::Decision::Approve);
-    let first = first.await.unwrap();
-    let second = second.await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    let second = second.await.unwrap().unwrap();
     assert_eq!(first.decision(), pb::Decision::Approve, "{first:?}");
     assert_eq!(second.decision(), pb::Decision::Hold, "{second:?}");
     assert_eq!(reasons(&second), [pb::ReasonCode::GroupLimitExceeded]);
+    let third = third.await.unwrap().unwrap_err();
+    assert_eq!(third.code(), Code::InvalidArgument, "{third:?}");
     h.served.stop().await;
 }
 
