@@ -183,8 +183,8 @@ fn print_batches(t: &o2c_credit::grpc::Timings, clients: usize, rate: f64) {
         .collect();
     println!(
         "    credit batches: {} of {:.1} checks on average; µs: {}",
-        t.batches,
-        t.checks as f64 / t.batches.max(1) as f64,
+        t.batches(),
+        t.checks as f64 / t.batches().max(1) as f64,
         steps.join(", ")
     );
     let in_credit: u64 = averages.iter().map(|(_, micros)| micros).sum();
