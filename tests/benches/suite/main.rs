@@ -446,7 +446,7 @@ async fn main() {
         tidy.push(sea_orm::Database::connect(url).await.unwrap());
     }
     let tidy = Arc::new(tidy);
-    let checkpoint = || {
+    let before_phase = || {
         let (raw, tidy) = (raw.clone(), tidy.clone());
         async move {
             use sea_orm::ConnectionTrait;
@@ -463,7 +463,7 @@ async fn main() {
     let mut raw_spread = Vec::new();
     let mut raw_hot = Vec::new();
     for hot in [false, true, true, false] {
-        checkpoint().await;
+        before_phase().await;
         let run = raw_run(hot).await;
         println!(
             "  raw PostgreSQL  {:<6} {:>8.1} reservations/s ({} failed)",
@@ -500,7 +500,7 @@ async fn main() {
             }
         })
     };
-    checkpoint().await;
+    before_phase().await;
     let warm = suite_run(false, warmup).await;
     println!(
         "  gateway  warm-up        {:>8.1} orders/s ({} not approved)",
@@ -510,7 +510,7 @@ async fn main() {
     let mut suite_hot = Vec::new();
     let mut not_approved = 0;
     for on_hot in [false, true, true, false] {
-        checkpoint().await;
+        before_phase().await;
         let before = suite.credit_batches.timings();
         let run = suite_run(on_hot, phase).await;
         not_approved += run.failed;
