@@ -81,9 +81,10 @@ pub async fn read_all(
     };
     let no_due = || Expr::val(Option::<NaiveDate>::None);
     let no_bytes = || Expr::val(Option::<Vec<u8>>::None);
-    // Every other kind of row leaves the account columns empty.
+    // Every other kind of row leaves the account's columns and
+    // `has_members` empty.
     let no_account = |query: &mut SelectStatement| {
-        for _ in account::Column::iter().chain([account::Column::Id]) {
+        for _ in 0..=account::Column::iter().count() {
             query.expr(Expr::cust("NULL"));
         }
     };
