@@ -188,3 +188,124 @@ async fn placing_orders_on_sqlite() {
 async fn placing_orders_on_postgres() {
     placing_orders(Backend::Postgres).await;
 }
+
+/// The number of sessions of the database at `db` waiting for a lock.
+async fn lock_waiters(db: &sea_orm::DatabaseConnection) -> i64 {
+    use sea_orm::ConnectionTrait;
+    db.query_one_raw(sea_orm::Statement::from_string(
+        sea_orm::DbBackend::Postgres,
+        "SELECT COUNT(*) AS n FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get::<i64>("", "n")
+    .unwrap()
+}
+
+/// On PostgreSQL the gateway's journal commits asynchronously, so a crash
+/// of the database can lose an order's row after a change read it (here:
+/// deleted while the cancel waits on credit). The change rebuilds the row
+/// from the credit decision and lands on it, instead of answering
+/// NOT_FOUND for an order the client was told about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_lost_while_an_order_changes_is_rebuilt_on_postgres() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(mut s) = run_suite(Backend::Postgres).await else {
+        return;
+    };
+    let customer = onboard(&mut s.gateway, "100.00").await;
+    let order = s
+        .gateway
+        .place_order(as_tenant(pb::PlaceOrderRequest {
+            idempotency_key: key(),
+            customer_id: customer.clone(),
+            client_reference: "PO-LOST".into(),
+            amount: eur("30.00"),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(order.status(), pb::OrderStatus::Approved);
+    let gateway_db = sea_orm::Database::connect(&s._databases[0].url)
+        .await
+        .unwrap();
+    let credit_db = sea_orm::Database::connect(&s._databases[2].url)
+        .await
+        .unwrap();
+    let id = order.order_id.clone();
+    // The journal has written the row.
+    let written = o2c_testkit::eventually(std::time::Duration::from_secs(10), || {
+        let (db, id) = (&gateway_db, &id);
+        async move {
+            db.query_one_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT 1 AS one FROM orders WHERE id = $1",
+                [id.clone().into()],
+            ))
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    assert!(written.is_some(), "the journal wrote the order's row");
+    // The reservation's row is locked, so the cancel waits in credit after
+    // it read the order.
+    let lock = credit_db.begin().await.unwrap();
+    lock.execute_raw(sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        "SELECT id FROM credit_reservations WHERE order_id = $1 FOR UPDATE",
+        [id.clone().into()],
+    ))
+    .await
+    .unwrap();
+    let mut gateway = s.gateway.clone();
+    let cancel = tokio::spawn({
+        let id = id.clone();
+        async move {
+            gateway
+                .cancel_order(as_tenant(pb::CancelOrderRequest {
+                    idempotency_key: key(),
+                    order_id: id,
+                    reason: "lost row".into(),
+                }))
+                .await
+        }
+    });
+    let waiting = o2c_testkit::eventually(std::time::Duration::from_secs(10), || {
+        let db = &credit_db;
+        async move { (lock_waiters(db).await > 0).then_some(()) }
+    })
+    .await;
+    assert!(waiting.is_some(), "the cancel waits for the reservation");
+    // The row goes, as in a crash that lost the journal's last commits.
+    let deleted = gateway_db
+        .execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "DELETE FROM orders WHERE id = $1",
+            [id.clone().into()],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(deleted.rows_affected(), 1);
+    lock.rollback().await.unwrap();
+
+    let cancelled = cancel.await.unwrap().unwrap().into_inner().order.unwrap();
+    assert_eq!(cancelled.status(), pb::OrderStatus::Cancelled);
+    let read = s
+        .gateway
+        .get_order(as_tenant(pb::GetOrderRequest { order_id: id }))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(read.status(), pb::OrderStatus::Cancelled);
+    assert_eq!(
+        amount(&exposure(&mut s.gateway, &customer).await.reserved),
+        "0.00"
+    );
+}

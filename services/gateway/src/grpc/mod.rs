@@ -189,6 +189,34 @@ impl GatewayApi {
         storage::get(&self.db, tenant, id).await
     }
 
+    /// Writes `change` to the tenant's order `id`, read just before. On
+    /// PostgreSQL the journal commits asynchronously, so a crash of the
+    /// database can lose an order's row after it was read: then the row is
+    /// rebuilt as [`Self::order`] does and `change` written once more. The
+    /// rebuilt row is the order as read: every change to an order commits
+    /// synchronously, which makes the row's own commit, earlier in the
+    /// log, durable too; a row that was lost had not changed since it was
+    /// placed.
+    async fn change_order<F, Fut>(
+        &self,
+        tenant: &str,
+        id: OrderId,
+        change: F,
+    ) -> Result<storage::Order, ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<storage::Order, ApiError>>,
+    {
+        match change().await {
+            Err(ApiError::NotFound(_)) => {
+                tracing::warn!(order = %id, "order's row missing after it was read; rebuilding it");
+                self.order(tenant, id).await?;
+                change().await
+            }
+            changed => changed,
+        }
+    }
+
     /// The credit decision that placed order `id` (its first), NOT_FOUND
     /// when credit never decided on it.
     async fn placement(
@@ -683,8 +711,11 @@ impl GatewayService for GatewayApi {
             // Converts the order's reservation now; the invoice's event
             // would do it too, should this call be lost.
             self.sync_receivable(&tenant, &invoice).await?;
-            let order =
-                storage::record_invoice(&self.db, &tenant, order.id, &invoice.invoice_id).await?;
+            let order = self
+                .change_order(&tenant, order.id, || {
+                    storage::record_invoice(&self.db, &tenant, order.id, &invoice.invoice_id)
+                })
+                .await?;
             let collection = self
                 .schedule_collection(&tenant, key, order.customer_id, &invoice)
                 .await?;
@@ -1402,7 +1433,10 @@ impl GatewayService for GatewayApi {
             .into_inner();
         let decision = present(amended.decision, "decision")?;
         let order = if decision.decision() == credit_pb::Decision::Approve {
-            storage::set_amount(&self.db, &tenant, order.id, amount).await?
+            self.change_order(&tenant, order.id, || {
+                storage::set_amount(&self.db, &tenant, order.id, amount)
+            })
+            .await?
         } else {
             order
         };
@@ -1470,8 +1504,11 @@ impl GatewayService for GatewayApi {
                 .into());
             }
         }
-        let order =
-            storage::set_status(&self.db, &tenant, order.id, OrderStatus::Cancelled).await?;
+        let order = self
+            .change_order(&tenant, order.id, || {
+                storage::set_status(&self.db, &tenant, order.id, OrderStatus::Cancelled)
+            })
+            .await?;
         Ok(Response::new(pb::CancelOrderResponse {
             order: Some(convert::order(&order)),
         }))
@@ -2489,19 +2526,24 @@ impl GatewayApi {
         };
         let order = match hold.state() {
             credit_pb::HoldState::Released if order.status == OrderStatus::Held => {
-                storage::record_decision(
-                    &self.db,
-                    tenant,
-                    order.id,
-                    OrderStatus::Approved,
-                    &[],
-                    Some(hold.reservation_id.as_str()),
-                    None,
-                )
+                self.change_order(tenant, order.id, || {
+                    storage::record_decision(
+                        &self.db,
+                        tenant,
+                        order.id,
+                        OrderStatus::Approved,
+                        &[],
+                        Some(hold.reservation_id.as_str()),
+                        None,
+                    )
+                })
                 .await?
             }
             credit_pb::HoldState::Rejected if order.status == OrderStatus::Held => {
-                storage::set_status(&self.db, tenant, order.id, OrderStatus::Rejected).await?
+                self.change_order(tenant, order.id, || {
+                    storage::set_status(&self.db, tenant, order.id, OrderStatus::Rejected)
+                })
+                .await?
             }
             _ => order,
         };
