@@ -182,6 +182,9 @@ pub async fn build_with(
         o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
             .await
             .map_err(|e| anyhow::anyhow!("credit database {}: {e}", service.database_url))?;
+    let batch_db = o2c_kit::db::connect_fixed_plans(&service.database_url)
+        .await
+        .map_err(|e| anyhow::anyhow!("credit database {}: {e}", service.database_url))?;
     let cache = match redis_url {
         Some(url) => ExposureCache::connect(url).await,
         None => ExposureCache::new(None),
@@ -194,6 +197,7 @@ pub async fn build_with(
     let db_for_events = db.clone();
     let api = grpc::CreditApi::new(
         db,
+        batch_db,
         cache,
         config,
         grpc::AlertHub::new(credit.alert_stream_buffer),

@@ -553,8 +553,8 @@ impl CreditApi {
             .batched
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         // On PostgreSQL the read and the write are each a transaction of
-        // their own: the write fails itself when anything it decided on
-        // changed. SQLite's write is a statement per table, so both go in
+        // their own, on the pool that keeps their plans (`batch_db`): the
+        // write fails itself when anything it decided on changed. SQLite's write is a statement per table, so both go in
         // one transaction there (in process, it costs no round trip).
         let txn = if self.db.get_database_backend() == DbBackend::Postgres {
             None
@@ -575,7 +575,7 @@ impl CreditApi {
                     .await
             }
             None => {
-                self.plan_together(&self.db, tenant, &batch)
+                self.plan_together(&self.batch_db, tenant, &batch)
                     .instrument(opener.clone())
                     .await
             }

@@ -94,6 +94,10 @@ impl AlertHub {
 #[derive(Clone)]
 pub struct CreditApi {
     db: DatabaseConnection,
+    /// Where a set-wise batch reads and writes: on PostgreSQL a pool whose
+    /// sessions keep each statement's first plan
+    /// (`o2c_kit::db::connect_fixed_plans`), else `db`.
+    batch_db: DatabaseConnection,
     cache: ExposureCache,
     config: Arc<Config>,
     alerts: AlertHub,
@@ -106,6 +110,7 @@ pub struct CreditApi {
 impl CreditApi {
     pub fn new(
         db: DatabaseConnection,
+        batch_db: Option<DatabaseConnection>,
         cache: ExposureCache,
         config: Config,
         alerts: AlertHub,
@@ -117,6 +122,7 @@ impl CreditApi {
             _ => config.check_lanes,
         };
         Self {
+            batch_db: batch_db.unwrap_or_else(|| db.clone()),
             db,
             cache,
             config: Arc::new(config),

@@ -741,6 +741,175 @@ async fn client_reference_migrates_both_ways_on_postgres() {
     client_reference_migrates_both_ways(Backend::Postgres).await;
 }
 
+/// The batch's read and write, on the pool that keeps each statement's
+/// first plan (`kit::db::connect_fixed_plans`), stay on their indexes
+/// under a plan made while every table they touch was small and freshly
+/// analyzed, after the tables grew and were not analyzed again
+/// (autovacuum off, or not come by yet): no statement of the batch scans
+/// one of those tables, and together they read a few index entries.
+/// Without `enable_seqscan = off` on that pool, the plan scanned the small
+/// accounts table once for every receivable (20,010 scans).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stays_on_its_indexes_under_a_generic_plan_postgres() {
+    use o2c_credit::storage::batch;
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(test_db) = o2c_testkit::database(Backend::Postgres, "generic_plans").await else {
+        return;
+    };
+    let db =
+        o2c_kit::db::connect_and_migrate::<o2c_credit::storage::migrations::Migrator>(&test_db.url)
+            .await
+            .unwrap();
+    const TABLES: [&str; 5] = [
+        "credit_accounts",
+        "idempotency_keys",
+        "credit_reservations",
+        "credit_holds",
+        "credit_receivables",
+    ];
+    let fixed = o2c_kit::db::connect_fixed_plans(&test_db.url)
+        .await
+        .unwrap()
+        .unwrap();
+    let scope = format!("{TENANT}/credit.CheckAndReserve");
+    // `n` rows in each table, named by `prefix`; account g belongs to the
+    // customer `md5(prefix || g)` and has a reservation, a hold and a
+    // receivable.
+    let fill = |prefix: &'static str, n: u32| {
+        let statements = [
+            format!(
+                "INSERT INTO credit_accounts (id, tenant_id, customer_id, currency_code, \
+                 limit_minor, limit_source, reserved_minor, receivable_minor, \
+                 group_exposure_minor, blocked, version, created_at, updated_at) \
+                 SELECT md5('{prefix}a' || g)::uuid::text, '{TENANT}', md5('{prefix}' || g)::uuid::text, 'EUR', \
+                 100000, 'manual', 100, 100, 0, false, 1, now(), now() \
+                 FROM generate_series(1, {n}) g"
+            ),
+            format!(
+                "INSERT INTO idempotency_keys (scope, key, request, response, created_at) \
+                 SELECT '{scope}', '{prefix}-k-' || g, '\\x00', NULL, now() \
+                 FROM generate_series(1, {n}) g"
+            ),
+            format!(
+                "INSERT INTO credit_reservations (id, tenant_id, account_id, customer_id, \
+                 order_id, amount_minor, state, created_at, expires_at) \
+                 SELECT '{prefix}-r-' || g, '{TENANT}', md5('{prefix}a' || g)::uuid::text, \
+                 md5('{prefix}' || g)::uuid::text, '{prefix}-o-' || g, 100, 'open', now(), \
+                 now() + interval '1 day' FROM generate_series(1, {n}) g"
+            ),
+            format!(
+                "INSERT INTO credit_holds (id, tenant_id, account_id, customer_id, order_id, \
+                 amount_minor, reasons, state, created_at) \
+                 SELECT '{prefix}-h-' || g, '{TENANT}', md5('{prefix}a' || g)::uuid::text, \
+                 md5('{prefix}' || g)::uuid::text, '{prefix}-held-' || g, 100, 'OVER_LIMIT', \
+                 'open', now() FROM generate_series(1, {n}) g"
+            ),
+            format!(
+                "INSERT INTO credit_receivables (tenant_id, invoice_id, account_id, amount_minor, \
+                 open_minor, due_date, dunning_level, created_at) \
+                 SELECT '{TENANT}', '{prefix}-i-' || g, md5('{prefix}a' || g)::uuid::text, 100, 100, \
+                 current_date + g, 0, now() FROM generate_series(1, {n}) g"
+            ),
+        ];
+        let db = &db;
+        async move {
+            for statement in statements {
+                db.execute_unprepared(&statement).await.unwrap();
+            }
+        }
+    };
+    fill("small", 3).await;
+    for table in TABLES {
+        db.execute_unprepared(&format!("ANALYZE {table}"))
+            .await
+            .unwrap();
+    }
+    // One transaction: one connection, so one prepared statement each; it
+    // sees what `db` commits meanwhile.
+    let txn = fixed.begin().await.unwrap();
+    let customer: o2c_money::ids::CustomerId = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT md5('small1')::uuid::text AS id",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<String>("", "id")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Reads the first small account with its key, orders and due date,
+    // and writes it back as read (guarded by its version).
+    let batch = || async {
+        let (accounts, found) = batch::read_all(
+            &txn,
+            TENANT,
+            &[customer],
+            &scope,
+            &["small-k-1"],
+            &["small-o-1", "small-held-1"],
+        )
+        .await
+        .unwrap();
+        assert_eq!(accounts.len(), 1);
+        assert_eq!(found.recorded.len(), 1);
+        assert_eq!(found.checked.len(), 2);
+        assert_eq!(found.oldest_due.len(), 1);
+        let account = &accounts[&customer];
+        let version = account.exposure.version;
+        batch::write_all(
+            &txn,
+            &[(version, account)],
+            chrono::Utc::now(),
+            batch::Rows::default(),
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    };
+    batch().await;
+    fill("big", 20_000).await;
+    // Sequential scans of the tables, and index entries read, in this
+    // transaction so far.
+    let counted = || async {
+        let names = TABLES.map(|t| format!("'{t}'")).join(", ");
+        let row = txn
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                format!(
+                    "SELECT \
+                     (SELECT COALESCE(SUM(pg_stat_get_xact_numscans(c.oid)), 0) \
+                      FROM pg_class c WHERE c.relname IN ({names}))::bigint AS scans, \
+                     (SELECT COALESCE(SUM(pg_stat_get_xact_tuples_returned(i.indexrelid)), 0) \
+                      FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+                      WHERE c.relname IN ({names}))::bigint AS entries"
+                ),
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        (
+            row.try_get::<i64>("", "scans").unwrap(),
+            row.try_get::<i64>("", "entries").unwrap(),
+        )
+    };
+    let (scans, entries) = counted().await;
+    batch().await;
+    let (scans_now, entries_now) = counted().await;
+    assert_eq!(
+        scans_now - scans,
+        0,
+        "the batch scanned a table of 20,003 rows"
+    );
+    assert!(
+        entries_now - entries < 100,
+        "the batch read {} index entries",
+        entries_now - entries
+    );
+    txn.rollback().await.unwrap();
+}
+
 /// A batch's first read finds its keys through the index however the
 /// table grew since the statement was first run on a connection, and since
 /// it was last analyzed. With PostgreSQL's default plan caching, `scope =
