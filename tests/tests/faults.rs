@@ -372,7 +372,7 @@ impl Cluster {
             .unwrap();
         let child = Command::new(binary(name))
             .envs(self.env[name].iter().cloned())
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();

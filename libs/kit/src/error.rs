@@ -231,6 +231,12 @@ pub fn from_upstream(service: &str, status: Status) -> ApiError {
         Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
             ApiError::Unavailable(message)
         }
+        // No answer: the connection broke mid-call (the service stopped
+        // while it answered) or the call was cancelled. Our services answer
+        // with a code of their own; tonic reports a transport failure as
+        // UNKNOWN. Its outcome is unknown, and every call is a read or
+        // idempotent, so the caller retries it.
+        Code::Unknown | Code::Cancelled => ApiError::Unavailable(message),
         _ => ApiError::Internal(message),
     }
 }
@@ -268,6 +274,23 @@ mod tests {
         ] {
             let status = Status::from(ApiError::from(error));
             assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn an_upstream_call_without_an_answer_is_unavailable_and_a_bug_stays_internal() {
+        for code in [
+            Code::Unknown,
+            Code::Cancelled,
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+        ] {
+            let error = from_upstream("credit", Status::new(code, "connection reset"));
+            assert_eq!(Status::from(error).code(), Code::Unavailable, "{code:?}");
+        }
+        for code in [Code::Internal, Code::DataLoss, Code::Unimplemented] {
+            let error = from_upstream("credit", Status::new(code, "bug"));
+            assert_eq!(Status::from(error).code(), Code::Internal, "{code:?}");
         }
     }
 
