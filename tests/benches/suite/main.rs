@@ -25,6 +25,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+/// mimalloc, not glibc's allocator: under load the suite spent a fifth of
+/// its CPU in glibc's malloc and free (ARCHITECTURE, "Performance").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod hop;
 mod load;
 mod memory;
