@@ -232,11 +232,14 @@ pub fn from_upstream(service: &str, status: Status) -> ApiError {
             ApiError::Unavailable(message)
         }
         // No answer: the connection broke mid-call (the service stopped
-        // while it answered) or the call was cancelled. Our services answer
-        // with a code of their own; tonic reports a transport failure as
-        // UNKNOWN. Its outcome is unknown, and every call is a read or
-        // idempotent, so the caller retries it.
-        Code::Unknown | Code::Cancelled => ApiError::Unavailable(message),
+        // while it answered) or the call was cancelled, which tonic reports
+        // as UNKNOWN or CANCELLED with the transport's error as the
+        // status's source. Its outcome is unknown, and every call is a read
+        // or idempotent, so the caller retries it. The same codes sent by
+        // the service itself (no source) stay a bug.
+        Code::Unknown | Code::Cancelled if std::error::Error::source(&status).is_some() => {
+            ApiError::Unavailable(message)
+        }
         _ => ApiError::Internal(message),
     }
 }
@@ -279,16 +282,26 @@ mod tests {
 
     #[test]
     fn an_upstream_call_without_an_answer_is_unavailable_and_a_bug_stays_internal() {
+        // What tonic makes of a connection that broke mid-call.
+        let broken = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset",
+        )));
+        assert_eq!(broken.code(), Code::Unknown);
+        let error = from_upstream("credit", broken);
+        assert_eq!(Status::from(error).code(), Code::Unavailable);
+        for code in [Code::Unavailable, Code::DeadlineExceeded] {
+            let error = from_upstream("credit", Status::new(code, "down"));
+            assert_eq!(Status::from(error).code(), Code::Unavailable, "{code:?}");
+        }
+        // Sent as such by the service: its bug, not an outage.
         for code in [
             Code::Unknown,
             Code::Cancelled,
-            Code::Unavailable,
-            Code::DeadlineExceeded,
+            Code::Internal,
+            Code::DataLoss,
+            Code::Unimplemented,
         ] {
-            let error = from_upstream("credit", Status::new(code, "connection reset"));
-            assert_eq!(Status::from(error).code(), Code::Unavailable, "{code:?}");
-        }
-        for code in [Code::Internal, Code::DataLoss, Code::Unimplemented] {
             let error = from_upstream("credit", Status::new(code, "bug"));
             assert_eq!(Status::from(error).code(), Code::Internal, "{code:?}");
         }

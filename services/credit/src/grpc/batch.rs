@@ -554,8 +554,9 @@ impl CreditApi {
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         // On PostgreSQL the read and the write are each a transaction of
         // their own, on the pool that keeps their plans (`batch_db`): the
-        // write fails itself when anything it decided on changed. SQLite's write is a statement per table, so both go in
-        // one transaction there (in process, it costs no round trip).
+        // write fails itself when anything it decided on changed. SQLite's
+        // write is a statement per table, so both go in one transaction
+        // there (in process, it costs no round trip).
         let txn = if self.db.get_database_backend() == DbBackend::Postgres {
             None
         } else {
