@@ -88,18 +88,13 @@ pub const ASYNC_COMMIT_MAX_CONNECTIONS: u32 = 2;
 /// for itself costs four round trips. None for SQLite, whose single
 /// connection serves every write.
 pub async fn connect_async_commit(url: &str) -> Result<Option<DatabaseConnection>, DbErr> {
-    if url.starts_with("sqlite:") {
-        return Ok(None);
-    }
-    let mut options = pool_options(
-        url.to_owned(),
+    second_pool(
+        url,
         PLAN_CACHE_MODE,
         &[("synchronous_commit", "off")],
-    );
-    options
-        .min_connections(0)
-        .max_connections(ASYNC_COMMIT_MAX_CONNECTIONS);
-    Database::connect(options).await.map(Some)
+        ASYNC_COMMIT_MAX_CONNECTIONS,
+    )
+    .await
 }
 
 /// Connections of a [`connect_fixed_plans`] pool.
@@ -119,17 +114,29 @@ pub const FIXED_PLANS_MAX_CONNECTIONS: u32 = 8;
 /// in credit's tests). A table without a usable index is still scanned.
 /// None for SQLite, which plans in process.
 pub async fn connect_fixed_plans(url: &str) -> Result<Option<DatabaseConnection>, DbErr> {
+    second_pool(
+        url,
+        "force_generic_plan",
+        &[("enable_seqscan", "off")],
+        FIXED_PLANS_MAX_CONNECTIONS,
+    )
+    .await
+}
+
+/// A pool of at most `max` connections to the PostgreSQL database at
+/// `url`, none kept while idle, whose sessions have `plan_cache_mode` and
+/// `settings`; None for SQLite.
+async fn second_pool(
+    url: &str,
+    plan_cache_mode: &'static str,
+    settings: &'static [(&'static str, &'static str)],
+    max: u32,
+) -> Result<Option<DatabaseConnection>, DbErr> {
     if url.starts_with("sqlite:") {
         return Ok(None);
     }
-    let mut options = pool_options(
-        url.to_owned(),
-        "force_generic_plan",
-        &[("enable_seqscan", "off")],
-    );
-    options
-        .min_connections(0)
-        .max_connections(FIXED_PLANS_MAX_CONNECTIONS);
+    let mut options = pool_options(url.to_owned(), plan_cache_mode, settings);
+    options.min_connections(0).max_connections(max);
     Database::connect(options).await.map(Some)
 }
 
