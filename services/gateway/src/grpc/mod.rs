@@ -196,7 +196,7 @@ impl GatewayApi {
     /// rebuilt row is the order as read: every change to an order commits
     /// synchronously, which makes the row's own commit, earlier in the
     /// log, durable too; a row that was lost had not changed since it was
-    /// placed.
+    /// placed (on one primary: ARCHITECTURE, "Placing an order").
     async fn change_order<F, Fut>(
         &self,
         tenant: &str,
