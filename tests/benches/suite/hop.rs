@@ -2,7 +2,9 @@
 //! tonic server that forwards each call to it, decoding and re-encoding
 //! as a gateway does, with nothing else (no auth, no limits, no tracing).
 //! Both speak the credit check's own messages, so the bytes on the wire
-//! are those of the real check.
+//! are those of the real check. The forwarder can also stand in front of
+//! the real credit service: a bare hop on the real check, with the same
+//! time at the database, is the yardstick beside the echo's.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,6 +18,8 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 const PATH: &str = "/bench.Echo/Check";
+/// Credit's own method, for a forwarder in front of the real service.
+pub const CREDIT_CHECK: &str = "/o2c.credit.v1.CreditService/CheckAndReserve";
 
 type Reply =
     Pin<Box<dyn Future<Output = Result<Response<CheckAndReserveResponse>, Status>> + Send>>;
@@ -74,14 +78,31 @@ impl Client {
         &mut self,
         request: CheckAndReserveRequest,
     ) -> Result<CheckAndReserveResponse, Status> {
+        self.call(Request::new(request), PATH).await
+    }
+
+    /// A check with the request's metadata (to a forwarder).
+    pub async fn check_with(
+        &mut self,
+        request: Request<CheckAndReserveRequest>,
+    ) -> Result<CheckAndReserveResponse, Status> {
+        self.call(request, PATH).await
+    }
+
+    /// A call of `path` with the request's metadata.
+    async fn call(
+        &mut self,
+        request: Request<CheckAndReserveRequest>,
+        path: &'static str,
+    ) -> Result<CheckAndReserveResponse, Status> {
         self.0
             .ready()
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         self.0
             .unary(
-                Request::new(request),
-                http::uri::PathAndQuery::from_static(PATH),
+                request,
+                http::uri::PathAndQuery::from_static(path),
                 tonic_prost::ProstCodec::default(),
             )
             .await
@@ -118,12 +139,22 @@ pub async fn echo() -> std::io::Result<SocketAddr> {
     .await
 }
 
-/// Forwards every call to `upstream`.
-pub async fn forwarder(upstream: Channel) -> std::io::Result<SocketAddr> {
+/// Forwards every call to `path` of `upstream`, with its metadata (the
+/// caller's credentials, say): tonic drops the reserved headers.
+pub async fn forwarder(upstream: Channel, path: &'static str) -> std::io::Result<SocketAddr> {
     let client = Client::new(upstream);
     serve(Arc::new(move |request: Request<CheckAndReserveRequest>| {
         let mut client = client.clone();
-        Box::pin(async move { client.check(request.into_inner()).await.map(Response::new) })
+        Box::pin(async move {
+            let (metadata, _, message) = request.into_parts();
+            let forwarded = Request::from_parts(metadata, Default::default(), message);
+            client.call(forwarded, path).await.map(Response::new)
+        })
     }))
     .await
+}
+
+/// Forwards to the echo service.
+pub async fn echo_forwarder(upstream: Channel) -> std::io::Result<SocketAddr> {
+    forwarder(upstream, PATH).await
 }
