@@ -190,12 +190,24 @@ fn print_batches(t: &o2c_credit::grpc::Timings, clients: usize, rate: f64) {
         .map(|(step, micros)| format!("{step} {micros}"))
         .collect();
     println!(
-        "    credit batches: {} of {:.1} checks on average; µs: {}",
+        "    credit batches: {} of {:.1} checks on average, {} without a read; µs: {}",
         t.batches(),
         t.checks as f64 / t.batches().max(1) as f64,
+        t.reads_skipped,
         steps.join(", ")
     );
-    let in_credit: u64 = averages.iter().map(|(_, micros)| micros).sum();
+    // The read's average is over the batches that read.
+    let reads = t.batches().saturating_sub(t.reads_skipped);
+    let in_credit: u64 = averages
+        .iter()
+        .map(|(step, micros)| {
+            if *step == "read" {
+                micros * reads / t.batches().max(1)
+            } else {
+                *micros
+            }
+        })
+        .sum();
     let per_order = clients as f64 / rate.max(f64::MIN_POSITIVE) * 1e6;
     println!(
         "    an order's {:.0} µs: {} in credit's queue, batch and answer, {:.0} elsewhere",
@@ -587,6 +599,7 @@ async fn main() {
         .unwrap();
     let mut credit_forwarded = hop::Client::new(channel(credit_forwarder).await);
     let mut samples: [Vec<Duration>; 7] = Default::default();
+    let latency_began = suite.credit_batches.timings();
     let mut n = 0u64;
     for _ in 0..rounds {
         for (kind, bucket) in samples.iter_mut().enumerate() {
@@ -645,6 +658,19 @@ async fn main() {
             }
         }
     }
+    // One check at a time: a batch of one each, its steps as timed.
+    let t = suite.credit_batches.timings().since(&latency_began);
+    let steps: Vec<String> = t
+        .averages()
+        .iter()
+        .map(|(step, micros)| format!("{step} {micros}"))
+        .collect();
+    println!(
+        "  latency phase's credit batches: {}, {} without a read; µs: {}",
+        t.batches(),
+        t.reads_skipped,
+        steps.join(", ")
+    );
     let [
         direct,
         through,

@@ -32,6 +32,12 @@
 //! write share a transaction (in process, it costs no round trip), and the
 //! commit follows the write.
 //!
+//! On PostgreSQL a lane also remembers each account as its last committed
+//! write left it ([`Remembered`]), and decides a batch whose customers
+//! are all remembered without step 1: the write's version guard and its
+//! inserts still refuse anything that changed or was recorded since, and
+//! a batch whose write fails is read and decided again.
+//!
 //! What this does not decide goes through [`CreditApi::decide_each`], one
 //! order after another in one transaction, each at its own savepoint: the
 //! orders of group members (whose check needs the parent's row), of
@@ -144,6 +150,9 @@ pub struct Timings {
     /// Per step: how many times it was timed (per check for `queued` and
     /// `answer`, per batch for the others).
     pub counts: [u64; STEPS],
+    /// Set-wise batches decided on their accounts as remembered, without
+    /// a read (they time no `read`).
+    pub reads_skipped: u64,
 }
 
 /// How many steps [`Timings`] has.
@@ -159,12 +168,14 @@ impl Timings {
             checks: self.checks.saturating_sub(earlier.checks),
             micros: between(&self.micros, &earlier.micros),
             counts: between(&self.counts, &earlier.counts),
+            reads_skipped: self.reads_skipped.saturating_sub(earlier.reads_skipped),
         }
     }
 
-    /// Set-wise batches: the times their read was timed (each times one).
+    /// Set-wise batches: the times their read was timed (each times one,
+    /// unless it was decided without one).
     pub fn batches(&self) -> u64 {
-        self.counts[Step::Read as usize]
+        self.counts[Step::Read as usize] + self.reads_skipped
     }
 
     /// Each step's code with its average in microseconds over the times it
@@ -241,7 +252,29 @@ pub struct Batcher {
     /// [`Timings::micros`] and [`Timings::counts`].
     micros: [AtomicU64; STEPS],
     counts: [AtomicU64; STEPS],
+    /// Each account as the last set-wise write of its lane left it, with
+    /// its oldest open due date (see [`Remembered`]).
+    remembered: Mutex<HashMap<(String, CustomerId), Remembered>>,
+    /// [`Timings::reads_skipped`].
+    reads_skipped: AtomicU64,
 }
+
+/// An account as a set-wise write of its lane left it, and the due date of
+/// its oldest open receivable then. A batch whose customers are all
+/// remembered is decided on these instead of a read: its write is guarded
+/// by the versions remembered, so it commits only if nothing changed those
+/// accounts since (everything a decision rests on changes the version), and
+/// a key or an order seen before collides with the row the write inserts.
+/// When the write fails the batch's customers are forgotten and the batch
+/// is read and decided again.
+#[derive(Clone)]
+struct Remembered {
+    account: storage::Account,
+    oldest_due: Option<chrono::NaiveDate>,
+}
+
+/// Most accounts remembered; past it, the memory starts again empty.
+pub const MAX_REMEMBERED_ACCOUNTS: usize = 100_000;
 
 impl Batcher {
     /// Batches in `lanes` lanes per tenant.
@@ -255,6 +288,69 @@ impl Batcher {
             batched: AtomicU64::default(),
             micros: Default::default(),
             counts: Default::default(),
+            remembered: Mutex::default(),
+            reads_skipped: AtomicU64::default(),
+        }
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<(String, CustomerId), Remembered>> {
+        // Every change is an insert, a removal or a clear.
+        self.remembered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The accounts of `customers` of `tenant` and their oldest due dates
+    /// (by account id), when every one of them is remembered.
+    fn recall(
+        &self,
+        tenant: &str,
+        customers: &[CustomerId],
+    ) -> Option<(
+        HashMap<CustomerId, storage::Account>,
+        HashMap<String, chrono::NaiveDate>,
+    )> {
+        let remembered = self.remembered();
+        let mut accounts = HashMap::with_capacity(customers.len());
+        let mut due = HashMap::new();
+        for customer in customers {
+            let found = remembered.get(&(tenant.to_owned(), *customer))?;
+            if let Some(date) = found.oldest_due {
+                due.insert(found.account.id.to_string(), date);
+            }
+            accounts.insert(*customer, found.account.clone());
+        }
+        Some((accounts, due))
+    }
+
+    /// Remembers `accounts` of `tenant` as a committed write left them.
+    fn remember(
+        &self,
+        tenant: &str,
+        accounts: &HashMap<CustomerId, storage::Account>,
+        due: &HashMap<String, chrono::NaiveDate>,
+    ) {
+        let mut remembered = self.remembered();
+        if remembered.len() + accounts.len() > MAX_REMEMBERED_ACCOUNTS {
+            remembered.clear();
+        }
+        for (customer, account) in accounts {
+            let oldest_due = due.get(&account.id.to_string()).copied();
+            remembered.insert(
+                (tenant.to_owned(), *customer),
+                Remembered {
+                    account: account.clone(),
+                    oldest_due,
+                },
+            );
+        }
+    }
+
+    /// Forgets `customers` of `tenant`: the next batch of theirs reads.
+    fn forget(&self, tenant: &str, customers: impl IntoIterator<Item = CustomerId>) {
+        let mut remembered = self.remembered();
+        for customer in customers {
+            remembered.remove(&(tenant.to_owned(), customer));
         }
     }
 
@@ -282,6 +378,7 @@ impl Batcher {
             checks: self.batched.load(Ordering::Relaxed),
             micros: std::array::from_fn(|i| self.micros[i].load(Ordering::Relaxed)),
             counts: std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed)),
+            reads_skipped: self.reads_skipped.load(Ordering::Relaxed),
         }
     }
 
@@ -529,6 +626,10 @@ impl CreditApi {
             self.batcher
                 .count(size - alone.len() - rest.len(), alone.len());
             if !alone.is_empty() {
+                // Decided one by one, their accounts change behind the
+                // lane's memory.
+                self.batcher
+                    .forget(tenant, alone.iter().map(|p| p.check.customer));
                 let _turn = self.batcher.one_at_a_time.lock().await;
                 self.decide_each(tenant, alone, &opener).await;
             }
@@ -571,12 +672,12 @@ impl CreditApi {
         };
         let planned = match &txn {
             Some(txn) => {
-                self.plan_together(txn, tenant, &batch)
+                self.plan_together(txn, tenant, &batch, false)
                     .instrument(opener.clone())
                     .await
             }
             None => {
-                self.plan_together(&self.batch_db, tenant, &batch)
+                self.plan_together(&self.batch_db, tenant, &batch, true)
                     .instrument(opener.clone())
                     .await
             }
@@ -630,15 +731,61 @@ impl CreditApi {
         Left { alone: after, rest }
     }
 
-    /// Reads what `batch` needs, decides its checks in memory up to the
-    /// first one that has no account here (no account, or one in a
-    /// group), and writes the result, with the events of the exposures it
-    /// left, in `conn`.
+    /// Decides `batch` as [`Self::plan_on`] does. With `remember` (a
+    /// write that commits itself, on PostgreSQL), a batch whose customers'
+    /// accounts are all remembered from the lane's earlier writes is
+    /// decided on those without a read ([`Remembered`]); when its write
+    /// fails, the customers are forgotten and the batch is read and decided
+    /// again. Every write that commits leaves its accounts remembered.
     async fn plan_together(
         &self,
         conn: &impl ConnectionTrait,
         tenant: &str,
         batch: &[Pending],
+        remember: bool,
+    ) -> Result<Planned, ApiError> {
+        let mut customers: Vec<CustomerId> = batch.iter().map(|p| p.check.customer).collect();
+        customers.sort_unstable();
+        customers.dedup();
+        if remember && let Some(recalled) = self.batcher.recall(tenant, &customers) {
+            match self
+                .plan_on(conn, tenant, batch, Some(recalled), true)
+                .await
+            {
+                Ok(planned) => {
+                    self.batcher.reads_skipped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(planned);
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "a batch decided on remembered accounts did not commit; reading them");
+                    self.batcher.forget(tenant, customers.iter().copied());
+                }
+            }
+        }
+        let planned = self.plan_on(conn, tenant, batch, None, remember).await;
+        if planned.is_err() {
+            self.batcher.forget(tenant, customers);
+        }
+        planned
+    }
+
+    /// Reads what `batch` needs (or takes the `recalled` accounts and due
+    /// dates, and no idempotency records or checked orders: the write's
+    /// inserts collide with those), decides its checks in memory up to the
+    /// first one that has no account here (no account, or one in a
+    /// group), and writes the result, with the events of the exposures it
+    /// left, in `conn`; with `remember`, remembers the accounts as the
+    /// write left them once it committed.
+    async fn plan_on(
+        &self,
+        conn: &impl ConnectionTrait,
+        tenant: &str,
+        batch: &[Pending],
+        recalled: Option<(
+            HashMap<CustomerId, storage::Account>,
+            HashMap<String, chrono::NaiveDate>,
+        )>,
+        remember: bool,
     ) -> Result<Planned, ApiError> {
         // One tenant, so one scope.
         let scope = batch.first().map_or("", |p| p.check.scope.as_str());
@@ -650,7 +797,6 @@ impl CreditApi {
         let mut customers: Vec<CustomerId> = batch.iter().map(|p| p.check.customer).collect();
         customers.sort_unstable();
         customers.dedup();
-        let started = Instant::now();
         let (
             mut accounts,
             storage::batch::Found {
@@ -658,8 +804,23 @@ impl CreditApi {
                 checked: mut checked_before,
                 oldest_due: due,
             },
-        ) = storage::batch::read_all(conn, tenant, &customers, scope, &keys, &orders).await?;
-        record(&self.batcher, Step::Read, started);
+        ) = match recalled {
+            Some((accounts, oldest_due)) => (
+                accounts,
+                storage::batch::Found {
+                    oldest_due,
+                    ..Default::default()
+                },
+            ),
+            None => {
+                let started = Instant::now();
+                let read =
+                    storage::batch::read_all(conn, tenant, &customers, scope, &keys, &orders)
+                        .await?;
+                record(&self.batcher, Step::Read, started);
+                read
+            }
+        };
         let started = Instant::now();
         let read_versions: HashMap<CustomerId, i64> = accounts
             .iter()
@@ -786,6 +947,9 @@ impl CreditApi {
         )
         .await?;
         record(&self.batcher, Step::Write, started);
+        if remember {
+            self.batcher.remember(tenant, &accounts, &due);
+        }
         Ok(Planned {
             fates,
             run,
@@ -1064,11 +1228,13 @@ mod tests {
             checks: 3,
             micros: [30, 1, 3, 4, 5, 6, 30],
             counts: [3, 1, 1, 1, 1, 1, 3],
+            reads_skipped: 0,
         };
         let later = Timings {
             checks: 13,
             micros: [230, 41, 603, 24, 805, 406, 530],
             counts: [13, 3, 3, 3, 3, 2, 8],
+            reads_skipped: 0,
         };
         let between = later.since(&earlier);
         assert_eq!((between.batches(), between.checks), (2, 10));
