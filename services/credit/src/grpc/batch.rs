@@ -33,10 +33,12 @@
 //! commit follows the write.
 //!
 //! On PostgreSQL a lane also remembers each account as its last committed
-//! write left it ([`Remembered`]), and decides a batch whose customers
-//! are all remembered without step 1: the write's version guard and its
-//! inserts still refuse anything that changed or was recorded since, and
-//! a batch whose write fails is read and decided again.
+//! batch read or wrote it ([`Remembered`]), and decides a batch whose
+//! customers are all remembered without step 1: the write's version guard
+//! refuses accounts changed since, and its inserts collide with a key
+//! recorded or an order approved or held before. A block or a refusal
+//! inserts nothing an earlier check collides with, so such a batch is
+//! read first; so is a batch whose write fails.
 //!
 //! What this does not decide goes through [`CreditApi::decide_each`], one
 //! order after another in one transaction, each at its own savepoint: the
@@ -259,14 +261,16 @@ pub struct Batcher {
     reads_skipped: AtomicU64,
 }
 
-/// An account as a set-wise write of its lane left it, and the due date of
-/// its oldest open receivable then. A batch whose customers are all
-/// remembered is decided on these instead of a read: its write is guarded
-/// by the versions remembered, so it commits only if nothing changed those
-/// accounts since (everything a decision rests on changes the version), and
-/// a key or an order seen before collides with the row the write inserts.
-/// When the write fails the batch's customers are forgotten and the batch
-/// is read and decided again.
+/// An account as a committed set-wise batch of its lane read or wrote it,
+/// and the due date of its oldest open receivable then. A batch whose
+/// customers are all remembered is decided on these instead of a read: its
+/// write is guarded by the versions remembered, so it commits only if
+/// nothing changed those accounts since (everything a decision rests on
+/// changes the version, and versions only grow), and a key recorded or an
+/// order approved or held before collides with a row the write inserts. A
+/// batch that would block or refuse an order, which inserts no such row,
+/// is not written so: it is read and decided again, as is a batch whose
+/// write fails, after its customers are forgotten.
 #[derive(Clone)]
 struct Remembered {
     account: storage::Account,
@@ -323,7 +327,8 @@ impl Batcher {
         Some((accounts, due))
     }
 
-    /// Remembers `accounts` of `tenant` as a committed write left them.
+    /// Remembers `accounts` of `tenant` as a committed batch read or wrote
+    /// them.
     fn remember(
         &self,
         tenant: &str,
@@ -733,10 +738,11 @@ impl CreditApi {
 
     /// Decides `batch` as [`Self::plan_on`] does. With `remember` (a
     /// write that commits itself, on PostgreSQL), a batch whose customers'
-    /// accounts are all remembered from the lane's earlier writes is
-    /// decided on those without a read ([`Remembered`]); when its write
-    /// fails, the customers are forgotten and the batch is read and decided
-    /// again. Every write that commits leaves its accounts remembered.
+    /// accounts are all remembered from the lane's earlier batches is
+    /// decided on those without a read ([`Remembered`]); when that ends in
+    /// an error (a failed write, a block or a refusal), the customers are
+    /// forgotten and the batch is read and decided again. Every batch that
+    /// commits leaves its accounts remembered.
     async fn plan_together(
         &self,
         conn: &impl ConnectionTrait,
@@ -771,7 +777,8 @@ impl CreditApi {
 
     /// Reads what `batch` needs (or takes the `recalled` accounts and due
     /// dates, and no idempotency records or checked orders: the write's
-    /// inserts collide with those), decides its checks in memory up to the
+    /// inserts collide with those, and a block or a refusal, which inserts
+    /// nothing to collide, ends it with ABORTED), decides its checks in memory up to the
     /// first one that has no account here (no account, or one in a
     /// group), and writes the result, with the events of the exposures it
     /// left, in `conn`; with `remember`, remembers the accounts as the
@@ -797,6 +804,11 @@ impl CreditApi {
         let mut customers: Vec<CustomerId> = batch.iter().map(|p| p.check.customer).collect();
         customers.sort_unstable();
         customers.dedup();
+        // Decided on memory, a batch knows of no order checked before; only
+        // an approval or a hold inserts a row that collides with one.
+        let from_memory = recalled.is_some();
+        let from_memory_only =
+            |why: &str| ApiError::Aborted(format!("{why}: decided again after a read"));
         let (
             mut accounts,
             storage::batch::Found {
@@ -869,6 +881,9 @@ impl CreditApi {
                 break;
             };
             if let Err(error) = same_currency("amount", &c.amount, account) {
+                if from_memory {
+                    return Err(from_memory_only("a refusal"));
+                }
                 fates.push(Fate::Refused(error));
                 continue;
             }
@@ -884,6 +899,9 @@ impl CreditApi {
                 c.amount,
             )?;
             let checked = planned.checked;
+            if from_memory && checked.outcome == domain::Outcome::Block {
+                return Err(from_memory_only("a block"));
+            }
             let reasons = domain::Reason::join(&checked.reasons).to_string();
             let response = pb::CheckAndReserveResponse {
                 decision: Some(checked_decision(&checked)?),
