@@ -150,6 +150,7 @@ pub async fn open_account(
         }
     };
     let id = CreditAccountId::new();
+    let parent_id = parent_account_id.clone();
     let result = account::Entity::insert(account::ActiveModel {
         id: Set(id.to_string()),
         tenant_id: Set(tenant_id.to_owned()),
@@ -182,6 +183,21 @@ pub async fn open_account(
             )));
         }
         Err(error) => return Err(error.into()),
+    }
+    // The parent now has a member, which its row does not show: its
+    // version changes, so that a credit lane that remembers it as it was
+    // (`grpc::batch::Remembered`) reads it again, and leaves its orders to
+    // be decided one by one as a parent's are.
+    if let Some(parent) = parent_id {
+        account::Entity::update_many()
+            .col_expr(
+                account::Column::Version,
+                Expr::col(account::Column::Version).add(1),
+            )
+            .col_expr(account::Column::UpdatedAt, Expr::value(now))
+            .filter(account::Column::Id.eq(parent))
+            .exec(conn)
+            .await?;
     }
     require_account(conn, tenant_id, customer_id).await
 }

@@ -2055,6 +2055,15 @@ async fn a_change_behind_the_lanes_memory_is_decided_on(backend: Backend) {
     assert_eq!(again, second);
     let fourth = check("k-4", "o-4", "1.00").await;
     assert_ne!(fourth.decision(), pb::Decision::Approve, "{fourth:?}");
+    // A second check of an order in another currency is refused as a
+    // second check, as a read finds it, not for its currency.
+    let mut in_usd = request("k-usd", "o-1", "1.00");
+    in_usd.amount = Some(o2c_proto::common::v1::Money {
+        amount: "1.00".into(),
+        currency_code: "USD".into(),
+    });
+    let refused = h.client.check_and_reserve(in_usd).await.unwrap_err();
+    assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
     // Blocked: a block inserts no row another check of an order collides
     // with, so a block decided on memory is decided again after a read,
     // where a second check of a reserved order is refused as one.
@@ -2093,4 +2102,48 @@ async fn a_change_behind_the_lanes_memory_is_decided_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_behind_the_lanes_memory_is_decided_on_postgres() {
     a_change_behind_the_lanes_memory_is_decided_on(Backend::Postgres).await;
+}
+
+/// A customer the lane remembers becomes the parent of a group: its next
+/// order is read and decided one by one, as a parent's are, and the group
+/// limit holds across parent and member.
+async fn a_new_parent_leaves_the_lanes_memory(backend: Backend) {
+    let Some(mut h) = start(backend, "new_parent").await else {
+        return;
+    };
+    let parent = open_with_limit(&mut h.client, "10.00").await;
+    for order in ["p-1", "p-2"] {
+        let decision = reserve(&mut h.client, &parent, order, "3.00").await;
+        assert_eq!(decision.decision(), pb::Decision::Approve);
+    }
+    let member = uuid::Uuid::now_v7().to_string();
+    open(&mut h.client, &member, &parent).await.unwrap();
+    set_limit(&mut h.client, &member, "5.00", ANALYST).await;
+    let before = h.batches.decided();
+    let third = reserve(&mut h.client, &parent, "p-3", "3.00").await;
+    assert_eq!(third.decision(), pb::Decision::Approve, "{third:?}");
+    let after = h.batches.decided();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 1),
+        "one by one"
+    );
+    // The group's limit is the parent's: 9.00 of 10.00 is taken (the
+    // member's own limit, 5.00, would allow 2.00).
+    let over = reserve(&mut h.client, &member, "m-1", "2.00").await;
+    assert_ne!(over.decision(), pb::Decision::Approve, "{over:?}");
+    let fits = reserve(&mut h.client, &member, "m-2", "1.00").await;
+    assert_eq!(fits.decision(), pb::Decision::Approve, "{fits:?}");
+    assert_consistent(&mut h.client, &parent).await;
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_parent_leaves_the_lanes_memory_sqlite() {
+    a_new_parent_leaves_the_lanes_memory(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_parent_leaves_the_lanes_memory_postgres() {
+    a_new_parent_leaves_the_lanes_memory(Backend::Postgres).await;
 }
