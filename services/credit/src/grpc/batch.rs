@@ -254,8 +254,8 @@ pub struct Batcher {
     /// [`Timings::micros`] and [`Timings::counts`].
     micros: [AtomicU64; STEPS],
     counts: [AtomicU64; STEPS],
-    /// Each account as the last set-wise write of its lane left it, with
-    /// its oldest open due date (see [`Remembered`]).
+    /// Each account as the last committed set-wise batch of its lane read
+    /// or wrote it, with its oldest open due date (see [`Remembered`]).
     remembered: Mutex<HashMap<(String, CustomerId), Remembered>>,
     /// [`Timings::reads_skipped`].
     reads_skipped: AtomicU64,
@@ -782,7 +782,7 @@ impl CreditApi {
     /// first one that has no account here (no account, or one in a
     /// group), and writes the result, with the events of the exposures it
     /// left, in `conn`; with `remember`, remembers the accounts as the
-    /// write left them once it committed.
+    /// batch read or wrote them once its write committed.
     async fn plan_on(
         &self,
         conn: &impl ConnectionTrait,
