@@ -177,6 +177,15 @@ async fn onboard(gateway: &mut Gateway, name: &str, limit: &str) -> Result<Strin
     Ok(customer)
 }
 
+/// Each step of credit's batches with its average, as `read 412, …`.
+fn steps(t: &o2c_credit::grpc::Timings) -> String {
+    t.averages()
+        .iter()
+        .map(|(step, micros)| format!("{step} {micros}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Where the credit checks' time went in a phase of `clients` closed
 /// loops at `rate` orders a second: the steps of the set-wise batches on
 /// average (per check for the wait in the queue and the answer after the
@@ -185,16 +194,12 @@ async fn onboard(gateway: &mut Gateway, name: &str, limit: &str) -> Result<Strin
 /// answer: the gRPC hops, the gateway, credit's handler and the client.
 fn print_batches(t: &o2c_credit::grpc::Timings, clients: usize, rate: f64) {
     let averages = t.averages();
-    let steps: Vec<String> = averages
-        .iter()
-        .map(|(step, micros)| format!("{step} {micros}"))
-        .collect();
     println!(
         "    credit batches: {} of {:.1} checks on average, {} without a read; µs: {}",
         t.batches(),
         t.checks as f64 / t.batches().max(1) as f64,
         t.reads_skipped,
-        steps.join(", ")
+        steps(t)
     );
     // The read's average is over the batches that read.
     let reads = t.batches().saturating_sub(t.reads_skipped);
@@ -660,16 +665,11 @@ async fn main() {
     }
     // One check at a time: a batch of one each, its steps as timed.
     let t = suite.credit_batches.timings().since(&latency_began);
-    let steps: Vec<String> = t
-        .averages()
-        .iter()
-        .map(|(step, micros)| format!("{step} {micros}"))
-        .collect();
     println!(
         "  latency phase's credit batches: {}, {} without a read; µs: {}",
         t.batches(),
         t.reads_skipped,
-        steps.join(", ")
+        steps(&t)
     );
     let [
         direct,

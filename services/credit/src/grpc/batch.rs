@@ -755,7 +755,7 @@ impl CreditApi {
         customers.dedup();
         if remember && let Some(recalled) = self.batcher.recall(tenant, &customers) {
             match self
-                .plan_on(conn, tenant, batch, Some(recalled), true)
+                .plan_on(conn, tenant, batch, &customers, Some(recalled), true)
                 .await
             {
                 Ok(planned) => {
@@ -768,14 +768,17 @@ impl CreditApi {
                 }
             }
         }
-        let planned = self.plan_on(conn, tenant, batch, None, remember).await;
+        let planned = self
+            .plan_on(conn, tenant, batch, &customers, None, remember)
+            .await;
         if planned.is_err() {
             self.batcher.forget(tenant, customers);
         }
         planned
     }
 
-    /// Reads what `batch` needs (or takes the `recalled` accounts and due
+    /// Reads what `batch` needs for its distinct, sorted `customers` (or
+    /// takes the `recalled` accounts and due
     /// dates, and no idempotency records or checked orders: the write's
     /// inserts collide with those, and a block or a refusal, which inserts
     /// nothing to collide, ends it with ABORTED), decides its checks in memory up to the
@@ -788,6 +791,7 @@ impl CreditApi {
         conn: &impl ConnectionTrait,
         tenant: &str,
         batch: &[Pending],
+        customers: &[CustomerId],
         recalled: Option<(
             HashMap<CustomerId, storage::Account>,
             HashMap<String, chrono::NaiveDate>,
@@ -798,17 +802,14 @@ impl CreditApi {
         let scope = batch.first().map_or("", |p| p.check.scope.as_str());
         let keys: Vec<&str> = batch.iter().map(|p| p.check.key.as_str()).collect();
         let orders: Vec<&str> = batch.iter().map(|p| p.check.order.as_str()).collect();
-        // Everything in one statement, so in one snapshot; the write fails
-        // if what it saw changed since. A replay's customer is read too,
-        // and left as it was.
-        let mut customers: Vec<CustomerId> = batch.iter().map(|p| p.check.customer).collect();
-        customers.sort_unstable();
-        customers.dedup();
         // Decided on memory, a batch knows of no order checked before; only
         // an approval or a hold inserts a row that collides with one.
         let from_memory = recalled.is_some();
         let from_memory_only =
             |why: &str| ApiError::Aborted(format!("{why}: decided again after a read"));
+        // Read: everything in one statement, so in one snapshot; the write
+        // fails if what it saw changed since. A replay's customer is read
+        // too, and left as it was.
         let (
             mut accounts,
             storage::batch::Found {
@@ -826,9 +827,8 @@ impl CreditApi {
             ),
             None => {
                 let started = Instant::now();
-                let read =
-                    storage::batch::read_all(conn, tenant, &customers, scope, &keys, &orders)
-                        .await?;
+                let read = storage::batch::read_all(conn, tenant, customers, scope, &keys, &orders)
+                    .await?;
                 record(&self.batcher, Step::Read, started);
                 read
             }

@@ -189,15 +189,7 @@ pub async fn open_account(
     // (`grpc::batch::Remembered`) reads it again, and leaves its orders to
     // be decided one by one as a parent's are.
     if let Some(parent) = parent_id {
-        account::Entity::update_many()
-            .col_expr(
-                account::Column::Version,
-                Expr::col(account::Column::Version).add(1),
-            )
-            .col_expr(account::Column::UpdatedAt, Expr::value(now))
-            .filter(account::Column::Id.eq(parent))
-            .exec(conn)
-            .await?;
+        shift_group(conn, &parent, 0, now).await?;
     }
     require_account(conn, tenant_id, customer_id).await
 }
