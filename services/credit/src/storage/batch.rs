@@ -11,7 +11,7 @@ use o2c_money::ids::CustomerId;
 use sea_orm::entity::prelude::*;
 use sea_orm::sea_query::{
     Alias, CaseStatement, CommonTableExpression, ExprTrait, Func, InsertStatement, Query,
-    SelectStatement, UnionType, UpdateStatement, WithClause,
+    SelectStatement, SubQueryStatement, UnionType, UpdateStatement, WithClause, WithQuery,
 };
 use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, Iterable, QueryTrait};
 
@@ -290,12 +290,7 @@ pub async fn write_all(
         match update {
             Some(mut update) => {
                 update.returning_col(account::Column::Id);
-                with.cte(
-                    CommonTableExpression::new()
-                        .query(update)
-                        .table_name(written.clone())
-                        .to_owned(),
-                );
+                with.cte(cte(update, written.clone()));
                 // Not a constant in the `ELSE`, which PostgreSQL would
                 // fold (and fail) when planning.
                 let expected = accounts.len();
@@ -314,14 +309,12 @@ pub async fn write_all(
             }
         }
         for (i, insert) in inserts.into_iter().enumerate() {
-            with.cte(
-                CommonTableExpression::new()
-                    .query(insert)
-                    .table_name(Alias::new(format!("insert_{i}")))
-                    .to_owned(),
-            );
+            with.cte(cte(insert, Alias::new(format!("insert_{i}"))));
         }
-        match conn.query_one(&with.query(select)).await? {
+        // Not `WithClause::query`, which copies every CTE and its values.
+        let mut statement = WithQuery::new();
+        statement.with_clause(with).query(select);
+        match conn.query_one(&statement).await? {
             Some(row) => u64::try_from(row.try_get::<i64>("", "written")?).unwrap_or_default(),
             None => 0,
         }
@@ -343,6 +336,14 @@ pub async fn write_all(
         ));
     }
     Ok(())
+}
+
+/// A CTE named `name` of `query`, built in place: sea-query's builders
+/// that return `Self` copy the statement, values and all, at each call.
+fn cte(query: impl Into<SubQueryStatement>, name: Alias) -> CommonTableExpression {
+    let mut cte = CommonTableExpression::new();
+    cte.query(query).table_name(name);
+    cte
 }
 
 /// The update of [`write_all`] (None when no account changed).
