@@ -338,8 +338,9 @@ pub async fn write_all(
     Ok(())
 }
 
-/// A CTE named `name` of `query`, built in place: sea-query's builders
-/// that return `Self` copy the statement, values and all, at each call.
+/// A CTE named `name` of `query`, built in place: the `.to_owned()` that
+/// sea-query's examples end a chain of its `&mut Self` builders with
+/// copies the statement, values and all.
 fn cte(query: impl Into<SubQueryStatement>, name: Alias) -> CommonTableExpression {
     let mut cte = CommonTableExpression::new();
     cte.query(query).table_name(name);
