@@ -860,6 +860,83 @@ async fn batch_keeps_arrival_order_across_paths_postgres() {
     h.served.stop().await;
 }
 
+/// A check decided one by one whose account changes between its read
+/// and its write is evaluated again on the account as it now is
+/// (`storage::check::evaluate_and_reserve`). The parent of a group (whose
+/// checks go one by one) is over its limit as the check reads it; a
+/// raise of that limit, uncommitted in another transaction, holds the row
+/// that the held verdict locks to confirm it. Once the raise commits, the
+/// confirmation fails and the check, read again, is approved. Without the
+/// second evaluation it would be held on the old limit, or refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_whose_account_changed_under_it_is_evaluated_again_postgres() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(mut h) = start(Backend::Postgres, "reevaluate").await else {
+        return;
+    };
+    let c = &mut h.client;
+    let parent = open_with_limit(c, "100.00").await;
+    let member = uuid::Uuid::now_v7().to_string();
+    open(c, &member, &parent).await.unwrap();
+    let first = reserve(c, &parent, "o-1", "95.00").await;
+    assert_eq!(first.decision(), pb::Decision::Approve, "{first:?}");
+    let outside = sea_orm::Database::connect(&h.db.url).await.unwrap();
+    let raise = outside.begin().await.unwrap();
+    let raised = raise
+        .execute_unprepared(&format!(
+            "UPDATE credit_accounts SET limit_minor = 20000, version = version + 1 \
+             WHERE customer_id = '{parent}'"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(raised.rows_affected(), 1);
+    let before = h.batches.decided();
+    let check = {
+        let mut client = h.client.clone();
+        let parent = parent.clone();
+        tokio::spawn(async move { reserve(&mut client, &parent, "o-2", "10.00").await })
+    };
+    // The check read the committed account (95.00 of 100.00 taken), found
+    // 10.00 over the limit, and waits for the row to confirm that.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting = outside
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT count(*) AS waiting FROM pg_locks l \
+                 JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE NOT l.granted AND a.datname = current_database()",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "waiting")
+            .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(!check.is_finished(), "the check did not wait for the row");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the check never waited for the row"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    raise.commit().await.unwrap();
+    let second = check.await.unwrap();
+    assert_eq!(second.decision(), pb::Decision::Approve, "{second:?}");
+    let after = h.batches.decided();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 1),
+        "decided one by one"
+    );
+    let e = assert_consistent(&mut h.client, &parent).await;
+    assert_eq!(amount(&e.reserved), "105.00");
+    assert_eq!(amount(&e.credit_limit), "200.00");
+    h.served.stop().await;
+}
+
 async fn every_reason(backend: Backend) {
     let Some(mut h) = start(backend, "reasons").await else {
         return;
