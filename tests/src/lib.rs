@@ -1,6 +1,8 @@
 //! Cross-service end-to-end tests live in `tests/`, benchmarks in
 //! `benches/`; this crate holds what they share.
 
+pub mod cpu;
+
 /// The identity provider the tests and benchmarks trust: an HS256 issuer
 /// (a test double of a real one; RS/ES keys are configured the same way
 /// with a PEM).

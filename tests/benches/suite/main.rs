@@ -18,6 +18,9 @@
 //!    the all-in-one binary (goal ≤ 80 MiB);
 //! 5. open-loop load at fixed rates, counting dropped and late requests.
 //!
+//! Each timed phase also prints where the machine's CPU went
+//! (`o2c_tests::cpu`): this process, PostgreSQL, idle.
+//!
 //! `cargo bench -p o2c-tests --bench suite`. Needs PostgreSQL and Redis
 //! (`O2C_TEST_POSTGRES_URL`, `O2C_TEST_REDIS_URL`; the local defaults
 //! otherwise). Tuning: `O2C_BENCH_CLIENTS` (16), `O2C_BENCH_CUSTOMERS`
@@ -51,6 +54,7 @@ use o2c_proto::credit::v1::credit_service_client::CreditServiceClient;
 use o2c_proto::gateway::v1 as pb;
 use o2c_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
 use o2c_testkit::Backend;
+use o2c_tests::cpu;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -220,6 +224,15 @@ fn print_batches(t: &o2c_credit::grpc::Timings, clients: usize, rate: f64) {
         in_credit,
         per_order - in_credit as f64
     );
+}
+
+/// The machine's CPU over the phase that began at `before` and ran at
+/// `rate` (`o2c_tests::cpu`), when `/proc` tells it.
+fn print_cpu(before: Option<cpu::Sample>, rate: f64, unit: &str) {
+    let line = cpu::describe(before, cpu::sample(), rate, unit);
+    if !line.is_empty() {
+        println!("{line}");
+    }
 }
 
 /// One order of [`ORDER_AMOUNT`]; Ok only when approved.
@@ -489,6 +502,7 @@ async fn main() {
     let mut raw_hot = Vec::new();
     for hot in [false, true, true, false] {
         before_phase().await;
+        let cpu_before = cpu::sample();
         let run = raw_run(hot).await;
         println!(
             "  raw PostgreSQL  {:<6} {:>8.1} reservations/s ({} failed)",
@@ -496,6 +510,7 @@ async fn main() {
             run.rate,
             run.failed
         );
+        print_cpu(cpu_before, run.rate, "reservation");
         if hot { &mut raw_hot } else { &mut raw_spread }.push(run.rate);
     }
 
@@ -537,6 +552,7 @@ async fn main() {
     for on_hot in [false, true, true, false] {
         before_phase().await;
         let before = suite.credit_batches.timings();
+        let cpu_before = cpu::sample();
         let run = suite_run(on_hot, phase).await;
         not_approved += run.failed;
         println!(
@@ -545,6 +561,7 @@ async fn main() {
             run.rate,
             run.failed
         );
+        print_cpu(cpu_before, run.rate, "order");
         print_batches(
             &suite.credit_batches.timings().since(&before),
             clients,
