@@ -19,6 +19,7 @@
 //! Business rules of any one service never live here.
 
 pub mod auth;
+pub mod background;
 pub mod cache;
 pub mod client;
 pub mod clock;

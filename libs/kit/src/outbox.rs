@@ -347,23 +347,26 @@ impl<C: Consumer> Inbox<C> {
     }
 
     /// The tonic service to add to a server's routes. Also starts an
-    /// hourly pruning of the inbox past [`INBOX_RETENTION`].
+    /// hourly pruning of the inbox past [`INBOX_RETENTION`], until the
+    /// service stops ([`crate::background`]).
     pub fn into_server(self) -> EventsServiceServer<Self> {
         let db = self.db.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(Duration::from_secs(3600));
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticker.tick().await;
-                match prune_inbox(&db, INBOX_RETENTION).await {
-                    Ok(0) => {}
-                    Ok(pruned) => tracing::info!(pruned, "inbox pruned"),
-                    Err(error) => {
-                        tracing::warn!(%error, "inbox pruning failed; retrying next hour")
+        crate::background::every(
+            Duration::from_secs(3600),
+            crate::background::First::Now,
+            move || {
+                let db = db.clone();
+                async move {
+                    match prune_inbox(&db, INBOX_RETENTION).await {
+                        Ok(0) => {}
+                        Ok(pruned) => tracing::info!(pruned, "inbox pruned"),
+                        Err(error) => {
+                            tracing::warn!(%error, "inbox pruning failed; retrying next hour")
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         EventsServiceServer::new(self)
     }
 
@@ -616,17 +619,16 @@ impl Relay {
             .await?)
     }
 
-    /// Runs passes every `interval` for the life of the process, and
-    /// passes back to back while they deliver full batches, so a backlog
-    /// drains at the speed of delivery rather than a batch per interval.
+    /// Runs passes every `interval` until its service stops
+    /// ([`crate::background`]), and passes back to back while they
+    /// deliver full batches, so a backlog drains at the speed of delivery
+    /// rather than a batch per interval.
     pub fn spawn(self, interval: Duration) {
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticker.tick().await;
+        crate::background::every(interval, crate::background::First::Now, move || {
+            let relay = self.clone();
+            async move {
                 loop {
-                    match self.run_once().await {
+                    match relay.run_once().await {
                         Ok(delivered) if delivered as u64 >= BATCH => {}
                         Ok(_) => break,
                         Err(error) => {

@@ -208,6 +208,44 @@ pub async fn run(
     .await
 }
 
+/// Builds a service with `build` and serves it as [`run`] does, until
+/// `shutdown` resolves; then stops the background loops that `build`
+/// started ([`crate::background`]), letting each finish its pass within
+/// the shutdown grace.
+pub async fn build_and_run(
+    service_name: &'static str,
+    settings: &crate::settings::ServiceSettings,
+    listener: TcpListener,
+    build: impl Future<Output = anyhow::Result<Routes>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    build_and_serve(
+        service_name,
+        Access::Internal,
+        listener,
+        build,
+        shutdown,
+        Duration::from_millis(settings.shutdown_grace_ms),
+    )
+    .await
+}
+
+/// [`build_and_run`] with the given `access` and `grace`.
+pub async fn build_and_serve(
+    service_name: &'static str,
+    access: Access,
+    listener: TcpListener,
+    build: impl Future<Output = anyhow::Result<Routes>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let background = crate::background::Background::new();
+    let routes = background.scope(build).await?;
+    let served = serve(service_name, access, listener, routes, shutdown, grace).await;
+    background.stop(grace).await;
+    Ok(served?)
+}
+
 /// The server span of one call, continuing the caller's trace.
 fn request_span(request: &http::Request<()>) -> tracing::Span {
     let path = request.uri().path();

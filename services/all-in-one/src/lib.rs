@@ -126,6 +126,10 @@ pub struct Suite {
     /// decided and where their time went.
     pub credit_batches: std::sync::Arc<o2c_credit::grpc::Batcher>,
     stop: watch::Sender<bool>,
+    /// The services' background loops, stopped after the servers.
+    background: o2c_kit::background::Background,
+    /// How long their passes may take to finish then.
+    grace: Duration,
     servers: Vec<(
         &'static str,
         JoinHandle<Result<(), o2c_kit::serve::ServeError>>,
@@ -214,67 +218,75 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         ]),
         ..settings.invoicing_policy.clone()
     };
-    let (credit_routes, credit_batches) = o2c_credit::build_running(
-        &settings.credit,
-        settings.common.redis_url.as_deref(),
-        &credit_policy,
-    )
-    .await?;
-    let routes: [(&'static str, &'static str, Routes, &ServiceSettings); 6] = [
-        (
-            "gateway",
-            o2c_gateway::SERVICE_NAME,
-            o2c_gateway::build(
-                &settings.gateway,
-                &gateway_upstreams,
+    // The services' background loops stop with the suite (after its
+    // servers: `Suite::stop`).
+    let background = o2c_kit::background::Background::new();
+    let (credit_batches, routes) = background
+        .scope(async {
+            let (credit_routes, credit_batches) = o2c_credit::build_running(
+                &settings.credit,
                 settings.common.redis_url.as_deref(),
+                &credit_policy,
             )
-            .await?,
-            &settings.gateway,
-        ),
-        (
-            "customer",
-            o2c_customer::SERVICE_NAME,
-            o2c_customer::build_configured(
-                &settings.customer,
-                &o2c_customer::CustomerSettings {
-                    event_subscribers: subscribers(&[("crm-sync", addresses.crm_sync)]),
-                    ..o2c_customer::CustomerSettings::default()
-                },
-            )
-            .await?,
-            &settings.customer,
-        ),
-        (
-            "credit",
-            o2c_credit::SERVICE_NAME,
-            credit_routes,
-            &settings.credit,
-        ),
-        (
-            "invoicing",
-            o2c_invoicing::SERVICE_NAME,
-            o2c_invoicing::build_configured(
-                &settings.invoicing,
-                &invoicing_policy,
-                o2c_kit::clock::system_clock(),
-            )
-            .await?,
-            &settings.invoicing,
-        ),
-        (
-            "payments",
-            o2c_payments::SERVICE_NAME,
-            o2c_payments::build(&settings.payments, &payments_policy).await?,
-            &settings.payments,
-        ),
-        (
-            "crm-sync",
-            o2c_crm_sync::SERVICE_NAME,
-            o2c_crm_sync::build(&settings.crm_sync, &crm_upstreams).await?,
-            &settings.crm_sync,
-        ),
-    ];
+            .await?;
+            let routes: [(&'static str, &'static str, Routes, &ServiceSettings); 6] = [
+                (
+                    "gateway",
+                    o2c_gateway::SERVICE_NAME,
+                    o2c_gateway::build(
+                        &settings.gateway,
+                        &gateway_upstreams,
+                        settings.common.redis_url.as_deref(),
+                    )
+                    .await?,
+                    &settings.gateway,
+                ),
+                (
+                    "customer",
+                    o2c_customer::SERVICE_NAME,
+                    o2c_customer::build_configured(
+                        &settings.customer,
+                        &o2c_customer::CustomerSettings {
+                            event_subscribers: subscribers(&[("crm-sync", addresses.crm_sync)]),
+                            ..o2c_customer::CustomerSettings::default()
+                        },
+                    )
+                    .await?,
+                    &settings.customer,
+                ),
+                (
+                    "credit",
+                    o2c_credit::SERVICE_NAME,
+                    credit_routes,
+                    &settings.credit,
+                ),
+                (
+                    "invoicing",
+                    o2c_invoicing::SERVICE_NAME,
+                    o2c_invoicing::build_configured(
+                        &settings.invoicing,
+                        &invoicing_policy,
+                        o2c_kit::clock::system_clock(),
+                    )
+                    .await?,
+                    &settings.invoicing,
+                ),
+                (
+                    "payments",
+                    o2c_payments::SERVICE_NAME,
+                    o2c_payments::build(&settings.payments, &payments_policy).await?,
+                    &settings.payments,
+                ),
+                (
+                    "crm-sync",
+                    o2c_crm_sync::SERVICE_NAME,
+                    o2c_crm_sync::build(&settings.crm_sync, &crm_upstreams).await?,
+                    &settings.crm_sync,
+                ),
+            ];
+            anyhow::Ok((credit_batches, routes))
+        })
+        .await?;
     let (stop, stopped) = watch::channel(false);
     let mut servers = Vec::new();
     for ((name, service_name, routes, service), (_, listener)) in routes.into_iter().zip(listeners)
@@ -308,22 +320,58 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         credit_batches,
         stop,
         servers,
+        background,
+        grace: Duration::from_millis(
+            [
+                &settings.gateway,
+                &settings.customer,
+                &settings.credit,
+                &settings.invoicing,
+                &settings.payments,
+                &settings.crm_sync,
+            ]
+            .iter()
+            .map(|service| service.shutdown_grace_ms)
+            .max()
+            .unwrap_or_default(),
+        ),
     })
 }
 
 impl Suite {
     /// Asks every service to stop (health first, then in-flight calls
-    /// finish) and waits for all of them.
+    /// finish) and waits for all of them, then stops their background
+    /// loops (each finishes the pass it is in, within the largest of the
+    /// services' shutdown graces).
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        self.wait().await
+        let Suite {
+            servers,
+            background,
+            grace,
+            ..
+        } = self;
+        let served = Self::wait(servers).await;
+        background.stop(grace).await;
+        served
+    }
+
+    /// How many of the services' background loops are running (none once
+    /// [`Suite::stop`] returned).
+    pub fn background_loops(&self) -> usize {
+        self.background.running()
     }
 
     /// Waits until every server has ended (after [`Suite::stop`] or a
     /// failure of one of them).
-    async fn wait(self) -> anyhow::Result<()> {
+    async fn wait(
+        servers: Vec<(
+            &'static str,
+            JoinHandle<Result<(), o2c_kit::serve::ServeError>>,
+        )>,
+    ) -> anyhow::Result<()> {
         let mut first_error = None;
-        for (name, handle) in self.servers {
+        for (name, handle) in servers {
             let outcome = match handle.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(anyhow::anyhow!("{name}: {error}")),

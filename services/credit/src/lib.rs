@@ -237,12 +237,10 @@ pub async fn build_running(
         .clone()
         .spawn(Duration::from_millis(credit.relay_interval_ms.max(10)));
     let interval = Duration::from_millis(credit.maintenance_interval_ms);
-    let maintenance = built.maintenance;
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
+    let maintenance = std::sync::Arc::new(built.maintenance);
+    o2c_kit::background::every(interval, o2c_kit::background::First::Now, move || {
+        let maintenance = std::sync::Arc::clone(&maintenance);
+        async move {
             match maintenance.run_once().await {
                 Ok((0, 0)) => {}
                 Ok((expired, alerts)) => tracing::info!(expired, alerts, "credit maintenance"),
@@ -263,7 +261,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let routes = build(&service, redis_url.as_deref(), &credit).await?;
-    o2c_kit::serve::run(SERVICE_NAME, &service, listener, routes, shutdown).await?;
-    Ok(())
+    o2c_kit::serve::build_and_run(
+        SERVICE_NAME,
+        &service,
+        listener,
+        build(&service, redis_url.as_deref(), &credit),
+        shutdown,
+    )
+    .await
 }

@@ -150,18 +150,20 @@ pub async fn build(
             db,
         };
         let interval = Duration::from_millis(upstreams.reconcile_interval_ms);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // The first tick is immediate: let the services come up first.
-            ticker.tick().await;
-            loop {
-                ticker.tick().await;
-                if let Err(error) = reconciler.run_once().await {
-                    tracing::warn!(%error, "reconciliation pass failed; retrying next interval");
+        let reconciler = std::sync::Arc::new(reconciler);
+        // Not at once: let the services come up first.
+        o2c_kit::background::every(
+            interval,
+            o2c_kit::background::First::AfterInterval,
+            move || {
+                let reconciler = std::sync::Arc::clone(&reconciler);
+                async move {
+                    if let Err(error) = reconciler.run_once().await {
+                        tracing::warn!(%error, "reconciliation pass failed; retrying next interval");
+                    }
                 }
-            }
-        });
+            },
+        );
     }
     let gateway = GatewayServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES);
     let admin = o2c_proto::gateway::v1::admin_service_server::AdminServiceServer::new(
@@ -190,18 +192,15 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let routes = build(&service, &upstreams, redis_url.as_deref()).await?;
-    let grace = Duration::from_millis(service.shutdown_grace_ms);
-    o2c_kit::serve::serve(
+    o2c_kit::serve::build_and_serve(
         SERVICE_NAME,
         o2c_kit::serve::Access::Public {
             web_origins: upstreams.auth.browser_origins.clone(),
         },
         listener,
-        routes,
+        build(&service, &upstreams, redis_url.as_deref()),
         shutdown,
-        grace,
+        Duration::from_millis(service.shutdown_grace_ms),
     )
-    .await?;
-    Ok(())
+    .await
 }

@@ -125,7 +125,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let routes = build_configured(&service, &settings, o2c_kit::clock::system_clock()).await?;
-    o2c_kit::serve::run(SERVICE_NAME, &service, listener, routes, shutdown).await?;
-    Ok(())
+    o2c_kit::serve::build_and_run(
+        SERVICE_NAME,
+        &service,
+        listener,
+        build_configured(&service, &settings, o2c_kit::clock::system_clock()),
+        shutdown,
+    )
+    .await
 }

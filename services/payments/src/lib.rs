@@ -173,12 +173,10 @@ pub async fn build(
         payments.relay_interval_ms.max(10),
     ));
     let interval = std::time::Duration::from_millis(payments.collection_interval_ms);
-    let collector = built.collector;
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
+    let collector = std::sync::Arc::new(built.collector);
+    o2c_kit::background::every(interval, o2c_kit::background::First::Now, move || {
+        let collector = std::sync::Arc::clone(&collector);
+        async move {
             match collector.run_once().await {
                 Ok(pass) if pass == collector::Pass::default() => {}
                 Ok(pass) => tracing::info!(?pass, "collection pass"),
@@ -198,7 +196,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let routes = build(&service, &payments).await?;
-    o2c_kit::serve::run(SERVICE_NAME, &service, listener, routes, shutdown).await?;
-    Ok(())
+    o2c_kit::serve::build_and_run(
+        SERVICE_NAME,
+        &service,
+        listener,
+        build(&service, &payments),
+        shutdown,
+    )
+    .await
 }

@@ -394,6 +394,11 @@ async fn spine(backend: Backend) {
     );
     assert_ledger_consistent(&mut s.credit, &customer).await;
     assert_reconciled(&mut s.gateway, &customer).await;
+    // Every background loop runs in the suite's scope, to stop with it:
+    // the outbox relays of customer, credit, invoicing and payments, the
+    // inbox pruning of credit, invoicing, payments and crm-sync, credit's
+    // maintenance, payment collection and the gateway's reconciliation.
+    assert_eq!(s.suite.background_loops(), 11);
     s.suite.stop().await.unwrap();
 }
 
