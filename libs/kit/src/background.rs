@@ -4,10 +4,11 @@
 //!
 //! A loop started with [`every`] while a service is built inside
 //! [`Background::scope`] (each service's `run`, and the all-in-one
-//! `Suite`) ends when that [`Background`] stops: the pass it is in
-//! finishes, and no new one starts. A loop started outside any scope (a
-//! test that builds a service and keeps it for the rest of its run) runs
-//! for the life of the process.
+//! `Suite`) ends when that [`Background`] stops, or is dropped: the pass it
+//! is in finishes (a pass that would go on, such as a relay draining a
+//! backlog, asks [`stopping`] between its steps), and no new one starts. A
+//! loop started outside any scope (a test that builds a service and keeps
+//! it for the rest of its run) runs for as long as its tokio runtime.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,6 +28,15 @@ struct Scope {
 
 tokio::task_local! {
     static SCOPE: Scope;
+    /// Within a pass of a scoped loop: its Background's stop signal.
+    static PASS: watch::Receiver<bool>;
+}
+
+/// Whether the [`Background`] of the loop whose pass calls this has been
+/// asked to stop (false outside such a pass): a pass made of several steps
+/// ends early between them.
+pub fn stopping() -> bool {
+    PASS.try_with(|stop| *stop.borrow()).unwrap_or(false)
 }
 
 /// When a loop's first pass runs.
@@ -111,7 +121,7 @@ impl Background {
 /// Runs `pass` every `interval` (after each pass ends, a pass that overran
 /// its interval delays the next rather than bunching them), the first one
 /// as `first` says, until the [`Background`] whose scope this was called in
-/// stops, or for the life of the process outside any scope.
+/// stops or is dropped, or for as long as the runtime outside any scope.
 pub fn every<F, Fut>(interval: Duration, first: First, mut pass: F)
 where
     F: FnMut() -> Fut + Send + 'static,
@@ -140,7 +150,10 @@ where
                     ticker.tick().await;
                 }
             }
-            pass().await;
+            match &stopping {
+                Some(stopping) => PASS.scope(stopping.clone(), pass()).await,
+                None => pass().await,
+            }
         }
     });
     if let Some(scope) = scope {
@@ -249,6 +262,45 @@ mod tests {
         background.stop(Duration::from_millis(20)).await;
         assert_eq!(background.running(), 0);
         assert_eq!(started.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_pass_sees_its_background_stopping() {
+        let background = Background::new();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let (steps, ended) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let mut started_tx = Some(started_tx);
+        let (counted, pass_ended) = (Arc::clone(&steps), Arc::clone(&ended));
+        background
+            .scope(async {
+                every(Duration::from_millis(1), First::Now, move || {
+                    let (started_tx, counted, pass_ended) = (
+                        started_tx.take(),
+                        Arc::clone(&counted),
+                        Arc::clone(&pass_ended),
+                    );
+                    async move {
+                        assert!(!stopping());
+                        if let Some(started_tx) = started_tx {
+                            let _ = started_tx.send(());
+                        }
+                        // A pass of many steps, as a relay draining a backlog.
+                        while !stopping() {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            tokio::task::yield_now().await;
+                        }
+                        // Ended by itself, not abandoned.
+                        pass_ended.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .await;
+        started.await.unwrap();
+        assert!(!stopping(), "outside a pass");
+        background.stop(Duration::from_secs(10)).await;
+        assert_eq!(background.running(), 0);
+        assert!(steps.load(Ordering::SeqCst) > 0);
+        assert_eq!(ended.load(Ordering::SeqCst), 1, "the pass was abandoned");
     }
 
     #[tokio::test]

@@ -629,7 +629,10 @@ impl Relay {
             async move {
                 loop {
                     match relay.run_once().await {
-                        Ok(delivered) if delivered as u64 >= BATCH => {}
+                        // Another full batch may wait, unless the service
+                        // is stopping.
+                        Ok(delivered)
+                            if delivered as u64 >= BATCH && !crate::background::stopping() => {}
                         Ok(_) => break,
                         Err(error) => {
                             tracing::warn!(%error, "event relay pass failed; retrying next interval");

@@ -187,31 +187,11 @@ pub async fn serve(
     }
 }
 
-/// Serves a backend's routes to the other services only, with the grace
-/// period from its settings.
-pub async fn run(
-    service_name: &'static str,
-    settings: &crate::settings::ServiceSettings,
-    listener: TcpListener,
-    routes: Routes,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    let grace = Duration::from_millis(settings.shutdown_grace_ms);
-    serve(
-        service_name,
-        Access::Internal,
-        listener,
-        routes,
-        shutdown,
-        grace,
-    )
-    .await
-}
-
-/// Builds a service with `build` and serves it as [`run`] does, until
-/// `shutdown` resolves; then stops the background loops that `build`
-/// started ([`crate::background`]), letting each finish its pass within
-/// the shutdown grace.
+/// Builds a service with `build` and serves it to the other services of
+/// the deployment only ([`Access::Internal`]), with the grace period from
+/// its settings, until `shutdown` resolves; then stops the background
+/// loops that `build` started ([`crate::background`]), letting each
+/// finish its pass within a second grace period.
 pub async fn build_and_run(
     service_name: &'static str,
     settings: &crate::settings::ServiceSettings,
