@@ -82,8 +82,10 @@ impl Background {
 
     /// Stops every loop started in its scope and waits until each has
     /// finished the pass it was in, for at most `grace`; a pass still
-    /// running then is abandoned (each pass is safe to cut short: what it
-    /// did not commit, the next start does again).
+    /// running then is abandoned, as a crash would cut it short (the
+    /// passes of every loop here are idempotent, and the next start
+    /// finishes what one left: outbox delivery is at least once, payment
+    /// collection keys everything by session and attempt).
     pub async fn stop(&self, grace: Duration) {
         self.stop.send_replace(true);
         let mut loops =
