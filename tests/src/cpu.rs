@@ -17,6 +17,8 @@ pub struct Sample {
     /// I/O with nothing else to run).
     total: u64,
     idle: u64,
+    /// CPUs that `total` adds up (the `cpuN` lines).
+    cpus: u64,
 }
 
 /// Reads the counters; None where `/proc` does not tell them.
@@ -51,7 +53,15 @@ pub fn sample() -> Option<Sample> {
             postgres += used;
         }
     }
+    let cpus = stat
+        .lines()
+        .filter(|line| {
+            line.strip_prefix("cpu")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count() as u64;
     Some(Sample {
+        cpus,
         process,
         postgres,
         total,
@@ -83,7 +93,9 @@ pub fn describe(before: Option<Sample>, after: Option<Sample>, rate: f64, unit: 
     if total == 0 {
         return String::new();
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    // The machine's CPUs, which `total` counts, rather than those this
+    // process may use.
+    let cores = after.cpus.max(1) as f64;
     let share = |ticks: u64| ticks as f64 / total as f64;
     let process = share(after.process.saturating_sub(before.process)) * cores;
     let postgres = share(after.postgres.saturating_sub(before.postgres)) * cores;
@@ -122,6 +134,7 @@ mod tests {
             let after = sample().unwrap();
             if after.process > before.process {
                 assert!(after.total > before.total);
+                assert!(after.cpus >= 1, "no cpuN lines");
                 let line = describe(Some(before), Some(after), 100.0, "call");
                 assert!(line.starts_with("    CPU: this process "), "{line}");
                 break;
