@@ -127,7 +127,7 @@ pub struct Suite {
     pub credit_batches: std::sync::Arc<o2c_credit::grpc::Batcher>,
     stop: watch::Sender<bool>,
     /// The services' background loops, stopped after the servers.
-    background: o2c_kit::background::Background,
+    background: std::sync::Arc<o2c_kit::background::Background>,
     /// How long their passes may take to finish then.
     grace: Duration,
     servers: Vec<(
@@ -220,7 +220,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
     };
     // The services' background loops stop with the suite (after its
     // servers: `Suite::stop`).
-    let background = o2c_kit::background::Background::new();
+    let background = std::sync::Arc::new(o2c_kit::background::Background::new());
     let (credit_batches, routes) = background
         .scope(async {
             let (credit_routes, credit_batches) = o2c_credit::build_running(
@@ -356,10 +356,12 @@ impl Suite {
         served
     }
 
-    /// How many of the services' background loops are running (none once
-    /// [`Suite::stop`] returned).
-    pub fn background_loops(&self) -> usize {
-        self.background.running()
+    /// The services' background loops, to watch them ([`Background::running`]
+    /// is 0 once [`Suite::stop`] returned).
+    ///
+    /// [`Background::running`]: o2c_kit::background::Background::running
+    pub fn background(&self) -> std::sync::Arc<o2c_kit::background::Background> {
+        std::sync::Arc::clone(&self.background)
     }
 
     /// Waits until every server has ended (after [`Suite::stop`] or a

@@ -398,8 +398,11 @@ async fn spine(backend: Backend) {
     // the outbox relays of customer, credit, invoicing and payments, the
     // inbox pruning of credit, invoicing, payments and crm-sync, credit's
     // maintenance, payment collection and the gateway's reconciliation.
-    assert_eq!(s.suite.background_loops(), 11);
+    let background = s.suite.background();
+    assert_eq!(background.running(), 11);
     s.suite.stop().await.unwrap();
+    // Each finished its pass and ended with the suite.
+    assert_eq!(background.running(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
