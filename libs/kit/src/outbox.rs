@@ -17,7 +17,6 @@ use chrono::{DateTime, Utc};
 use o2c_proto::events::v1 as pb;
 use o2c_proto::events::v1::events_service_client::EventsServiceClient;
 use o2c_proto::events::v1::events_service_server::{EventsService, EventsServiceServer};
-use opentelemetry::propagation::{Extractor, Injector};
 use prost::Message;
 use sea_orm::ActiveValue::Set;
 use sea_orm::entity::prelude::*;
@@ -26,7 +25,6 @@ use sea_orm::{
     TransactionTrait,
 };
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::ApiError;
 use crate::client::TracedChannel;
@@ -127,30 +125,6 @@ impl sea_orm_migration::MigrationTrait for InboxIndex {
     }
 }
 
-struct MapInjector<'a>(&'a mut HashMap<String, String>);
-
-impl Injector for MapInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_owned(), value);
-    }
-}
-
-struct EventExtractor<'a>(&'a pb::Event);
-
-impl Extractor for EventExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        match key {
-            "traceparent" if !self.0.traceparent.is_empty() => Some(&self.0.traceparent),
-            "tracestate" if !self.0.tracestate.is_empty() => Some(&self.0.tracestate),
-            _ => None,
-        }
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        vec!["traceparent", "tracestate"]
-    }
-}
-
 /// A span for applying `event` that continues the producer's trace.
 pub fn consumer_span(event: &pb::Event, consumer: &'static str) -> tracing::Span {
     let span = tracing::info_span!(
@@ -160,9 +134,7 @@ pub fn consumer_span(event: &pb::Event, consumer: &'static str) -> tracing::Span
         event.id = %event.event_id,
         aggregate.kind = %event.aggregate_type,
     );
-    let parent =
-        opentelemetry::global::get_text_map_propagator(|p| p.extract(&EventExtractor(event)));
-    let _ = span.set_parent(parent);
+    crate::telemetry::continue_trace(&span, &event.traceparent, &event.tracestate);
     span
 }
 
@@ -177,13 +149,7 @@ pub fn route(configured: &[String], takers: &[&str]) -> Vec<String> {
 
 /// Puts the current span's W3C trace context on `event`.
 fn stamp_trace(event: &mut pb::Event) {
-    let mut carrier = HashMap::new();
-    let context = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&context, &mut MapInjector(&mut carrier))
-    });
-    event.traceparent = carrier.remove("traceparent").unwrap_or_default();
-    event.tracestate = carrier.remove("tracestate").unwrap_or_default();
+    (event.traceparent, event.tracestate) = crate::telemetry::current_trace_context();
 }
 
 /// Records `event` for every subscriber in the caller's transaction.
@@ -648,6 +614,7 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use opentelemetry::trace::{TraceContextExt, TracerProvider};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
     use tracing_subscriber::layer::SubscriberExt;
 
     use super::*;

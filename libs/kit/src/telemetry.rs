@@ -71,6 +71,62 @@ pub fn annotate(key: &'static str, value: impl Into<String>) {
     tracing::Span::current().set_attribute(key, value.into());
 }
 
+/// The current span's W3C trace context as a message carries it:
+/// `(traceparent, tracestate)`, each empty when there is none.
+pub fn current_trace_context() -> (String, String) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let mut carrier = std::collections::HashMap::new();
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&context, &mut MapInjector(&mut carrier))
+    });
+    (
+        carrier.remove("traceparent").unwrap_or_default(),
+        carrier.remove("tracestate").unwrap_or_default(),
+    )
+}
+
+/// Makes `span` continue the trace a message carried (see
+/// [`current_trace_context`]); an absent or malformed `traceparent` leaves
+/// it the root of a new trace.
+pub fn continue_trace(span: &tracing::Span, traceparent: &str, tracestate: &str) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&ContextExtractor {
+            traceparent,
+            tracestate,
+        })
+    });
+    let _ = span.set_parent(parent);
+}
+
+struct MapInjector<'a>(&'a mut std::collections::HashMap<String, String>);
+
+impl opentelemetry::propagation::Injector for MapInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct ContextExtractor<'a> {
+    traceparent: &'a str,
+    tracestate: &'a str,
+}
+
+impl opentelemetry::propagation::Extractor for ContextExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" if !self.traceparent.is_empty() => Some(self.traceparent),
+            "tracestate" if !self.tracestate.is_empty() => Some(self.tracestate),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
+    }
+}
+
 /// The log filter unless `log_level` or `RUST_LOG` says otherwise.
 pub const DEFAULT_LOG_LEVEL: &str = "info,sqlx=warn,h2=warn,tower=warn,hyper=warn";
 

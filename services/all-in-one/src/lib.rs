@@ -37,6 +37,9 @@ pub struct Settings {
     pub call_timeout_ms: u64,
     /// How often the gateway reconciles every tenant (0: only on request).
     pub reconcile_interval_ms: u64,
+    /// Calls to credit's check the gateway keeps in flight per tenant and
+    /// user; orders that arrive meanwhile go in one call.
+    pub credit_checks_in_flight: usize,
     /// Who may call the gateway (JWT issuers, the bootstrap admin key) and
     /// the tenants' request budgets.
     pub auth: o2c_gateway::auth::AuthSettings,
@@ -60,6 +63,7 @@ impl Default for Settings {
             invoicing_policy: o2c_invoicing::InvoicingSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             reconcile_interval_ms: 600_000,
+            credit_checks_in_flight: o2c_gateway::grpc::checks::IN_FLIGHT,
             auth: o2c_gateway::auth::AuthSettings::default(),
             seed_demo: false,
         }
@@ -87,6 +91,7 @@ impl Settings {
             invoicing_policy: o2c_invoicing::InvoicingSettings::default(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             reconcile_interval_ms: 600_000,
+            credit_checks_in_flight: o2c_gateway::grpc::checks::IN_FLIGHT,
             auth: o2c_gateway::auth::AuthSettings::default(),
             seed_demo: false,
         }
@@ -104,6 +109,10 @@ impl Settings {
         o2c_kit::standalone::Extra::validate(&self.payments_policy)?;
         o2c_kit::standalone::Extra::validate(&self.invoicing_policy)?;
         self.auth.validate()?;
+        o2c_gateway::grpc::checks::validate_in_flight(
+            "credit_checks_in_flight",
+            self.credit_checks_in_flight,
+        )?;
         o2c_kit::settings::validate_call_timeout("call_timeout_ms", self.call_timeout_ms)
     }
 }
@@ -184,6 +193,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
         crm_sync_url: url(addresses.crm_sync),
         call_timeout_ms,
         reconcile_interval_ms: settings.reconcile_interval_ms,
+        credit_checks_in_flight: settings.credit_checks_in_flight,
         auth: settings.auth.clone(),
     };
     let crm_upstreams = o2c_crm_sync::Upstreams {

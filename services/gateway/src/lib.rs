@@ -45,6 +45,11 @@ pub struct Upstreams {
     pub call_timeout_ms: u64,
     /// How often every tenant is reconciled (0: only on request).
     pub reconcile_interval_ms: u64,
+    /// Calls to credit's check each tenant and user keeps in flight at
+    /// most; orders that arrive meanwhile go to credit in one call
+    /// ([`grpc::checks`]). 1 sends the fewest calls; more can serve a
+    /// tenant from several credit replicas at once.
+    pub credit_checks_in_flight: usize,
     /// Who may call, and how much.
     pub auth: auth::AuthSettings,
 }
@@ -59,6 +64,7 @@ impl Default for Upstreams {
             crm_sync_url: "http://127.0.0.1:50055".into(),
             call_timeout_ms: o2c_kit::client::DEFAULT_CALL_TIMEOUT_MS,
             reconcile_interval_ms: 600_000,
+            credit_checks_in_flight: grpc::checks::IN_FLIGHT,
             auth: auth::AuthSettings::default(),
         }
     }
@@ -67,6 +73,7 @@ impl Default for Upstreams {
 impl Extra for Upstreams {
     fn validate(&self) -> Result<(), SettingsError> {
         validate_call_timeout("call_timeout_ms", self.call_timeout_ms)?;
+        grpc::checks::validate_in_flight("credit_checks_in_flight", self.credit_checks_in_flight)?;
         self.auth.validate()
     }
 }
@@ -143,7 +150,7 @@ pub async fn build(
         .await
         .map_err(|e| anyhow::anyhow!("gateway database {}: {e}", service.database_url))?
         .unwrap_or_else(|| db.clone());
-    let api = grpc::GatewayApi::new(db.clone(), journal, up);
+    let api = grpc::GatewayApi::new(db.clone(), journal, up, upstreams.credit_checks_in_flight);
     if upstreams.reconcile_interval_ms > 0 {
         let reconciler = Reconciler {
             api: api.clone(),

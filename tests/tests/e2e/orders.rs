@@ -189,6 +189,88 @@ async fn placing_orders_on_postgres() {
     placing_orders(Backend::Postgres).await;
 }
 
+/// Many orders of one customer at once, as a busy client places them: the
+/// gateway sends the checks that arrive while one is with credit in one
+/// call (`gateway::grpc::checks`), and every order still gets its own
+/// decision, exactly up to the limit, readable as placed; a retry of each
+/// is the same order.
+async fn concurrent_orders(backend: Backend) {
+    let Some(mut s) = run_suite(backend).await else {
+        return;
+    };
+    let customer = onboard(&mut s.gateway, "100.00").await;
+    let orders = 30;
+    let keys: Vec<String> = (0..orders).map(|_| key()).collect();
+    let place = |gateway: &GatewayServiceClient<tonic::transport::Channel>, n: usize| {
+        let mut gateway = gateway.clone();
+        let request = pb::PlaceOrderRequest {
+            idempotency_key: keys[n].clone(),
+            customer_id: customer.clone(),
+            client_reference: format!("PO-{n}"),
+            amount: eur("5.00"),
+        };
+        tokio::spawn(async move {
+            gateway
+                .place_order(as_tenant(request))
+                .await
+                .unwrap()
+                .into_inner()
+                .order
+                .unwrap()
+        })
+    };
+    let calls: Vec<_> = (0..orders).map(|n| place(&s.gateway, n)).collect();
+    let mut placed = Vec::new();
+    for call in calls {
+        placed.push(call.await.unwrap());
+    }
+    let approved = placed
+        .iter()
+        .filter(|o| o.status() == pb::OrderStatus::Approved)
+        .count();
+    let held = placed
+        .iter()
+        .filter(|o| o.status() == pb::OrderStatus::Held)
+        .count();
+    assert_eq!((approved, held), (20, 10), "exactly up to the limit");
+    assert_eq!(
+        amount(&exposure(&mut s.gateway, &customer).await.reserved),
+        "100.00"
+    );
+    for (n, order) in placed.iter().enumerate() {
+        assert_eq!(order.client_reference, format!("PO-{n}"));
+        let read = s
+            .gateway
+            .get_order(as_tenant(pb::GetOrderRequest {
+                order_id: order.order_id.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .order;
+        assert_eq!(read.as_ref(), Some(order));
+    }
+    // Retried at once, every order is answered as it was placed.
+    let calls: Vec<_> = (0..orders).map(|n| place(&s.gateway, n)).collect();
+    for (call, order) in calls.into_iter().zip(&placed) {
+        assert_eq!(&call.await.unwrap(), order);
+    }
+    assert_eq!(
+        amount(&exposure(&mut s.gateway, &customer).await.reserved),
+        "100.00"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_orders_on_sqlite() {
+    concurrent_orders(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_orders_on_postgres() {
+    concurrent_orders(Backend::Postgres).await;
+}
+
 /// The number of sessions of the database at `db` waiting for a lock.
 async fn lock_waiters(db: &sea_orm::DatabaseConnection) -> i64 {
     use sea_orm::ConnectionTrait;

@@ -584,8 +584,10 @@ struct Decided {
 }
 
 impl CreditApi {
-    /// Decides `check` in its tenant's next batch.
-    pub(super) async fn check_in_batch(&self, check: Check) -> Answer {
+    /// Puts `check` in its tenant's next batch, under the current span,
+    /// and returns the future of its answer: checks queued before the first
+    /// of their answers is awaited go into the same batch.
+    pub(super) fn queue_check(&self, check: Check) -> impl Future<Output = Answer> + use<> {
         let key = self.batcher.key_of(&check);
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
@@ -603,9 +605,11 @@ impl CreditApi {
                 }
             });
         }
-        answer
-            .await
-            .map_err(|_| Status::internal("the credit check's batch ended without an answer"))?
+        async move {
+            answer
+                .await
+                .map_err(|_| Status::internal("the credit check's batch ended without an answer"))?
+        }
     }
 
     async fn decide_batch(&self, key: &Key, batch: Vec<Pending>) {

@@ -35,6 +35,8 @@ use crate::storage::{self, Account, Alert, AlertKind, LimitUpdate, cache::Exposu
 
 /// Longest order id accepted from callers.
 pub const MAX_ORDER_ID_LENGTH: usize = 100;
+/// Most checks one CheckAndReserveMany call may carry.
+pub const MAX_BATCHED_CHECKS: usize = 256;
 /// Longest client reference of an order.
 pub const MAX_CLIENT_REFERENCE_LENGTH: usize = 100;
 /// Longest reason text on limit changes, holds and releases.
@@ -516,6 +518,48 @@ fn missing() -> ApiError {
     ApiError::Internal("validated fields missing".into())
 }
 
+/// The check a CheckAndReserve request asks for, validated: every bad
+/// field at once (INVALID_ARGUMENT), or another tenant's (PERMISSION_DENIED).
+fn check_of(request: pb::CheckAndReserveRequest) -> Result<batch::Check, Status> {
+    let mut v = Violations::default();
+    let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
+    let customer = v.check(fields::id::<CustomerId>(
+        "customer_id",
+        &request.customer_id,
+    ));
+    let order = v.check(fields::text(
+        "order_id",
+        &request.order_id,
+        MAX_ORDER_ID_LENGTH,
+    ));
+    let amount = v.check(proto_money::parse_positive(
+        "amount",
+        request.amount.as_ref(),
+    ));
+    let reference = v.check(fields::optional_text(
+        "client_reference",
+        &request.client_reference,
+        MAX_CLIENT_REFERENCE_LENGTH,
+    ));
+    v.check(idempotency::validate_key(&request.idempotency_key));
+    v.finish()?;
+    let (Some(tenant), Some(customer), Some(order), Some(amount), Some(reference)) =
+        (tenant, customer, order, amount, reference)
+    else {
+        return Err(missing().into());
+    };
+    Ok(batch::Check {
+        scope: format!("{tenant}/credit.CheckAndReserve"),
+        key: request.idempotency_key.clone(),
+        bytes: request.encode_to_vec(),
+        tenant,
+        customer,
+        order,
+        reference,
+        amount,
+    })
+}
+
 fn same_currency(field: &str, amount: &Money, account: &Account) -> Result<(), ApiError> {
     if amount.currency() == account.exposure.currency {
         Ok(())
@@ -688,45 +732,67 @@ impl CreditService for CreditApi {
         &self,
         request: Request<pb::CheckAndReserveRequest>,
     ) -> Result<Response<pb::CheckAndReserveResponse>, Status> {
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let tenant = v.check(fields::tenant_id("tenant_id", &request.tenant_id));
-        let customer = v.check(fields::id::<CustomerId>(
-            "customer_id",
-            &request.customer_id,
-        ));
-        let order = v.check(fields::text(
-            "order_id",
-            &request.order_id,
-            MAX_ORDER_ID_LENGTH,
-        ));
-        let amount = v.check(proto_money::parse_positive(
-            "amount",
-            request.amount.as_ref(),
-        ));
-        let reference = v.check(fields::optional_text(
-            "client_reference",
-            &request.client_reference,
-            MAX_CLIENT_REFERENCE_LENGTH,
-        ));
-        v.check(idempotency::validate_key(&request.idempotency_key));
-        v.finish()?;
-        let (Some(tenant), Some(customer), Some(order), Some(amount), Some(reference)) =
-            (tenant, customer, order, amount, reference)
-        else {
-            return Err(missing().into());
-        };
-        let check = batch::Check {
-            scope: format!("{tenant}/credit.CheckAndReserve"),
-            key: request.idempotency_key.clone(),
-            bytes: request.encode_to_vec(),
-            tenant,
-            customer,
-            order,
-            reference,
-            amount,
-        };
-        self.check_in_batch(check).await.map(Response::new)
+        let check = check_of(request.into_inner())?;
+        self.queue_check(check).await.map(Response::new)
+    }
+
+    async fn check_and_reserve_many(
+        &self,
+        request: Request<pb::CheckAndReserveManyRequest>,
+    ) -> Result<Response<pb::CheckAndReserveManyResponse>, Status> {
+        let checks = request.into_inner().checks;
+        if checks.is_empty() || checks.len() > MAX_BATCHED_CHECKS {
+            return Err(ApiError::invalid(
+                "checks",
+                format!("must hold 1 to {MAX_BATCHED_CHECKS} checks"),
+            )
+            .into());
+        }
+        // Every check is queued before any answer is awaited, so they share
+        // their lane's next batch; each under a span that continues its own
+        // order's trace, as the lane decides and logs it under that span.
+        let answers: Vec<_> = checks
+            .into_iter()
+            .map(|batched| {
+                let span = tracing::info_span!(
+                    "credit.check",
+                    otel.name = "o2c.credit.v1.CreditService/CheckAndReserve",
+                    otel.kind = "server",
+                    rpc.system = "grpc",
+                    rpc.service = "o2c.credit.v1.CreditService",
+                    rpc.method = "CheckAndReserve",
+                    batched = true,
+                );
+                o2c_kit::telemetry::continue_trace(
+                    &span,
+                    &batched.traceparent,
+                    &batched.tracestate,
+                );
+                let queued = {
+                    let _in_span = span.enter();
+                    check_of(batched.check.unwrap_or_default()).map(|c| self.queue_check(c))
+                };
+                (queued, span)
+            })
+            .collect();
+        let mut results = Vec::with_capacity(answers.len());
+        for (queued, span) in answers {
+            let answer = match queued {
+                Ok(answer) => tracing::Instrument::instrument(answer, span).await,
+                Err(status) => Err(status),
+            };
+            results.push(pb::BatchedCheckResult {
+                result: Some(match answer {
+                    Ok(response) => pb::batched_check_result::Result::Response(response),
+                    Err(status) => pb::batched_check_result::Result::Error(pb::CheckError {
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                        details: status.details().to_vec(),
+                    }),
+                }),
+            });
+        }
+        Ok(Response::new(pb::CheckAndReserveManyResponse { results }))
     }
 
     async fn sync_receivable(

@@ -397,6 +397,139 @@ async fn idempotency_postgres() {
     idempotency(Backend::Postgres).await;
 }
 
+/// The checks of several orders in one call: each answered as alone,
+/// in order, decided in one batch, and replayed under its own key.
+async fn checks_in_one_call(backend: Backend) {
+    let Some(mut h) = start(backend, "many").await else {
+        return;
+    };
+    let a = open_with_limit(&mut h.client, "100.00").await;
+    let b = open_with_limit(&mut h.client, "100.00").await;
+    let check = |customer: &str, order: &str, amount: &str| pb::BatchedCheck {
+        check: Some(pb::CheckAndReserveRequest {
+            idempotency_key: key(),
+            tenant_id: TENANT.into(),
+            customer_id: customer.into(),
+            order_id: order.into(),
+            amount: eur(amount),
+            client_reference: String::new(),
+        }),
+        ..Default::default()
+    };
+    let mut bad = check(&a, "order-bad", "10.00");
+    bad.check.as_mut().unwrap().customer_id = "not-an-id".into();
+    bad.check.as_mut().unwrap().amount = eur("-1.00");
+    let request = pb::CheckAndReserveManyRequest {
+        checks: vec![
+            check(&a, "order-1", "60.00"),
+            bad,
+            check(&a, "order-2", "60.00"),
+            check(&b, "order-3", "10.00"),
+            pb::BatchedCheck::default(),
+        ],
+    };
+    let before = h.batches.timings();
+    let results = h
+        .client
+        .check_and_reserve_many(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(
+        h.batches.timings().since(&before).batches(),
+        1,
+        "the call's checks share one batch"
+    );
+    assert_eq!(results.len(), 5);
+    let decision = |i: usize| match &results[i].result {
+        Some(pb::batched_check_result::Result::Response(r)) => r.decision.clone().unwrap(),
+        other => panic!("check {i}: {other:?}"),
+    };
+    let error = |i: usize| match &results[i].result {
+        Some(pb::batched_check_result::Result::Error(e)) => tonic::Status::with_details(
+            Code::from(e.code),
+            e.message.clone(),
+            e.details.clone().into(),
+        ),
+        other => panic!("check {i}: {other:?}"),
+    };
+    assert_eq!(decision(0).order_id, "order-1");
+    assert_eq!(decision(0).decision(), pb::Decision::Approve);
+    // The bad check is refused as CheckAndReserve refuses it: every field.
+    assert_invalid(&error(1), "customer_id");
+    assert_invalid(&error(1), "amount.amount");
+    // Over the limit after the first: decided, not approved.
+    assert_eq!(decision(2).order_id, "order-2");
+    assert_ne!(decision(2).decision(), pb::Decision::Approve);
+    assert!(decision(2).reservation_id.is_empty());
+    assert_eq!(decision(3).decision(), pb::Decision::Approve);
+    assert_invalid(&error(4), "idempotency_key");
+    assert_eq!(
+        amount(&assert_consistent(&mut h.client, &a).await.reserved),
+        "60.00"
+    );
+    assert_eq!(
+        amount(&assert_consistent(&mut h.client, &b).await.reserved),
+        "10.00"
+    );
+
+    // Each check is idempotent under its own key: the same call again
+    // answers the same decisions and reserves nothing more; one check
+    // alone answers what it answered in the call.
+    let again = h
+        .client
+        .check_and_reserve_many(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    for i in [0, 2, 3] {
+        assert_eq!(again[i], results[i], "check {i} replayed");
+    }
+    let alone = h
+        .client
+        .check_and_reserve(request.checks[0].check.clone().unwrap())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(alone.decision.unwrap(), decision(0));
+    assert_eq!(
+        amount(&assert_consistent(&mut h.client, &a).await.reserved),
+        "60.00"
+    );
+
+    // An empty call, or one of too many, is refused whole.
+    let status = h
+        .client
+        .check_and_reserve_many(pb::CheckAndReserveManyRequest::default())
+        .await
+        .unwrap_err();
+    assert_invalid(&status, "checks");
+    let too_many = pb::CheckAndReserveManyRequest {
+        checks: (0..=o2c_credit::grpc::MAX_BATCHED_CHECKS)
+            .map(|n| check(&b, &format!("order-many-{n}"), "0.01"))
+            .collect(),
+    };
+    let status = h.client.check_and_reserve_many(too_many).await.unwrap_err();
+    assert_invalid(&status, "checks");
+    assert_eq!(
+        amount(&assert_consistent(&mut h.client, &b).await.reserved),
+        "10.00"
+    );
+    h.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_in_one_call_sqlite() {
+    checks_in_one_call(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_in_one_call_postgres() {
+    checks_in_one_call(Backend::Postgres).await;
+}
+
 async fn bad_input(backend: Backend) {
     let Some(mut h) = start(backend, "bad").await else {
         return;

@@ -9,6 +9,7 @@
 //! results; the final response is stored and replayed afterwards.
 
 pub mod admin;
+pub mod checks;
 mod convert;
 pub mod crm;
 
@@ -61,6 +62,8 @@ pub struct GatewayApi {
     up: Upstream,
     /// Writes placed orders behind the PlaceOrder calls.
     journal: Journal,
+    /// PlaceOrder's credit checks, those of concurrent orders sent together.
+    checks: checks::CreditChecks<CreditServiceClient<TracedChannel>>,
     /// Each customer's currency, which never changes (nor does a customer
     /// go away): an order needs the customer service once per customer.
     currencies: Arc<Mutex<HashMap<(String, CustomerId), String>>>,
@@ -108,10 +111,18 @@ fn placed_order(decision: &credit_pb::CreditDecision) -> Result<storage::Order, 
 
 impl GatewayApi {
     /// The API on `db`, writing placed orders behind through `journal` (a
-    /// pool with asynchronous commits, on PostgreSQL).
-    pub fn new(db: DatabaseConnection, journal: DatabaseConnection, up: Upstream) -> Self {
+    /// pool with asynchronous commits, on PostgreSQL), with at most
+    /// `checks_in_flight` credit checks in flight per caller context
+    /// ([`checks`]).
+    pub fn new(
+        db: DatabaseConnection,
+        journal: DatabaseConnection,
+        up: Upstream,
+        checks_in_flight: usize,
+    ) -> Self {
         Self {
             journal: Journal::start(journal),
+            checks: checks::CreditChecks::new(up.credit.clone(), checks_in_flight),
             db,
             up,
             currencies: Arc::default(),
@@ -588,10 +599,8 @@ impl GatewayService for GatewayApi {
         // the order; the gateway's row follows (`storage::journal`).
         let order_id = domain::order_id_for(&tenant, key);
         let checked = self
-            .up
-            .credit
-            .clone()
-            .check_and_reserve(credit_pb::CheckAndReserveRequest {
+            .checks
+            .check(credit_pb::CheckAndReserveRequest {
                 idempotency_key: derived(key, "reserve"),
                 tenant_id: tenant.clone(),
                 customer_id: customer_id.to_string(),
@@ -600,8 +609,7 @@ impl GatewayService for GatewayApi {
                 client_reference: reference,
             })
             .await
-            .map_err(upstream("credit"))?
-            .into_inner();
+            .map_err(upstream("credit"))?;
         let decision = present(checked.decision, "decision")?;
         let order = placed_order(&decision)?;
         self.journal
