@@ -134,6 +134,9 @@ pub struct Suite {
     /// The credit service's batcher of credit checks: how they were
     /// decided and where their time went.
     pub credit_batches: std::sync::Arc<o2c_credit::grpc::Batcher>,
+    /// How the gateway's PlaceOrder checks went to credit: alone, or
+    /// together in one call.
+    pub gateway_checks: std::sync::Arc<o2c_gateway::grpc::checks::CheckCounts>,
     stop: watch::Sender<bool>,
     /// The services' background loops, stopped after the servers.
     background: std::sync::Arc<o2c_kit::background::Background>,
@@ -231,7 +234,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
     // The services' background loops stop with the suite (after its
     // servers: `Suite::stop`).
     let background = std::sync::Arc::new(o2c_kit::background::Background::new());
-    let (credit_batches, routes) = background
+    let (credit_batches, gateway_checks, routes) = background
         .scope(async {
             let (credit_routes, credit_batches) = o2c_credit::build_running(
                 &settings.credit,
@@ -239,16 +242,17 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
                 &credit_policy,
             )
             .await?;
+            let (gateway_routes, gateway_checks) = o2c_gateway::build_counted(
+                &settings.gateway,
+                &gateway_upstreams,
+                settings.common.redis_url.as_deref(),
+            )
+            .await?;
             let routes: [(&'static str, &'static str, Routes, &ServiceSettings); 6] = [
                 (
                     "gateway",
                     o2c_gateway::SERVICE_NAME,
-                    o2c_gateway::build(
-                        &settings.gateway,
-                        &gateway_upstreams,
-                        settings.common.redis_url.as_deref(),
-                    )
-                    .await?,
+                    gateway_routes,
                     &settings.gateway,
                 ),
                 (
@@ -294,7 +298,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
                     &settings.crm_sync,
                 ),
             ];
-            anyhow::Ok((credit_batches, routes))
+            anyhow::Ok((credit_batches, gateway_checks, routes))
         })
         .await?;
     let (stop, stopped) = watch::channel(false);
@@ -328,6 +332,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
     Ok(Suite {
         addresses,
         credit_batches,
+        gateway_checks,
         stop,
         servers,
         background,

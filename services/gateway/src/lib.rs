@@ -120,6 +120,16 @@ pub async fn build(
     upstreams: &Upstreams,
     redis_url: Option<&str>,
 ) -> anyhow::Result<Routes> {
+    Ok(build_counted(service, upstreams, redis_url).await?.0)
+}
+
+/// [`build`], also handing out how PlaceOrder's credit checks went to
+/// credit ([`grpc::checks`]).
+pub async fn build_counted(
+    service: &ServiceSettings,
+    upstreams: &Upstreams,
+    redis_url: Option<&str>,
+) -> anyhow::Result<(Routes, std::sync::Arc<grpc::checks::CheckCounts>)> {
     let db =
         o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
             .await
@@ -172,6 +182,7 @@ pub async fn build(
             },
         );
     }
+    let counts = api.check_counts();
     let gateway = GatewayServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES);
     let admin = o2c_proto::gateway::v1::admin_service_server::AdminServiceServer::new(
         grpc::admin::AdminApi::new(keys),
@@ -186,9 +197,10 @@ pub async fn build(
         ),
     )
     .max_decoding_message_size(MAX_REQUEST_BYTES);
-    Ok(Routes::new(auth::Guarded::new(&guard, gateway))
+    let routes = Routes::new(auth::Guarded::new(&guard, gateway))
         .add_service(auth::Guarded::new(&guard, admin))
-        .add_service(auth::Guarded::new(&guard, crm)))
+        .add_service(auth::Guarded::new(&guard, crm));
+    Ok((routes, counts))
 }
 
 /// Serves on `listener` until `shutdown` resolves.

@@ -271,6 +271,88 @@ async fn concurrent_orders_on_postgres() {
     concurrent_orders(Backend::Postgres).await;
 }
 
+/// The checks of orders that arrive while one is with credit wait in the
+/// gateway and go to credit in one call, each answered as its own. Made
+/// certain here: the first order's check waits on its account's row, held
+/// by another transaction, until every other order waits in the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_that_arrive_while_a_check_is_away_go_to_credit_together_on_postgres() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(mut s) = run_suite(Backend::Postgres).await else {
+        return;
+    };
+    let customer = onboard(&mut s.gateway, "100.00").await;
+    let credit_db = sea_orm::Database::connect(&s._databases[2].url)
+        .await
+        .unwrap();
+    let holder = credit_db.begin().await.unwrap();
+    holder
+        .execute_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            format!("SELECT 1 FROM credit_accounts WHERE customer_id = '{customer}' FOR UPDATE"),
+        ))
+        .await
+        .unwrap();
+    let counts = &s.suite.gateway_checks;
+    let before = (counts.alone(), counts.batches(), counts.batched());
+    let place = |n: usize| {
+        let mut gateway = s.gateway.clone();
+        let request = pb::PlaceOrderRequest {
+            idempotency_key: key(),
+            customer_id: customer.clone(),
+            client_reference: format!("PO-{n}"),
+            amount: eur("5.00"),
+        };
+        tokio::spawn(async move {
+            gateway
+                .place_order(as_tenant(request))
+                .await
+                .unwrap()
+                .into_inner()
+                .order
+                .unwrap()
+        })
+    };
+    let mut calls = vec![place(0)];
+    o2c_testkit::eventually(std::time::Duration::from_secs(20), || async {
+        (lock_waiters(&credit_db).await >= 1).then_some(())
+    })
+    .await
+    .expect("the first order's check waits on the account's row");
+    calls.extend((1..30).map(place));
+    o2c_testkit::eventually(std::time::Duration::from_secs(20), || async {
+        (counts.waiting() == 29).then_some(())
+    })
+    .await
+    .expect("the other orders' checks wait in the gateway");
+    holder.commit().await.unwrap();
+    let mut placed = Vec::new();
+    for call in calls {
+        placed.push(call.await.unwrap());
+    }
+    assert_eq!(
+        (
+            counts.alone() - before.0,
+            counts.batches() - before.1,
+            counts.batched() - before.2
+        ),
+        (1, 1, 29),
+        "one check alone, then the 29 that waited in one call"
+    );
+    let approved = placed
+        .iter()
+        .filter(|o| o.status() == pb::OrderStatus::Approved)
+        .count();
+    assert_eq!(approved, 20, "exactly up to the limit");
+    for (n, order) in placed.iter().enumerate() {
+        assert_eq!(order.client_reference, format!("PO-{n}"));
+    }
+    assert_eq!(
+        amount(&exposure(&mut s.gateway, &customer).await.reserved),
+        "100.00"
+    );
+}
+
 /// The number of sessions of the database at `db` waiting for a lock.
 async fn lock_waiters(db: &sea_orm::DatabaseConnection) -> i64 {
     use sea_orm::ConnectionTrait;

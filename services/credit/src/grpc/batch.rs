@@ -414,20 +414,21 @@ impl Batcher {
         self.queues.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `pending`; true when no batch runs for its tenant yet, so
-    /// the caller starts one.
-    fn enqueue(&self, key: Key, pending: Pending) -> bool {
+    /// Queues every one of `pending` under one lock; returns the lanes
+    /// that had no batch runner yet, for the caller to start one each.
+    fn enqueue_all(&self, pending: Vec<(Key, Pending)>) -> Vec<Key> {
+        let mut started = Vec::new();
         let mut queues = self.queues();
-        match queues.get_mut(&key) {
-            Some(queue) => {
-                queue.push(pending);
-                false
-            }
-            None => {
-                queues.insert(key, vec![pending]);
-                true
+        for (key, pending) in pending {
+            match queues.get_mut(&key) {
+                Some(queue) => queue.push(pending),
+                None => {
+                    started.push(key.clone());
+                    queues.insert(key, vec![pending]);
+                }
             }
         }
+        started
     }
 
     /// The next batch of `key`; None (and the tenant's queue gone) when
@@ -588,15 +589,45 @@ impl CreditApi {
     /// and returns the future of its answer: checks queued before the first
     /// of their answers is awaited go into the same batch.
     pub(super) fn queue_check(&self, check: Check) -> impl Future<Output = Answer> + use<> {
-        let key = self.batcher.key_of(&check);
-        let (reply, answer) = oneshot::channel();
-        let pending = Pending {
-            check,
-            span: tracing::Span::current(),
-            queued: Instant::now(),
-            reply,
-        };
-        if self.batcher.enqueue(key.clone(), pending) {
+        let mut answers = self.queue_checks(vec![(check, tracing::Span::current())]);
+        let answer = answers.pop();
+        async move {
+            match answer {
+                Some(answer) => answer.await,
+                None => Err(Status::internal("the credit check was not queued")),
+            }
+        }
+    }
+
+    /// Puts every one of `checks`, each decided and logged under its span,
+    /// in its lane's queue at once (under one lock: no batch runner takes
+    /// some of them without the others), and returns the futures of their
+    /// answers, in order.
+    pub(super) fn queue_checks(
+        &self,
+        checks: Vec<(Check, tracing::Span)>,
+    ) -> Vec<impl Future<Output = Answer> + use<>> {
+        let queued = Instant::now();
+        let mut answers = Vec::with_capacity(checks.len());
+        let mut pending = Vec::with_capacity(checks.len());
+        for (check, span) in checks {
+            let (reply, answer) = oneshot::channel();
+            pending.push((
+                self.batcher.key_of(&check),
+                Pending {
+                    check,
+                    span,
+                    queued,
+                    reply,
+                },
+            ));
+            answers.push(async move {
+                answer.await.map_err(|_| {
+                    Status::internal("the credit check's batch ended without an answer")
+                })?
+            });
+        }
+        for key in self.batcher.enqueue_all(pending) {
             let api = self.clone();
             tokio::spawn(async move {
                 let _unwind = Unwind(&api.batcher, &key);
@@ -605,11 +636,7 @@ impl CreditApi {
                 }
             });
         }
-        async move {
-            answer
-                .await
-                .map_err(|_| Status::internal("the credit check's batch ended without an answer"))?
-        }
+        answers
     }
 
     async fn decide_batch(&self, key: &Key, batch: Vec<Pending>) {

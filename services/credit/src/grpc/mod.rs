@@ -35,8 +35,8 @@ use crate::storage::{self, Account, Alert, AlertKind, LimitUpdate, cache::Exposu
 
 /// Longest order id accepted from callers.
 pub const MAX_ORDER_ID_LENGTH: usize = 100;
-/// Most checks one CheckAndReserveMany call may carry.
-pub const MAX_BATCHED_CHECKS: usize = 256;
+/// Most checks one CheckAndReserveMany call may carry: one batch's.
+pub const MAX_BATCHED_CHECKS: usize = batch::MAX_BATCH;
 /// Longest client reference of an order.
 pub const MAX_CLIENT_REFERENCE_LENGTH: usize = 100;
 /// Longest reason text on limit changes, holds and releases.
@@ -748,38 +748,37 @@ impl CreditService for CreditApi {
             )
             .into());
         }
-        // Every check is queued before any answer is awaited, so they share
-        // their lane's next batch; each under a span that continues its own
-        // order's trace, as the lane decides and logs it under that span.
-        let answers: Vec<_> = checks
-            .into_iter()
-            .map(|batched| {
-                let span = tracing::info_span!(
-                    "credit.check",
-                    otel.name = "o2c.credit.v1.CreditService/CheckAndReserve",
-                    otel.kind = "server",
-                    rpc.system = "grpc",
-                    rpc.service = "o2c.credit.v1.CreditService",
-                    rpc.method = "CheckAndReserve",
-                    batched = true,
-                );
-                o2c_kit::telemetry::continue_trace(
-                    &span,
-                    &batched.traceparent,
-                    &batched.tracestate,
-                );
-                let queued = {
-                    let _in_span = span.enter();
-                    check_of(batched.check.unwrap_or_default()).map(|c| self.queue_check(c))
-                };
-                (queued, span)
-            })
-            .collect();
-        let mut results = Vec::with_capacity(answers.len());
-        for (queued, span) in answers {
-            let answer = match queued {
-                Ok(answer) => tracing::Instrument::instrument(answer, span).await,
-                Err(status) => Err(status),
+        // Every valid check is queued at once, so the lane's next batch
+        // takes them all; each under a span that continues its own order's
+        // trace, as the lane decides and logs it under that span.
+        let mut outcomes: Vec<Option<Status>> = Vec::with_capacity(checks.len());
+        let mut valid = Vec::with_capacity(checks.len());
+        for batched in checks {
+            let span = tracing::info_span!(
+                "credit.check",
+                otel.name = "o2c.credit.v1.CreditService/CheckAndReserve",
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = "o2c.credit.v1.CreditService",
+                rpc.method = "CheckAndReserve",
+                batched = true,
+            );
+            o2c_kit::telemetry::continue_trace(&span, &batched.traceparent, &batched.tracestate);
+            match check_of(batched.check.unwrap_or_default()) {
+                Ok(check) => {
+                    valid.push((check, span));
+                    outcomes.push(None);
+                }
+                Err(status) => outcomes.push(Some(status)),
+            }
+        }
+        let mut answers = self.queue_checks(valid).into_iter();
+        let mut results = Vec::with_capacity(outcomes.len());
+        for refused in outcomes {
+            let answer = match (refused, answers.next()) {
+                (Some(status), _) => Err(status),
+                (None, Some(answer)) => answer.await,
+                (None, None) => Err(Status::internal("a credit check was not queued")),
             };
             results.push(pb::BatchedCheckResult {
                 result: Some(match answer {

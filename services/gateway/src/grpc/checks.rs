@@ -17,13 +17,19 @@
 //! same status), its trace (the batched check carries its caller's trace
 //! context, and credit decides it under a span that continues it), and its
 //! deadline (a caller stops waiting at its own deadline, and a check whose
-//! caller stopped waiting before it was sent is not sent). The calls run in
+//! caller stopped waiting before it was sent is not sent; a batch's call
+//! lasts until the latest of its checks' deadlines). The calls run in
 //! tasks of their own, so a caller that goes away takes nothing from the
-//! others. A credit without `CheckAndReserveMany` (UNIMPLEMENTED, as during
-//! a rolling upgrade) is sent the batch's checks one by one.
+//! others, and a check already sent is decided even if its caller went
+//! away meanwhile (as a call past its deadline may be). A credit without
+//! `CheckAndReserveMany` (UNIMPLEMENTED, as during a rolling upgrade) is
+//! sent the batch's checks one by one, and every check alone for a minute
+//! after.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use o2c_kit::auth::CallContext;
 use o2c_kit::client::TracedChannel;
@@ -44,8 +50,12 @@ use tracing::Instrument;
 pub const IN_FLIGHT: usize = 1;
 /// Most calls in flight a setting may ask for.
 pub const MAX_IN_FLIGHT: usize = 64;
-/// Most checks in one `CheckAndReserveMany` (credit's own limit).
-pub const MAX_BATCH: usize = 256;
+/// Most checks in one `CheckAndReserveMany`: as many as credit decides in
+/// one batch.
+pub const MAX_BATCH: usize = 128;
+/// How long every check goes alone after credit answered UNIMPLEMENTED to
+/// `CheckAndReserveMany`.
+const ALONE_AFTER_UNIMPLEMENTED: Duration = Duration::from_secs(60);
 
 type Answer = Result<pb::CheckAndReserveResponse, Status>;
 
@@ -87,12 +97,46 @@ impl Credit for CreditServiceClient<TracedChannel> {
     }
 }
 
+/// How the gateway's checks went to credit since it started.
+#[derive(Debug, Default)]
+pub struct CheckCounts {
+    alone: AtomicU64,
+    batches: AtomicU64,
+    batched: AtomicU64,
+    waiting: AtomicU64,
+}
+
+impl CheckCounts {
+    /// Checks sent alone, as `CheckAndReserve`.
+    pub fn alone(&self) -> u64 {
+        self.alone.load(Ordering::Relaxed)
+    }
+
+    /// `CheckAndReserveMany` calls.
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+
+    /// Checks sent in them.
+    pub fn batched(&self) -> u64 {
+        self.batched.load(Ordering::Relaxed)
+    }
+
+    /// Checks waiting now for a call to come back.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
 /// The gateway's credit checks (see the module's documentation).
 #[derive(Clone)]
 pub struct CreditChecks<C> {
     credit: C,
     in_flight: usize,
     lanes: Arc<Mutex<HashMap<Key, Lane>>>,
+    counts: Arc<CheckCounts>,
+    /// Until when every check goes alone (credit answered UNIMPLEMENTED).
+    alone_until: Arc<Mutex<Option<Instant>>>,
 }
 
 /// A caller context: the tenant and user every check of one call acts for.
@@ -130,7 +174,18 @@ impl<C: Credit> CreditChecks<C> {
             credit,
             in_flight: in_flight.max(1),
             lanes: Arc::default(),
+            counts: Arc::default(),
+            alone_until: Arc::default(),
         }
+    }
+
+    /// How the checks went so far.
+    pub fn counts(&self) -> Arc<CheckCounts> {
+        Arc::clone(&self.counts)
+    }
+
+    fn lanes(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Lane>> {
+        self.lanes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Checks and reserves `check` for the current caller
@@ -140,32 +195,54 @@ impl<C: Credit> CreditChecks<C> {
         let key = (context.tenant.clone(), context.user.clone());
         let deadline = context.deadline;
         let (reply, answer) = oneshot::channel();
-        let job = {
-            let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
-            let lane = lanes.entry(key.clone()).or_default();
-            if lane.in_flight < self.in_flight {
-                lane.in_flight += 1;
-                Some(Job::Alone {
+        let mut item = Some((check, reply));
+        if self.all_alone() {
+            if let Some((check, reply)) = item.take() {
+                self.lanes().entry(key.clone()).or_default().in_flight += 1;
+                let job = Job::Alone {
                     check,
                     span: tracing::Span::current(),
                     reply,
-                })
-            } else {
-                let (traceparent, tracestate) = o2c_kit::telemetry::current_trace_context();
-                lane.waiting.push_back(Waiting {
-                    check: pb::BatchedCheck {
-                        check: Some(check),
-                        traceparent,
-                        tracestate,
-                    },
-                    deadline,
-                    reply,
-                });
-                None
+                };
+                tokio::spawn(self.clone().send(key, context, job));
             }
-        };
-        if let Some(job) = job {
-            tokio::spawn(self.clone().send(key, context, job));
+        } else {
+            // The trace context only for a check that waits, and not under
+            // the lock.
+            let mut traced = None;
+            let job = loop {
+                let mut lanes = self.lanes();
+                let lane = lanes.entry(key.clone()).or_default();
+                if lane.in_flight < self.in_flight {
+                    lane.in_flight += 1;
+                    break item.take().map(|(check, reply)| Job::Alone {
+                        check,
+                        span: tracing::Span::current(),
+                        reply,
+                    });
+                }
+                let Some((traceparent, tracestate)) = traced.take() else {
+                    drop(lanes);
+                    traced = Some(o2c_kit::telemetry::current_trace_context());
+                    continue;
+                };
+                if let Some((check, reply)) = item.take() {
+                    lane.waiting.push_back(Waiting {
+                        check: pb::BatchedCheck {
+                            check: Some(check),
+                            traceparent,
+                            tracestate,
+                        },
+                        deadline,
+                        reply,
+                    });
+                    self.counts.waiting.fetch_add(1, Ordering::Relaxed);
+                }
+                break None;
+            };
+            if let Some(job) = job {
+                tokio::spawn(self.clone().send(key, context, job));
+            }
         }
         let answered = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, answer)
@@ -177,13 +254,28 @@ impl<C: Credit> CreditChecks<C> {
             .map_err(|_| Status::unavailable("the credit check's call ended without an answer"))?
     }
 
+    /// Whether every check goes alone for now.
+    fn all_alone(&self) -> bool {
+        let until = *self
+            .alone_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        until.is_some_and(|until| Instant::now() < until)
+    }
+
     /// Sends `job`, then every batch that waited meanwhile, until none
     /// waits; then gives its place back.
     async fn send(self, key: Key, context: CallContext, job: Job) {
+        let mut place = Place {
+            checks: &self,
+            key: &key,
+            held: true,
+        };
         let mut job = job;
         loop {
             match job {
                 Job::Alone { check, span, reply } => {
+                    self.counts.alone.fetch_add(1, Ordering::Relaxed);
                     let credit = self.credit.clone();
                     let answer =
                         o2c_kit::auth::scope(context.clone(), credit.check(check).instrument(span))
@@ -194,7 +286,10 @@ impl<C: Credit> CreditChecks<C> {
             }
             match self.next(&key) {
                 Some(batch) => job = Job::Many(batch),
-                None => return,
+                None => {
+                    place.held = false;
+                    return;
+                }
             }
         }
     }
@@ -202,7 +297,7 @@ impl<C: Credit> CreditChecks<C> {
     /// The checks that waited, whose callers still wait; or, when none
     /// did, gives this call's place back (None).
     fn next(&self, key: &Key) -> Option<Vec<Waiting>> {
-        let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lanes = self.lanes();
         let lane = lanes.get_mut(key)?;
         let now = Instant::now();
         let mut batch = Vec::new();
@@ -210,17 +305,13 @@ impl<C: Credit> CreditChecks<C> {
             let Some(waiting) = lane.waiting.pop_front() else {
                 break;
             };
-            // A caller that stopped waiting gets no reservation made for it.
-            let gone = waiting.reply.is_closed() || waiting.deadline.is_some_and(|d| d <= now);
-            if !gone {
+            self.counts.waiting.fetch_sub(1, Ordering::Relaxed);
+            if !gone(&waiting, now) {
                 batch.push(waiting);
             }
         }
         if batch.is_empty() {
-            lane.in_flight = lane.in_flight.saturating_sub(1);
-            if lane.in_flight == 0 && lane.waiting.is_empty() {
-                lanes.remove(key);
-            }
+            release(&mut lanes, key, &self.counts);
             return None;
         }
         Some(batch)
@@ -229,6 +320,13 @@ impl<C: Credit> CreditChecks<C> {
     /// Sends `batch` in one call, for the latest of its callers' deadlines,
     /// and answers each check.
     async fn send_many(&self, context: &CallContext, batch: Vec<Waiting>) {
+        if self.all_alone() {
+            return self.send_each(context, batch).await;
+        }
+        self.counts.batches.fetch_add(1, Ordering::Relaxed);
+        self.counts
+            .batched
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let deadline = batch
             .iter()
             .map(|w| w.deadline)
@@ -240,58 +338,117 @@ impl<C: Credit> CreditChecks<C> {
             deadline,
             ..context.clone()
         };
-        let (checks, replies): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|w| (w.check, w.reply)).unzip();
-        let request = pb::CheckAndReserveManyRequest { checks };
-        let sent = o2c_kit::auth::scope(context.clone(), self.credit.check_many(request.clone()));
-        let results = match sent.await {
-            Ok(response) if response.results.len() == replies.len() => response.results,
+        let request = pb::CheckAndReserveManyRequest {
+            checks: batch.iter().map(|w| w.check.clone()).collect(),
+        };
+        let sent = o2c_kit::auth::scope(context.clone(), self.credit.check_many(request)).await;
+        match sent {
+            Ok(response) if response.results.len() == batch.len() => {
+                for (result, waiting) in response.results.into_iter().zip(batch) {
+                    let _ = waiting.reply.send(answer_of(result));
+                }
+            }
             Ok(response) => {
                 let status = Status::internal(format!(
                     "credit answered {} results for {} checks",
                     response.results.len(),
-                    replies.len()
+                    batch.len()
                 ));
-                for reply in replies {
-                    let _ = reply.send(Err(status.clone()));
+                for waiting in batch {
+                    let _ = waiting.reply.send(Err(status.clone()));
                 }
-                return;
             }
             Err(status) if status.code() == Code::Unimplemented => {
-                self.send_each(context, request.checks, replies).await;
-                return;
+                tracing::warn!(
+                    "credit has no CheckAndReserveMany: sending every check alone for {} s",
+                    ALONE_AFTER_UNIMPLEMENTED.as_secs()
+                );
+                *self
+                    .alone_until
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) =
+                    Some(Instant::now() + ALONE_AFTER_UNIMPLEMENTED);
+                self.send_each(&context, batch).await;
             }
             Err(status) => {
-                for reply in replies {
-                    let _ = reply.send(Err(status.clone()));
+                for waiting in batch {
+                    let _ = waiting.reply.send(Err(status.clone()));
                 }
-                return;
             }
-        };
-        for (result, reply) in results.into_iter().zip(replies) {
-            let _ = reply.send(answer_of(result));
         }
     }
 
-    /// Sends each of `checks` alone, at once, each under a span that
-    /// continues its own caller's trace.
-    async fn send_each(
-        &self,
-        context: CallContext,
-        checks: Vec<pb::BatchedCheck>,
-        replies: Vec<oneshot::Sender<Answer>>,
-    ) {
+    /// Sends each check of `batch` whose caller still waits alone, at once,
+    /// each for its own deadline and under a span that continues its own
+    /// caller's trace.
+    async fn send_each(&self, context: &CallContext, batch: Vec<Waiting>) {
+        let now = Instant::now();
         let mut calls = tokio::task::JoinSet::new();
-        for (batched, reply) in checks.into_iter().zip(replies) {
+        for waiting in batch {
+            if gone(&waiting, now) {
+                continue;
+            }
+            self.counts.alone.fetch_add(1, Ordering::Relaxed);
             let span = tracing::info_span!("credit.check");
+            let batched = waiting.check;
             o2c_kit::telemetry::continue_trace(&span, &batched.traceparent, &batched.tracestate);
+            let context = CallContext {
+                deadline: waiting.deadline,
+                ..context.clone()
+            };
             let credit = self.credit.clone();
             let check = batched.check.unwrap_or_default();
-            calls.spawn(o2c_kit::auth::scope(context.clone(), async move {
+            let reply = waiting.reply;
+            calls.spawn(o2c_kit::auth::scope(context, async move {
                 let _ = reply.send(credit.check(check).instrument(span).await);
             }));
         }
         while calls.join_next().await.is_some() {}
+    }
+}
+
+/// Whether the caller of `waiting` stopped waiting (a reservation made
+/// for it would be for nobody).
+fn gone(waiting: &Waiting, now: Instant) -> bool {
+    waiting.reply.is_closed() || waiting.deadline.is_some_and(|d| d <= now)
+}
+
+/// Gives one call's place in `key`'s lane back; the last one out of a
+/// lane with nothing waiting removes it.
+fn release(lanes: &mut HashMap<Key, Lane>, key: &Key, counts: &CheckCounts) {
+    let Some(lane) = lanes.get_mut(key) else {
+        return;
+    };
+    lane.in_flight = lane.in_flight.saturating_sub(1);
+    if lane.in_flight == 0 {
+        // Only a sender that ended early leaves checks behind with no
+        // call in flight: their callers are answered UNAVAILABLE (their
+        // reply senders drop) instead of waiting for nobody.
+        counts
+            .waiting
+            .fetch_sub(lane.waiting.len() as u64, Ordering::Relaxed);
+        lanes.remove(key);
+    }
+}
+
+/// A sender's place in its lane, given back if the sender ends early
+/// (its task cancelled or unwinding), so the lane does not stay full.
+struct Place<'a, C> {
+    checks: &'a CreditChecks<C>,
+    key: &'a Key,
+    held: bool,
+}
+
+impl<C> Drop for Place<'_, C> {
+    fn drop(&mut self) {
+        if self.held {
+            let mut lanes = self
+                .checks
+                .lanes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            release(&mut lanes, self.key, &self.checks.counts);
+        }
     }
 }
 
@@ -318,11 +475,16 @@ mod tests {
 
     use super::*;
 
-    /// Credit as the checks see it: each call is recorded, then waits for
-    /// a permit of `gate`; a check of order "bad-…" is refused.
+    /// A call that reached credit: how, and the orders it checked.
+    type Call = (&'static str, Vec<String>);
+
+    /// Credit as the checks see it: each call is recorded with the caller
+    /// context it came in, then waits for a permit of `gate`; a check of
+    /// order "bad-…" is refused.
     #[derive(Clone)]
     struct Recorded {
-        calls: Arc<Mutex<Vec<(&'static str, Vec<String>)>>>,
+        calls: Arc<Mutex<Vec<Call>>>,
+        contexts: Arc<Mutex<Vec<Option<CallContext>>>>,
         gate: Arc<Semaphore>,
         many: bool,
     }
@@ -331,12 +493,13 @@ mod tests {
         fn new(many: bool) -> Self {
             Self {
                 calls: Arc::default(),
+                contexts: Arc::default(),
                 gate: Arc::new(Semaphore::new(0)),
                 many,
             }
         }
 
-        fn calls(&self) -> Vec<(&'static str, Vec<String>)> {
+        fn calls(&self) -> Vec<Call> {
             self.calls.lock().unwrap().clone()
         }
 
@@ -372,6 +535,7 @@ mod tests {
 
     impl Credit for Recorded {
         async fn check(&self, request: pb::CheckAndReserveRequest) -> Answer {
+            self.contexts.lock().unwrap().push(o2c_kit::auth::current());
             self.calls
                 .lock()
                 .unwrap()
@@ -384,7 +548,12 @@ mod tests {
             &self,
             request: pb::CheckAndReserveManyRequest,
         ) -> Result<pb::CheckAndReserveManyResponse, Status> {
+            self.contexts.lock().unwrap().push(o2c_kit::auth::current());
             if !self.many {
+                self.calls
+                    .lock()
+                    .unwrap()
+                    .push(("unimplemented", Vec::new()));
                 return Err(Status::unimplemented("no CheckAndReserveMany here"));
             }
             let orders = request
@@ -454,6 +623,14 @@ mod tests {
         .expect("the checks wait");
     }
 
+    async fn until_no_lanes(checks: &CreditChecks<Recorded>) {
+        o2c_testkit::eventually(Duration::from_secs(10), || async {
+            checks.lanes.lock().unwrap().is_empty().then_some(())
+        })
+        .await
+        .expect("every lane is given back");
+    }
+
     fn ordered(answer: Answer) -> String {
         answer.unwrap().decision.unwrap().order_id
     }
@@ -466,7 +643,7 @@ mod tests {
         let answered = start(&checks, "t1", "o-1").await.unwrap();
         assert_eq!(ordered(answered), "o-1");
         assert_eq!(credit.calls(), vec![("alone", vec!["o-1".to_owned()])]);
-        assert!(checks.lanes.lock().unwrap().is_empty());
+        until_no_lanes(&checks).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,7 +678,17 @@ mod tests {
         assert_eq!(refused.message(), "order bad-3 refused");
         assert_eq!(refused.details(), &[1, 2, 3]);
         assert_eq!(ordered(answers.next().unwrap()), "o-4");
-        assert!(checks.lanes.lock().unwrap().is_empty());
+        until_no_lanes(&checks).await;
+        let counts = checks.counts();
+        assert_eq!(
+            (
+                counts.alone(),
+                counts.batches(),
+                counts.batched(),
+                counts.waiting()
+            ),
+            (1, 1, 3, 0)
+        );
     }
 
     async fn futures_join(handles: Vec<tokio::task::JoinHandle<Answer>>) -> Vec<Answer> {
@@ -572,11 +759,7 @@ mod tests {
         assert_eq!(late.unwrap_err().code(), Code::DeadlineExceeded);
         credit.gate.add_permits(1);
         assert_eq!(ordered(first.await.unwrap()), "o-1");
-        o2c_testkit::eventually(Duration::from_secs(10), || async {
-            checks.lanes.lock().unwrap().is_empty().then_some(())
-        })
-        .await
-        .expect("the lane empties");
+        until_no_lanes(&checks).await;
         assert_eq!(credit.calls().len(), 1, "the late check was not sent");
     }
 
@@ -597,19 +780,74 @@ mod tests {
             third.await.unwrap().unwrap_err().code(),
             Code::InvalidArgument
         );
-        let mut alone: Vec<_> = credit
-            .calls()
-            .into_iter()
-            .map(|(k, o)| (k, o[0].clone()))
-            .collect();
+        let calls = credit.calls();
+        assert_eq!(calls[0], ("alone", vec!["o-1".to_owned()]));
+        assert_eq!(calls[1], ("unimplemented", Vec::new()));
+        let mut alone: Vec<_> = calls[2..].to_vec();
         alone.sort();
         assert_eq!(
             alone,
             vec![
-                ("alone", "bad-3".to_owned()),
-                ("alone", "o-1".to_owned()),
-                ("alone", "o-2".to_owned())
+                ("alone", vec!["bad-3".to_owned()]),
+                ("alone", vec!["o-2".to_owned()])
             ]
         );
+        // From then on every check goes alone at once, even with a call in
+        // flight: credit is not asked for the batched call again.
+        let fourth = start(&checks, "t1", "o-4");
+        credit.until_calls(5).await;
+        let fifth = start(&checks, "t1", "o-5");
+        credit.until_calls(6).await;
+        credit.gate.add_permits(2);
+        assert_eq!(ordered(fourth.await.unwrap()), "o-4");
+        assert_eq!(ordered(fifth.await.unwrap()), "o-5");
+        assert!(credit.calls()[4..].iter().all(|(kind, _)| *kind == "alone"));
+        until_no_lanes(&checks).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_goes_for_its_tenant_until_the_latest_deadline_of_its_checks() {
+        let credit = Recorded::new(true);
+        let checks = CreditChecks::new(credit.clone(), 1);
+        let first = start(&checks, "t1", "o-1");
+        credit.until_calls(1).await;
+        let soon = Instant::now() + Duration::from_secs(30);
+        let later = Instant::now() + Duration::from_secs(60);
+        let mut waiting = Vec::new();
+        for (n, deadline) in [soon, later].into_iter().enumerate() {
+            let mine = checks.clone();
+            let context = CallContext {
+                deadline: Some(deadline),
+                ..CallContext::for_tenant("t1", "user")
+            };
+            let check = order(&format!("o-{}", n + 2));
+            waiting.push(tokio::spawn(o2c_kit::auth::scope(context, async move {
+                mine.check(check).await
+            })));
+            until_waiting(&checks, n + 1).await;
+        }
+        credit.gate.add_permits(2);
+        assert_eq!(ordered(first.await.unwrap()), "o-1");
+        for handle in waiting {
+            handle.await.unwrap().unwrap();
+        }
+        let contexts = credit.contexts.lock().unwrap().clone();
+        let many = contexts[1]
+            .clone()
+            .expect("the batch's call has a caller context");
+        assert_eq!(many.tenant.as_deref(), Some("t1"));
+        assert_eq!(many.user.as_deref(), Some("user"));
+        assert_eq!(many.deadline, Some(later));
+        // A check without a deadline makes the batch's call go without one
+        // (the channel's own timeout still caps it).
+        let first = start(&checks, "t1", "o-4");
+        credit.until_calls(3).await;
+        let open = start(&checks, "t1", "o-5");
+        until_waiting(&checks, 1).await;
+        credit.gate.add_permits(2);
+        first.await.unwrap().unwrap();
+        open.await.unwrap().unwrap();
+        let contexts = credit.contexts.lock().unwrap().clone();
+        assert_eq!(contexts[3].clone().unwrap().deadline, None);
     }
 }

@@ -130,6 +130,13 @@ impl GatewayApi {
     }
 }
 
+impl GatewayApi {
+    /// How PlaceOrder's credit checks went to credit so far.
+    pub fn check_counts(&self) -> Arc<checks::CheckCounts> {
+        self.checks.counts()
+    }
+}
+
 fn missing() -> ApiError {
     ApiError::Internal("validated fields missing".into())
 }
