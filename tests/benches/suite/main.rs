@@ -552,6 +552,8 @@ async fn main() {
     for on_hot in [false, true, true, false] {
         before_phase().await;
         let before = suite.credit_batches.timings();
+        let checks = &suite.gateway_checks;
+        let checks_before = (checks.alone(), checks.batches(), checks.batched());
         let cpu_before = cpu::sample();
         let run = suite_run(on_hot, phase).await;
         not_approved += run.failed;
@@ -566,6 +568,16 @@ async fn main() {
             &suite.credit_batches.timings().since(&before),
             clients,
             run.rate,
+        );
+        let (batches, batched) = (
+            checks.batches() - checks_before.1,
+            checks.batched() - checks_before.2,
+        );
+        println!(
+            "    the gateway's calls to credit: {} alone, {} together of {:.1} checks on average",
+            checks.alone() - checks_before.0,
+            batches,
+            batched as f64 / batches.max(1) as f64
         );
         if on_hot {
             &mut suite_hot

@@ -775,10 +775,12 @@ impl CreditService for CreditApi {
         let mut answers = self.queue_checks(valid).into_iter();
         let mut results = Vec::with_capacity(outcomes.len());
         for refused in outcomes {
-            let answer = match (refused, answers.next()) {
-                (Some(status), _) => Err(status),
-                (None, Some(answer)) => answer.await,
-                (None, None) => Err(Status::internal("a credit check was not queued")),
+            let answer = match refused {
+                Some(status) => Err(status),
+                None => match answers.next() {
+                    Some(answer) => answer.await,
+                    None => Err(Status::internal("a credit check was not queued")),
+                },
             };
             results.push(pb::BatchedCheckResult {
                 result: Some(match answer {
