@@ -189,6 +189,32 @@ async fn placing_orders_on_postgres() {
     placing_orders(Backend::Postgres).await;
 }
 
+/// Places order `n` of 5.00 (reference "PO-n") under `key`, in a task
+/// of its own.
+fn spawn_order(
+    gateway: &GatewayServiceClient<tonic::transport::Channel>,
+    key: &str,
+    customer: &str,
+    n: usize,
+) -> tokio::task::JoinHandle<pb::Order> {
+    let mut gateway = gateway.clone();
+    let request = pb::PlaceOrderRequest {
+        idempotency_key: key.to_owned(),
+        customer_id: customer.to_owned(),
+        client_reference: format!("PO-{n}"),
+        amount: eur("5.00"),
+    };
+    tokio::spawn(async move {
+        gateway
+            .place_order(as_tenant(request))
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap()
+    })
+}
+
 /// Many orders of one customer at once, as a busy client places them: the
 /// gateway sends the checks that arrive while one is with credit in one
 /// call (`gateway::grpc::checks`), and every order still gets its own
@@ -202,22 +228,7 @@ async fn concurrent_orders(backend: Backend) {
     let orders = 30;
     let keys: Vec<String> = (0..orders).map(|_| key()).collect();
     let place = |gateway: &GatewayServiceClient<tonic::transport::Channel>, n: usize| {
-        let mut gateway = gateway.clone();
-        let request = pb::PlaceOrderRequest {
-            idempotency_key: keys[n].clone(),
-            customer_id: customer.clone(),
-            client_reference: format!("PO-{n}"),
-            amount: eur("5.00"),
-        };
-        tokio::spawn(async move {
-            gateway
-                .place_order(as_tenant(request))
-                .await
-                .unwrap()
-                .into_inner()
-                .order
-                .unwrap()
-        })
+        spawn_order(gateway, &keys[n], &customer, n)
     };
     let calls: Vec<_> = (0..orders).map(|n| place(&s.gateway, n)).collect();
     let mut placed = Vec::new();
@@ -295,24 +306,7 @@ async fn orders_that_arrive_while_a_check_is_away_go_to_credit_together_on_postg
         .unwrap();
     let counts = &s.suite.gateway_checks;
     let before = (counts.alone(), counts.batches(), counts.batched());
-    let place = |n: usize| {
-        let mut gateway = s.gateway.clone();
-        let request = pb::PlaceOrderRequest {
-            idempotency_key: key(),
-            customer_id: customer.clone(),
-            client_reference: format!("PO-{n}"),
-            amount: eur("5.00"),
-        };
-        tokio::spawn(async move {
-            gateway
-                .place_order(as_tenant(request))
-                .await
-                .unwrap()
-                .into_inner()
-                .order
-                .unwrap()
-        })
-    };
+    let place = |n: usize| spawn_order(&s.gateway, &key(), &customer, n);
     let mut calls = vec![place(0)];
     o2c_testkit::eventually(std::time::Duration::from_secs(20), || async {
         (lock_waiters(&credit_db).await >= 1).then_some(())
