@@ -47,8 +47,8 @@ pub struct Upstreams {
     pub reconcile_interval_ms: u64,
     /// Calls to credit's check each tenant and user keeps in flight at
     /// most; orders that arrive meanwhile go to credit in one call
-    /// ([`grpc::checks`]). 1 sends the fewest calls; more can serve a
-    /// tenant from several credit replicas at once.
+    /// ([`grpc::checks`]). 1 makes the largest batches; more can serve a
+    /// tenant from several credit replicas or lanes at once.
     pub credit_checks_in_flight: usize,
     /// Who may call, and how much.
     pub auth: auth::AuthSettings,

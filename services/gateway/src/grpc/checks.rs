@@ -11,20 +11,22 @@
 //!   `CheckAndReserve`: a lone order's path is the plain call;
 //! - the others wait, and when one of those calls comes back, every check
 //!   that waited goes in one `CheckAndReserveMany` (at most [`MAX_BATCH`]),
-//!   which credit decides in one batch.
+//!   which credit queues at once, so one batch decides them (one per
+//!   lane, when credit has several).
 //!
 //! Each check keeps what it would have had alone: its answer or error (the
 //! same status), its trace (the batched check carries its caller's trace
 //! context, and credit decides it under a span that continues it), and its
 //! deadline (a caller stops waiting at its own deadline, and a check whose
 //! caller stopped waiting before it was sent is not sent; a batch's call
-//! lasts until the latest of its checks' deadlines). The calls run in
+//! lasts until the latest of its checks' deadlines, or without one when a
+//! check has none). The calls run in
 //! tasks of their own, so a caller that goes away takes nothing from the
 //! others, and a check already sent is decided even if its caller went
 //! away meanwhile (as a call past its deadline may be). A credit without
 //! `CheckAndReserveMany` (UNIMPLEMENTED, as during a rolling upgrade) is
-//! sent the batch's checks one by one, and every check alone for a minute
-//! after.
+//! sent the batch's checks each alone, all at once, and every check goes
+//! alone for a minute after.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,8 +47,8 @@ use tracing::Instrument;
 /// so the orders that arrive while it is away all go in the next call,
 /// and credit's lane decides them in one batch as soon as it gets them.
 /// Measured by the suite benchmark against two, four and sixteen (as good
-/// as no limit): one sent the fewest calls, made the largest batches and
-/// decided the most orders (docs/benchmarks.md, tenth session).
+/// as no limit): one made the largest batches and decided the most orders
+/// (docs/benchmarks.md, tenth session).
 pub const IN_FLIGHT: usize = 1;
 /// Most calls in flight a setting may ask for.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -122,7 +124,8 @@ impl CheckCounts {
         self.batched.load(Ordering::Relaxed)
     }
 
-    /// Checks waiting now for a call to come back.
+    /// Checks waiting now for a call to come back (those whose callers
+    /// already stopped waiting included, until a sender drops them).
     pub fn waiting(&self) -> u64 {
         self.waiting.load(Ordering::Relaxed)
     }
@@ -204,7 +207,8 @@ impl<C: Credit> CreditChecks<C> {
                     span: tracing::Span::current(),
                     reply,
                 };
-                tokio::spawn(self.clone().send(key, context, job));
+                let place = self.place(key);
+                tokio::spawn(self.clone().send(place, context, job));
             }
         } else {
             // The trace context only for a check that waits, and not under
@@ -241,7 +245,8 @@ impl<C: Credit> CreditChecks<C> {
                 break None;
             };
             if let Some(job) = job {
-                tokio::spawn(self.clone().send(key, context, job));
+                let place = self.place(key);
+                tokio::spawn(self.clone().send(place, context, job));
             }
         }
         let answered = match deadline {
@@ -265,12 +270,8 @@ impl<C: Credit> CreditChecks<C> {
 
     /// Sends `job`, then every batch that waited meanwhile, until none
     /// waits; then gives its place back.
-    async fn send(self, key: Key, context: CallContext, job: Job) {
-        let mut place = Place {
-            checks: &self,
-            key: &key,
-            held: true,
-        };
+    async fn send(self, mut place: Place, context: CallContext, job: Job) {
+        let key = place.key.clone();
         let mut job = job;
         loop {
             match job {
@@ -291,6 +292,17 @@ impl<C: Credit> CreditChecks<C> {
                     return;
                 }
             }
+        }
+    }
+
+    /// The place in `key`'s lane a caller just took, for its sender to
+    /// give back.
+    fn place(&self, key: Key) -> Place {
+        Place {
+            lanes: Arc::clone(&self.lanes),
+            counts: Arc::clone(&self.counts),
+            key,
+            held: true,
         }
     }
 
@@ -431,23 +443,21 @@ fn release(lanes: &mut HashMap<Key, Lane>, key: &Key, counts: &CheckCounts) {
     }
 }
 
-/// A sender's place in its lane, given back if the sender ends early
-/// (its task cancelled or unwinding), so the lane does not stay full.
-struct Place<'a, C> {
-    checks: &'a CreditChecks<C>,
-    key: &'a Key,
+/// A sender's place in its lane, taken before its task is spawned and
+/// given back if the task ends early (dropped before it first ran,
+/// cancelled or unwinding), so the lane does not stay full.
+struct Place {
+    lanes: Arc<Mutex<HashMap<Key, Lane>>>,
+    counts: Arc<CheckCounts>,
+    key: Key,
     held: bool,
 }
 
-impl<C> Drop for Place<'_, C> {
+impl Drop for Place {
     fn drop(&mut self) {
         if self.held {
-            let mut lanes = self
-                .checks
-                .lanes
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            release(&mut lanes, self.key, &self.checks.counts);
+            let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+            release(&mut lanes, &self.key, &self.counts);
         }
     }
 }
