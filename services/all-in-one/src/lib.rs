@@ -136,7 +136,7 @@ pub struct Suite {
     pub credit_batches: std::sync::Arc<o2c_credit::grpc::Batcher>,
     /// How the gateway's PlaceOrder checks went to credit: alone, or
     /// together in one call.
-    pub gateway_checks: std::sync::Arc<o2c_gateway::grpc::checks::CheckCounts>,
+    pub gateway_checks: o2c_gateway::grpc::checks::GatewayChecks,
     stop: watch::Sender<bool>,
     /// The services' background loops, stopped after the servers.
     background: std::sync::Arc<o2c_kit::background::Background>,
@@ -242,7 +242,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Suite> {
                 &credit_policy,
             )
             .await?;
-            let (gateway_routes, gateway_checks) = o2c_gateway::build_counted(
+            let (gateway_routes, gateway_checks) = o2c_gateway::build_with_checks(
                 &settings.gateway,
                 &gateway_upstreams,
                 settings.common.redis_url.as_deref(),

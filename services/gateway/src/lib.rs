@@ -120,16 +120,16 @@ pub async fn build(
     upstreams: &Upstreams,
     redis_url: Option<&str>,
 ) -> anyhow::Result<Routes> {
-    Ok(build_counted(service, upstreams, redis_url).await?.0)
+    Ok(build_with_checks(service, upstreams, redis_url).await?.0)
 }
 
-/// [`build`], also handing out how PlaceOrder's credit checks went to
-/// credit ([`grpc::checks`]).
-pub async fn build_counted(
+/// [`build`], also handing out PlaceOrder's credit checks
+/// ([`grpc::checks`]): how they went to credit, and how many wait.
+pub async fn build_with_checks(
     service: &ServiceSettings,
     upstreams: &Upstreams,
     redis_url: Option<&str>,
-) -> anyhow::Result<(Routes, std::sync::Arc<grpc::checks::CheckCounts>)> {
+) -> anyhow::Result<(Routes, grpc::checks::GatewayChecks)> {
     let db =
         o2c_kit::db::connect_and_migrate::<storage::migrations::Migrator>(&service.database_url)
             .await
@@ -182,7 +182,7 @@ pub async fn build_counted(
             },
         );
     }
-    let counts = api.check_counts();
+    let checks = api.credit_checks();
     let gateway = GatewayServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES);
     let admin = o2c_proto::gateway::v1::admin_service_server::AdminServiceServer::new(
         grpc::admin::AdminApi::new(keys),
@@ -200,7 +200,7 @@ pub async fn build_counted(
     let routes = Routes::new(auth::Guarded::new(&guard, gateway))
         .add_service(auth::Guarded::new(&guard, admin))
         .add_service(auth::Guarded::new(&guard, crm));
-    Ok((routes, counts))
+    Ok((routes, checks))
 }
 
 /// Serves on `listener` until `shutdown` resolves.

@@ -552,7 +552,7 @@ async fn main() {
     for on_hot in [false, true, true, false] {
         before_phase().await;
         let before = suite.credit_batches.timings();
-        let checks = &suite.gateway_checks;
+        let checks = suite.gateway_checks.counts();
         let checks_before = (checks.alone(), checks.batches(), checks.batched());
         let cpu_before = cpu::sample();
         let run = suite_run(on_hot, phase).await;

@@ -304,7 +304,7 @@ async fn orders_that_arrive_while_a_check_is_away_go_to_credit_together_on_postg
         ))
         .await
         .unwrap();
-    let counts = &s.suite.gateway_checks;
+    let counts = s.suite.gateway_checks.counts();
     let before = (counts.alone(), counts.batches(), counts.batched());
     let place = |n: usize| spawn_order(&s.gateway, &key(), &customer, n);
     let mut calls = vec![place(0)];
@@ -315,7 +315,7 @@ async fn orders_that_arrive_while_a_check_is_away_go_to_credit_together_on_postg
     .expect("the first order's check waits on the account's row");
     calls.extend((1..30).map(place));
     o2c_testkit::eventually(std::time::Duration::from_secs(20), || async {
-        (counts.waiting() == 29).then_some(())
+        (s.suite.gateway_checks.waiting() == 29).then_some(())
     })
     .await
     .expect("the other orders' checks wait in the gateway");

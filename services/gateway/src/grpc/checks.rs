@@ -105,7 +105,6 @@ pub struct CheckCounts {
     alone: AtomicU64,
     batches: AtomicU64,
     batched: AtomicU64,
-    waiting: AtomicU64,
 }
 
 impl CheckCounts {
@@ -123,13 +122,10 @@ impl CheckCounts {
     pub fn batched(&self) -> u64 {
         self.batched.load(Ordering::Relaxed)
     }
-
-    /// Checks waiting now for a call to come back (those whose callers
-    /// already stopped waiting included, until a sender drops them).
-    pub fn waiting(&self) -> u64 {
-        self.waiting.load(Ordering::Relaxed)
-    }
 }
+
+/// The gateway's checks, through its credit client.
+pub type GatewayChecks = CreditChecks<CreditServiceClient<TracedChannel>>;
 
 /// The gateway's credit checks (see the module's documentation).
 #[derive(Clone)]
@@ -187,6 +183,12 @@ impl<C: Credit> CreditChecks<C> {
         Arc::clone(&self.counts)
     }
 
+    /// Checks waiting now for a call to come back (those whose callers
+    /// already stopped waiting included, until a sender drops them).
+    pub fn waiting(&self) -> usize {
+        self.lanes().values().map(|lane| lane.waiting.len()).sum()
+    }
+
     fn lanes(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Lane>> {
         self.lanes.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -199,55 +201,42 @@ impl<C: Credit> CreditChecks<C> {
         let deadline = context.deadline;
         let (reply, answer) = oneshot::channel();
         let mut item = Some((check, reply));
-        if self.all_alone() {
-            if let Some((check, reply)) = item.take() {
-                self.lanes().entry(key.clone()).or_default().in_flight += 1;
-                let job = Job::Alone {
+        let alone = self.all_alone();
+        // The trace context only for a check that waits, and not under the
+        // lock: taken, then the lane looked at again.
+        let mut traced = None;
+        let job = loop {
+            let mut lanes = self.lanes();
+            let lane = lanes.entry(key.clone()).or_default();
+            if alone || lane.in_flight < self.in_flight {
+                lane.in_flight += 1;
+                break item.take().map(|(check, reply)| Job::Alone {
                     check,
                     span: tracing::Span::current(),
                     reply,
-                };
-                let place = self.place(key);
-                tokio::spawn(self.clone().send(place, context, job));
+                });
             }
-        } else {
-            // The trace context only for a check that waits, and not under
-            // the lock.
-            let mut traced = None;
-            let job = loop {
-                let mut lanes = self.lanes();
-                let lane = lanes.entry(key.clone()).or_default();
-                if lane.in_flight < self.in_flight {
-                    lane.in_flight += 1;
-                    break item.take().map(|(check, reply)| Job::Alone {
-                        check,
-                        span: tracing::Span::current(),
-                        reply,
-                    });
-                }
-                let Some((traceparent, tracestate)) = traced.take() else {
-                    drop(lanes);
-                    traced = Some(o2c_kit::telemetry::current_trace_context());
-                    continue;
-                };
-                if let Some((check, reply)) = item.take() {
-                    lane.waiting.push_back(Waiting {
-                        check: pb::BatchedCheck {
-                            check: Some(check),
-                            traceparent,
-                            tracestate,
-                        },
-                        deadline,
-                        reply,
-                    });
-                    self.counts.waiting.fetch_add(1, Ordering::Relaxed);
-                }
-                break None;
+            let Some((traceparent, tracestate)) = traced.take() else {
+                drop(lanes);
+                traced = Some(o2c_kit::telemetry::current_trace_context());
+                continue;
             };
-            if let Some(job) = job {
-                let place = self.place(key);
-                tokio::spawn(self.clone().send(place, context, job));
+            if let Some((check, reply)) = item.take() {
+                lane.waiting.push_back(Waiting {
+                    check: pb::BatchedCheck {
+                        check: Some(check),
+                        traceparent,
+                        tracestate,
+                    },
+                    deadline,
+                    reply,
+                });
             }
+            break None;
+        };
+        if let Some(job) = job {
+            let place = self.place(key);
+            tokio::spawn(self.clone().send(place, context, job));
         }
         let answered = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, answer)
@@ -300,7 +289,6 @@ impl<C: Credit> CreditChecks<C> {
     fn place(&self, key: Key) -> Place {
         Place {
             lanes: Arc::clone(&self.lanes),
-            counts: Arc::clone(&self.counts),
             key,
             held: true,
         }
@@ -317,13 +305,12 @@ impl<C: Credit> CreditChecks<C> {
             let Some(waiting) = lane.waiting.pop_front() else {
                 break;
             };
-            self.counts.waiting.fetch_sub(1, Ordering::Relaxed);
             if !gone(&waiting, now) {
                 batch.push(waiting);
             }
         }
         if batch.is_empty() {
-            release(&mut lanes, key, &self.counts);
+            release(&mut lanes, key);
             return None;
         }
         Some(batch)
@@ -427,7 +414,7 @@ fn gone(waiting: &Waiting, now: Instant) -> bool {
 
 /// Gives one call's place in `key`'s lane back; the last one out of a
 /// lane with nothing waiting removes it.
-fn release(lanes: &mut HashMap<Key, Lane>, key: &Key, counts: &CheckCounts) {
+fn release(lanes: &mut HashMap<Key, Lane>, key: &Key) {
     let Some(lane) = lanes.get_mut(key) else {
         return;
     };
@@ -436,9 +423,6 @@ fn release(lanes: &mut HashMap<Key, Lane>, key: &Key, counts: &CheckCounts) {
         // Only a sender that ended early leaves checks behind with no
         // call in flight: their callers are answered UNAVAILABLE (their
         // reply senders drop) instead of waiting for nobody.
-        counts
-            .waiting
-            .fetch_sub(lane.waiting.len() as u64, Ordering::Relaxed);
         lanes.remove(key);
     }
 }
@@ -448,7 +432,6 @@ fn release(lanes: &mut HashMap<Key, Lane>, key: &Key, counts: &CheckCounts) {
 /// cancelled or unwinding), so the lane does not stay full.
 struct Place {
     lanes: Arc<Mutex<HashMap<Key, Lane>>>,
-    counts: Arc<CheckCounts>,
     key: Key,
     held: bool,
 }
@@ -457,7 +440,7 @@ impl Drop for Place {
     fn drop(&mut self) {
         if self.held {
             let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
-            release(&mut lanes, &self.key, &self.counts);
+            release(&mut lanes, &self.key);
         }
     }
 }
@@ -615,19 +598,9 @@ mod tests {
         }))
     }
 
-    fn waiting(checks: &CreditChecks<Recorded>) -> usize {
-        checks
-            .lanes
-            .lock()
-            .unwrap()
-            .values()
-            .map(|l| l.waiting.len())
-            .sum()
-    }
-
     async fn until_waiting(checks: &CreditChecks<Recorded>, n: usize) {
         o2c_testkit::eventually(Duration::from_secs(10), || async {
-            (waiting(checks) >= n).then_some(())
+            (checks.waiting() >= n).then_some(())
         })
         .await
         .expect("the checks wait");
@@ -695,7 +668,7 @@ mod tests {
                 counts.alone(),
                 counts.batches(),
                 counts.batched(),
-                counts.waiting()
+                checks.waiting()
             ),
             (1, 1, 3, 0)
         );
@@ -717,7 +690,7 @@ mod tests {
         credit.until_calls(1).await;
         let other = start(&checks, "t2", "o-2");
         credit.until_calls(2).await;
-        assert_eq!(waiting(&checks), 0);
+        assert_eq!(checks.waiting(), 0);
         credit.gate.add_permits(2);
         assert_eq!(ordered(first.await.unwrap()), "o-1");
         assert_eq!(ordered(other.await.unwrap()), "o-2");

@@ -63,7 +63,7 @@ pub struct GatewayApi {
     /// Writes placed orders behind the PlaceOrder calls.
     journal: Journal,
     /// PlaceOrder's credit checks, those of concurrent orders sent together.
-    checks: checks::CreditChecks<CreditServiceClient<TracedChannel>>,
+    checks: checks::GatewayChecks,
     /// Each customer's currency, which never changes (nor does a customer
     /// go away): an order needs the customer service once per customer.
     currencies: Arc<Mutex<HashMap<(String, CustomerId), String>>>,
@@ -131,9 +131,10 @@ impl GatewayApi {
 }
 
 impl GatewayApi {
-    /// How PlaceOrder's credit checks went to credit so far.
-    pub fn check_counts(&self) -> Arc<checks::CheckCounts> {
-        self.checks.counts()
+    /// PlaceOrder's credit checks: how they went to credit so far, and
+    /// how many wait now.
+    pub fn credit_checks(&self) -> checks::GatewayChecks {
+        self.checks.clone()
     }
 }
 
