@@ -409,6 +409,90 @@ async fn each_order_is_one_trace_across_every_service() {
         assert_eq!(attribute(decision, "credit.reasons").as_deref(), Some(""));
     }
 
+    // Concurrent orders: those that arrive while another's check is at
+    // credit wait, and go to credit together in one call
+    // (`gateway::grpc::checks`). Each still has a trace of its own, with
+    // credit's decision of it under the gateway's call. Bursts of orders
+    // until one was sent together (the first, almost always).
+    let counts = suite.gateway_checks.counts();
+    let began = std::time::Instant::now();
+    let mut burst = Vec::new();
+    let mut round = 0;
+    while counts.batched() == 0 {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "concurrent orders' checks go to credit together"
+        );
+        let mut placed = Vec::new();
+        for n in 0..8 {
+            let root = tracing::info_span!("order", order.number = 100 + round * 8 + n);
+            burst.push(
+                root.context()
+                    .span()
+                    .span_context()
+                    .trace_id()
+                    .to_bytes()
+                    .to_vec(),
+            );
+            let mut g = gateway.clone();
+            let request = pb::PlaceOrderRequest {
+                idempotency_key: format!("burst-{round}-{n}"),
+                customer_id: customer.clone(),
+                client_reference: String::new(),
+                amount: eur("1.00"),
+            };
+            placed.push(tokio::spawn(
+                async move { g.place_order(request).await.unwrap() }.instrument(root),
+            ));
+        }
+        for order in placed {
+            order.await.unwrap();
+        }
+        round += 1;
+    }
+    let decided = |spans: &[Span], trace: &Vec<u8>| {
+        spans
+            .iter()
+            .find(|s| &s.trace_id == trace && attribute(s, "credit.decision").is_some())
+            .cloned()
+    };
+    let spans = o2c_testkit::eventually(Duration::from_secs(30), || {
+        telemetry.flush();
+        let spans = receiver.0.lock().unwrap().clone();
+        let all = burst.iter().all(|trace| decided(&spans, trace).is_some());
+        async move { all.then_some(spans) }
+    })
+    .await
+    .expect("every concurrent order's credit decision reaches the receiver");
+    let by_id: HashMap<&Vec<u8>, &Span> = spans.iter().map(|s| (&s.span_id, s)).collect();
+    let mut together = 0;
+    for trace in &burst {
+        let decision = decided(&spans, trace).unwrap();
+        assert_eq!(
+            attribute(&decision, "credit.decision").as_deref(),
+            Some("APPROVE")
+        );
+        if attribute(&decision, "batched").as_deref() == Some("BoolValue(true)") {
+            together += 1;
+        }
+        let mut up = by_id.get(&decision.parent_span_id).copied();
+        let mut through_gateway = false;
+        while let Some(parent) = up {
+            assert_eq!(&parent.trace_id, trace, "its parents are in its trace");
+            through_gateway |= attribute(parent, "rpc.service").as_deref()
+                == Some("o2c.gateway.v1.GatewayService");
+            up = by_id.get(&parent.parent_span_id).copied();
+        }
+        assert!(
+            through_gateway,
+            "credit's decision of a concurrent order descends from its gateway call"
+        );
+    }
+    assert!(
+        together >= 1,
+        "an order sent to credit with others was decided under its own span"
+    );
+
     // The same run's metrics reached the receiver over OTLP: RPC rate,
     // errors and duration; decisions by outcome; utilisation; outbox lag;
     // cache lookups (with Redis).

@@ -27,7 +27,9 @@
 //! (1000), `O2C_BENCH_PHASE_SECS` (4), `O2C_BENCH_WARMUP_SECS` (10),
 //! `O2C_BENCH_LATENCY_ROUNDS` (20), `O2C_BENCH_OBJECTIVE_MS` (100),
 //! `O2C_BENCH_MEMORY` (1; 0 skips building and starting the binaries),
-//! `O2C_BENCH_CHECK_LANES` (credit's `check_lanes`, its default otherwise).
+//! `O2C_BENCH_CHECK_LANES` (credit's `check_lanes`, its default otherwise),
+//! `O2C_BENCH_CHECKS_IN_FLIGHT` (the gateway's `credit_checks_in_flight`,
+//! its default otherwise).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -405,7 +407,14 @@ async fn main() {
         "O2C_BENCH_CHECK_LANES",
         settings.credit_policy.check_lanes as u64,
     ) as usize;
-    println!("credit check lanes: {}", settings.credit_policy.check_lanes);
+    settings.credit_checks_in_flight = env(
+        "O2C_BENCH_CHECKS_IN_FLIGHT",
+        settings.credit_checks_in_flight as u64,
+    ) as usize;
+    println!(
+        "credit check lanes: {}; the gateway's calls to credit in flight per tenant and user: {}",
+        settings.credit_policy.check_lanes, settings.credit_checks_in_flight
+    );
     let suite = start(&settings).await.unwrap();
     let token = o2c_tests::identity::token(serde_json::json!({
         "sub": "bench", "o2c_tenant": TENANT,

@@ -76,15 +76,17 @@ impl ExposureCache {
     }
 
     /// A cache on Redis at `url`. When Redis cannot be reached now, the
-    /// service starts without the cache and keeps trying in the background;
-    /// once connected, the manager reconnects by itself after failures.
+    /// service starts without the cache and keeps trying in the background
+    /// for as long as the cache is in use (the task ends once every clone
+    /// is dropped, as when the service stops); once connected, the manager
+    /// reconnects by itself after failures.
     pub async fn connect(url: &str) -> Self {
         match o2c_kit::cache::connect(url).await {
             Ok(connection) => Self::new(Some(connection)),
             Err(error) => {
                 tracing::warn!(%error, "Redis unreachable; exposure reads go to the database until it is back");
                 let cache = Self::with(None, true);
-                let slot = cache.redis.clone();
+                let slot = Arc::downgrade(&cache.redis);
                 let url = url.to_owned();
                 tokio::spawn(async move {
                     let mut ticker = tokio::time::interval(std::time::Duration::from_millis(
@@ -92,7 +94,13 @@ impl ExposureCache {
                     ));
                     loop {
                         ticker.tick().await;
+                        if slot.strong_count() == 0 {
+                            return;
+                        }
                         if let Ok(connection) = o2c_kit::cache::connect(&url).await {
+                            let Some(slot) = slot.upgrade() else {
+                                return;
+                            };
                             if let Ok(mut guard) = slot.write() {
                                 *guard = Some(connection);
                             }
@@ -313,5 +321,33 @@ mod tests {
         let none = ExposureCache::new(None);
         none.begin_writes("t1", &[snapshot(customer, 3)]);
         assert!(none.writing().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_reconnect_task_of_an_unreachable_redis_ends_with_the_cache() {
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = tasks();
+        // Nothing listens on port 1: refused at once.
+        let cache = ExposureCache::connect("redis://127.0.0.1:1").await;
+        assert!(!cache.enabled());
+        assert_eq!(tasks(), before + 1, "one task keeps trying");
+        let clone = cache.clone();
+        drop(cache);
+        tokio::time::sleep(std::time::Duration::from_millis(2 * RECONNECT_INTERVAL_MS)).await;
+        assert_eq!(
+            tasks(),
+            before + 1,
+            "it keeps trying while a clone is in use"
+        );
+        drop(clone);
+        let ended = o2c_testkit::eventually(std::time::Duration::from_secs(10), || async {
+            (tasks() == before).then_some(())
+        })
+        .await;
+        assert!(ended.is_some(), "the task ends once the cache is gone");
     }
 }

@@ -8,7 +8,8 @@
 //! and user): `credit_checks_in_flight`, by default [`IN_FLIGHT`], one.
 //!
 //! - a check that finds fewer in flight goes at once, alone, as
-//!   `CheckAndReserve`: a lone order's path is the plain call;
+//!   `CheckAndReserve`, from its caller's own task: a lone order's path is
+//!   the plain call, with no task or channel between;
 //! - the others wait, and when one of those calls comes back, every check
 //!   that waited goes in one `CheckAndReserveMany` (at most [`MAX_BATCH`]),
 //!   which credit queues at once, so one batch decides them (one per
@@ -20,10 +21,13 @@
 //! deadline (a caller stops waiting at its own deadline, and a check whose
 //! caller stopped waiting before it was sent is not sent; a batch's call
 //! lasts until the latest of its checks' deadlines, or without one when a
-//! check has none). The calls run in
-//! tasks of their own, so a caller that goes away takes nothing from the
-//! others, and a check already sent is decided even if its caller went
-//! away meanwhile (as a call past its deadline may be). A credit without
+//! check has none). A lone check's call is its caller's, so it ends with
+//! its caller as any gRPC call does (a retry under the same key gets
+//! credit's decision if it made one); the checks that waited behind it go
+//! to credit from a task that takes its place over, so a caller that goes
+//! away takes nothing from the others. Batched calls run in tasks of their
+//! own: a check already sent in one is decided even if its caller went
+//! away meanwhile. A credit without
 //! `CheckAndReserveMany` (UNIMPLEMENTED, as during a rolling upgrade) is
 //! sent the batch's checks each alone, all at once, and every check goes
 //! alone for a minute after.
@@ -155,16 +159,6 @@ struct Waiting {
     reply: oneshot::Sender<Answer>,
 }
 
-/// What one task sends next.
-enum Job {
-    Alone {
-        check: pb::CheckAndReserveRequest,
-        span: tracing::Span,
-        reply: oneshot::Sender<Answer>,
-    },
-    Many(Vec<Waiting>),
-}
-
 impl<C: Credit> CreditChecks<C> {
     /// Checks through `credit`, at most `in_flight` calls at a time per
     /// caller context (at least one).
@@ -199,53 +193,48 @@ impl<C: Credit> CreditChecks<C> {
         let context = o2c_kit::auth::current().unwrap_or_default();
         let key = (context.tenant.clone(), context.user.clone());
         let deadline = context.deadline;
-        let (reply, answer) = oneshot::channel();
-        let mut item = Some((check, reply));
         let alone = self.all_alone();
+        let mut check = Some(check);
         // The trace context only for a check that waits, and not under the
         // lock: taken, then the lane looked at again.
         let mut traced = None;
-        let job = loop {
+        let answer = loop {
             let mut lanes = self.lanes();
             let lane = lanes.entry(key.clone()).or_default();
             if alone || lane.in_flight < self.in_flight {
                 lane.in_flight += 1;
-                break item.take().map(|(check, reply)| Job::Alone {
-                    check,
-                    span: tracing::Span::current(),
-                    reply,
-                });
+                break None;
             }
             let Some((traceparent, tracestate)) = traced.take() else {
                 drop(lanes);
                 traced = Some(o2c_kit::telemetry::current_trace_context());
                 continue;
             };
-            if let Some((check, reply)) = item.take() {
-                lane.waiting.push_back(Waiting {
-                    check: pb::BatchedCheck {
-                        check: Some(check),
-                        traceparent,
-                        tracestate,
-                    },
-                    deadline,
-                    reply,
-                });
-            }
-            break None;
+            let (reply, answer) = oneshot::channel();
+            lane.waiting.push_back(Waiting {
+                check: pb::BatchedCheck {
+                    check: check.take(),
+                    traceparent,
+                    tracestate,
+                },
+                deadline,
+                reply,
+            });
+            break Some(answer);
         };
-        if let Some(job) = job {
-            let place = self.place(key);
-            tokio::spawn(self.clone().send(place, context, job));
+        if let Some(answer) = answer {
+            return by_deadline(deadline, answer).await?.map_err(|_| {
+                Status::unavailable("the credit check's call ended without an answer")
+            })?;
         }
-        let answered = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, answer)
-                .await
-                .map_err(|_| Status::deadline_exceeded("the caller's deadline has passed"))?,
-            None => answer.await,
-        };
-        answered
-            .map_err(|_| Status::unavailable("the credit check's call ended without an answer"))?
+        // Alone: the caller's own call, in its own task, context and span.
+        // Its place goes to the checks that wait meanwhile when it ends,
+        // however it ends (the caller may go away).
+        let place = self.place(key, context);
+        self.counts.alone.fetch_add(1, Ordering::Relaxed);
+        let answer = by_deadline(deadline, self.credit.check(check.unwrap_or_default())).await;
+        drop(place);
+        answer?
     }
 
     /// Whether every check goes alone for now.
@@ -257,25 +246,14 @@ impl<C: Credit> CreditChecks<C> {
         until.is_some_and(|until| Instant::now() < until)
     }
 
-    /// Sends `job`, then every batch that waited meanwhile, until none
+    /// Sends `batch`, then every batch that waited meanwhile, until none
     /// waits; then gives its place back.
-    async fn send(self, mut place: Place, context: CallContext, job: Job) {
-        let key = place.key.clone();
-        let mut job = job;
+    async fn send(self, mut place: Place<C>, batch: Vec<Waiting>) {
+        let mut batch = batch;
         loop {
-            match job {
-                Job::Alone { check, span, reply } => {
-                    self.counts.alone.fetch_add(1, Ordering::Relaxed);
-                    let credit = self.credit.clone();
-                    let answer =
-                        o2c_kit::auth::scope(context.clone(), credit.check(check).instrument(span))
-                            .await;
-                    let _ = reply.send(answer);
-                }
-                Job::Many(batch) => self.send_many(&context, batch).await,
-            }
-            match self.next(&key) {
-                Some(batch) => job = Job::Many(batch),
+            self.send_many(&place.context, batch).await;
+            match self.next(&place.key) {
+                Some(next) => batch = next,
                 None => {
                     place.held = false;
                     return;
@@ -284,12 +262,12 @@ impl<C: Credit> CreditChecks<C> {
         }
     }
 
-    /// The place in `key`'s lane a caller just took, for its sender to
-    /// give back.
-    fn place(&self, key: Key) -> Place {
+    /// The place in `key`'s lane a caller just took, acting for `context`.
+    fn place(&self, key: Key, context: CallContext) -> Place<C> {
         Place {
-            lanes: Arc::clone(&self.lanes),
+            checks: self.clone(),
             key,
+            context,
             held: true,
         }
     }
@@ -420,28 +398,62 @@ fn release(lanes: &mut HashMap<Key, Lane>, key: &Key) {
     };
     lane.in_flight = lane.in_flight.saturating_sub(1);
     if lane.in_flight == 0 {
-        // Only a sender that ended early leaves checks behind with no
-        // call in flight: their callers are answered UNAVAILABLE (their
-        // reply senders drop) instead of waiting for nobody.
+        // Only a place dropped with no runtime to hand its checks on to
+        // leaves checks behind with no call in flight: their callers are
+        // answered UNAVAILABLE (their reply senders drop) instead of
+        // waiting for nobody.
         lanes.remove(key);
     }
 }
 
-/// A sender's place in its lane, taken before its task is spawned and
-/// given back if the task ends early (dropped before it first ran,
-/// cancelled or unwinding), so the lane does not stay full.
-struct Place {
-    lanes: Arc<Mutex<HashMap<Key, Lane>>>,
+/// A call's place in its lane. When the call ends, however it ends (its
+/// caller went away, its task was dropped before it ran), the checks that
+/// waited meanwhile go to credit from a task that takes the place over;
+/// with none waiting, the place is given back.
+struct Place<C: Credit> {
+    checks: CreditChecks<C>,
     key: Key,
+    /// The caller context the lane's batches are sent for.
+    context: CallContext,
     held: bool,
 }
 
-impl Drop for Place {
+impl<C: Credit> Drop for Place<C> {
     fn drop(&mut self) {
-        if self.held {
-            let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
-            release(&mut lanes, &self.key);
+        if !std::mem::replace(&mut self.held, false) {
+            return;
         }
+        let Some(batch) = self.checks.next(&self.key) else {
+            return;
+        };
+        let place = Place {
+            checks: self.checks.clone(),
+            key: self.key.clone(),
+            context: self.context.clone(),
+            held: true,
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(self.checks.clone().send(place, batch));
+            }
+            // No runtime left to send them from (shutting down): the
+            // batch's callers are answered UNAVAILABLE as the batch and
+            // the place drop, and the place is given back.
+            Err(_) => drop((place, batch)),
+        }
+    }
+}
+
+/// `answer`, or DEADLINE_EXCEEDED at `deadline`.
+async fn by_deadline<T>(
+    deadline: Option<Instant>,
+    answer: impl Future<Output = T>,
+) -> Result<T, Status> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, answer)
+            .await
+            .map_err(|_| Status::deadline_exceeded("the caller's deadline has passed")),
+        None => Ok(answer.await),
     }
 }
 
@@ -716,16 +728,28 @@ mod tests {
         until_waiting(&checks, 2).await;
         gone.abort();
         assert!(gone.await.unwrap_err().is_cancelled());
-        // The first caller goes away too: its call still ends, and the
-        // check that waited is sent.
+        // The first caller goes away too, its call with it: the check that
+        // waited behind it is sent all the same.
         first.abort();
-        credit.gate.add_permits(2);
+        assert!(first.await.unwrap_err().is_cancelled());
+        credit.gate.add_permits(1);
         assert_eq!(ordered(kept.await.unwrap()), "o-kept");
         assert_eq!(
-            credit.calls()[1],
-            ("many", vec!["o-kept".to_owned()]),
+            credit.calls(),
+            vec![
+                ("alone", vec!["o-1".to_owned()]),
+                ("many", vec!["o-kept".to_owned()])
+            ],
             "only the check whose caller still waits is sent"
         );
+        until_no_lanes(&checks).await;
+        // The lane is free again: the next check goes alone.
+        credit.gate.add_permits(1);
+        assert_eq!(
+            ordered(start(&checks, "t1", "o-next").await.unwrap()),
+            "o-next"
+        );
+        assert_eq!(credit.calls().len(), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
