@@ -459,7 +459,16 @@ async fn each_order_is_one_trace_across_every_service() {
     let spans = o2c_testkit::eventually(Duration::from_secs(30), || {
         telemetry.flush();
         let spans = receiver.0.lock().unwrap().clone();
-        let all = burst.iter().all(|trace| decided(&spans, trace).is_some());
+        // Each order's decision, and its gateway call's span (the parent
+        // the decision is walked up to).
+        let all = burst.iter().all(|trace| {
+            decided(&spans, trace).is_some()
+                && spans.iter().any(|s| {
+                    &s.trace_id == trace
+                        && attribute(s, "rpc.service").as_deref()
+                            == Some("o2c.gateway.v1.GatewayService")
+                })
+        });
         async move { all.then_some(spans) }
     })
     .await

@@ -81,6 +81,11 @@ impl ExposureCache {
     /// is dropped, as when the service stops); once connected, the manager
     /// reconnects by itself after failures.
     pub async fn connect(url: &str) -> Self {
+        Self::connect_every(url, std::time::Duration::from_millis(RECONNECT_INTERVAL_MS)).await
+    }
+
+    /// [`Self::connect`], trying again every `interval`.
+    async fn connect_every(url: &str, interval: std::time::Duration) -> Self {
         match o2c_kit::cache::connect(url).await {
             Ok(connection) => Self::new(Some(connection)),
             Err(error) => {
@@ -89,9 +94,7 @@ impl ExposureCache {
                 let slot = Arc::downgrade(&cache.redis);
                 let url = url.to_owned();
                 tokio::spawn(async move {
-                    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(
-                        RECONNECT_INTERVAL_MS,
-                    ));
+                    let mut ticker = tokio::time::interval(interval);
                     loop {
                         ticker.tick().await;
                         if slot.strong_count() == 0 {
@@ -325,29 +328,42 @@ mod tests {
 
     #[tokio::test]
     async fn the_reconnect_task_of_an_unreachable_redis_ends_with_the_cache() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::time::Duration;
+        // Not Redis: it takes each connection and closes it at once,
+        // counting them, so every try to connect fails.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let tries = Arc::new(AtomicUsize::new(0));
+        let counted = tries.clone();
+        let closing = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
         let tasks = || {
             tokio::runtime::Handle::current()
                 .metrics()
                 .num_alive_tasks()
         };
         let before = tasks();
-        // Nothing listens on port 1: refused at once.
-        let cache = ExposureCache::connect("redis://127.0.0.1:1").await;
+        let cache = ExposureCache::connect_every(&url, Duration::from_millis(10)).await;
         assert!(!cache.enabled());
-        assert_eq!(tasks(), before + 1, "one task keeps trying");
         let clone = cache.clone();
         drop(cache);
-        tokio::time::sleep(std::time::Duration::from_millis(2 * RECONNECT_INTERVAL_MS)).await;
-        assert_eq!(
-            tasks(),
-            before + 1,
-            "it keeps trying while a clone is in use"
-        );
+        let so_far = tries.load(Ordering::SeqCst);
+        let trying = o2c_testkit::eventually(Duration::from_secs(10), || async {
+            (tries.load(Ordering::SeqCst) >= so_far + 2).then_some(())
+        })
+        .await;
+        assert!(trying.is_some(), "it keeps trying while a clone is in use");
         drop(clone);
-        let ended = o2c_testkit::eventually(std::time::Duration::from_secs(10), || async {
+        let ended = o2c_testkit::eventually(Duration::from_secs(10), || async {
             (tasks() == before).then_some(())
         })
         .await;
         assert!(ended.is_some(), "the task ends once the cache is gone");
+        closing.abort();
     }
 }

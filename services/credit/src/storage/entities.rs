@@ -61,6 +61,9 @@ pub mod reservation {
         pub order_id: String,
         pub amount_minor: i64,
         /// OPEN, CONVERTED, RELEASED or EXPIRED; leaves OPEN exactly once.
+        /// Its index (made by the first migration, as it always was) is
+        /// replaced by one on (state, expires_at), for the expiry sweep
+        /// (`migrations::SweepIndex`).
         #[sea_orm(indexed)]
         pub state: String,
         pub invoice_id: Option<String>,

@@ -21,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(CheckedOrders),
             Box::new(o2c_kit::idempotency::KeyFirst),
             Box::new(SelectiveFirst),
+            Box::new(SweepIndex),
         ]
     }
 }
@@ -238,5 +239,72 @@ impl MigrationTrait for SelectiveFirst {
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         Self::recreate(manager, false).await
+    }
+}
+
+/// The expiry sweep (`storage::expired_reservations`) asks for the open
+/// reservations past their expiry, oldest first, a page at a time. With an
+/// index on the state alone, every pass read and sorted every open
+/// reservation; on (state, expires_at) it reads the page it takes. The
+/// state-only index is replaced: every other query of reservations by
+/// state also names the account, the order or the id, and a lookup by
+/// state alone can use the new index's first column.
+struct SweepIndex;
+
+/// The index the entity's `indexed` state makes in the first migration.
+pub const STATE_INDEX: &str = "idx-credit_reservations-state";
+/// Its replacement.
+pub const SWEEP_INDEX: &str = "idx-credit_reservations-state-expires_at";
+
+impl MigrationName for SweepIndex {
+    fn name(&self) -> &str {
+        "m20261206_000012_credit_reservation_sweep_index"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for SweepIndex {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_index(
+                Index::create()
+                    .name(SWEEP_INDEX)
+                    .table(reservation::Entity)
+                    .col(reservation::Column::State)
+                    .col(reservation::Column::ExpiresAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .drop_index(
+                Index::drop()
+                    .name(STATE_INDEX)
+                    .table(reservation::Entity)
+                    .if_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_index(
+                Index::create()
+                    .name(STATE_INDEX)
+                    .table(reservation::Entity)
+                    .col(reservation::Column::State)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .drop_index(
+                Index::drop()
+                    .name(SWEEP_INDEX)
+                    .table(reservation::Entity)
+                    .to_owned(),
+            )
+            .await
     }
 }

@@ -854,6 +854,86 @@ async fn checked_orders_migrate_both_ways(backend: Backend) {
     );
 }
 
+/// The expiry sweep's index: a database from before has the index on the
+/// state alone, and gets (state, expires_at) in its place; going down
+/// gives it back. On PostgreSQL the sweep's page is read from the new
+/// index in its order, with no sort.
+async fn sweep_index_migrates_both_ways(backend: Backend) {
+    use o2c_credit::storage::migrations::{Migrator, STATE_INDEX, SWEEP_INDEX};
+    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+    use sea_orm_migration::MigratorTrait;
+    let Some(db) = o2c_testkit::database(backend, "credit_sweep_index").await else {
+        return;
+    };
+    let conn = o2c_kit::db::connect_and_migrate::<Migrator>(&db.url)
+        .await
+        .unwrap();
+    let indexes = |conn: sea_orm::DatabaseConnection| async move {
+        let sql = match conn.get_database_backend() {
+            DbBackend::Postgres => {
+                "SELECT indexname AS name FROM pg_indexes WHERE tablename = 'credit_reservations'"
+            }
+            _ => {
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'credit_reservations'"
+            }
+        };
+        let rows = conn
+            .query_all_raw(Statement::from_string(conn.get_database_backend(), sql))
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|row| row.try_get::<String>("", "name").unwrap())
+            .collect::<Vec<_>>()
+    };
+    let after = indexes(conn.clone()).await;
+    assert!(after.iter().any(|i| i == SWEEP_INDEX), "{after:?}");
+    assert!(!after.iter().any(|i| i == STATE_INDEX), "{after:?}");
+    if backend == Backend::Postgres {
+        let txn = conn.begin().await.unwrap();
+        txn.execute_unprepared("SET LOCAL enable_seqscan = off")
+            .await
+            .unwrap();
+        let plan: Vec<String> = txn
+            .query_all_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "EXPLAIN SELECT * FROM credit_reservations WHERE state = 'OPEN' \
+                 AND expires_at < now() ORDER BY expires_at LIMIT 100",
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get::<String>("", "QUERY PLAN").unwrap())
+            .collect();
+        txn.rollback().await.unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains(SWEEP_INDEX), "{plan}");
+        assert!(!plan.contains("Sort"), "{plan}");
+    }
+    Migrator::down(
+        &conn,
+        Some(from_migration(
+            "m20261206_000012_credit_reservation_sweep_index",
+        )),
+    )
+    .await
+    .unwrap();
+    let before = indexes(conn.clone()).await;
+    assert!(before.iter().any(|i| i == STATE_INDEX), "{before:?}");
+    assert!(!before.iter().any(|i| i == SWEEP_INDEX), "{before:?}");
+    Migrator::up(&conn, None).await.unwrap();
+    assert_eq!(indexes(conn.clone()).await.len(), after.len());
+}
+
+#[tokio::test]
+async fn sweep_index_migrates_both_ways_on_sqlite() {
+    sweep_index_migrates_both_ways(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn sweep_index_migrates_both_ways_on_postgres() {
+    sweep_index_migrates_both_ways(Backend::Postgres).await;
+}
+
 #[tokio::test]
 async fn checked_orders_migrate_both_ways_on_sqlite() {
     checked_orders_migrate_both_ways(Backend::Sqlite).await;

@@ -10,8 +10,9 @@
 //! - a check that finds fewer in flight goes at once, alone, as
 //!   `CheckAndReserve`, from its caller's own task: a lone order's path is
 //!   the plain call, with no task or channel between;
-//! - the others wait, and when one of those calls comes back, every check
-//!   that waited goes in one `CheckAndReserveMany` (at most [`MAX_BATCH`]),
+//! - the others wait, and when one of those calls ends (answered, past its
+//!   caller's deadline, or its caller gone), every check that waited goes
+//!   in one `CheckAndReserveMany` (at most [`MAX_BATCH`]),
 //!   which credit queues at once, so one batch decides them (one per
 //!   lane, when credit has several).
 //!
@@ -177,8 +178,8 @@ impl<C: Credit> CreditChecks<C> {
         Arc::clone(&self.counts)
     }
 
-    /// Checks waiting now for a call to come back (those whose callers
-    /// already stopped waiting included, until a sender drops them).
+    /// Checks waiting now for a call to end (those whose callers already
+    /// stopped waiting included, until the lane's next batch is taken).
     pub fn waiting(&self) -> usize {
         self.lanes().values().map(|lane| lane.waiting.len()).sum()
     }
@@ -398,10 +399,8 @@ fn release(lanes: &mut HashMap<Key, Lane>, key: &Key) {
     };
     lane.in_flight = lane.in_flight.saturating_sub(1);
     if lane.in_flight == 0 {
-        // Only a place dropped with no runtime to hand its checks on to
-        // leaves checks behind with no call in flight: their callers are
-        // answered UNAVAILABLE (their reply senders drop) instead of
-        // waiting for nobody.
+        // Nothing waits in it: `next` gives a place back only once the
+        // lane's queue is empty.
         lanes.remove(key);
     }
 }
@@ -426,20 +425,25 @@ impl<C: Credit> Drop for Place<C> {
         let Some(batch) = self.checks.next(&self.key) else {
             return;
         };
-        let place = Place {
-            checks: self.checks.clone(),
-            key: self.key.clone(),
-            context: self.context.clone(),
-            held: true,
-        };
         match tokio::runtime::Handle::try_current() {
+            // While the runtime shuts down, the spawned task is dropped at
+            // once: its place's drop answers the next batch so, in turn.
             Ok(runtime) => {
+                let place = Place {
+                    checks: self.checks.clone(),
+                    key: self.key.clone(),
+                    context: self.context.clone(),
+                    held: true,
+                };
                 runtime.spawn(self.checks.clone().send(place, batch));
             }
-            // No runtime left to send them from (shutting down): the
-            // batch's callers are answered UNAVAILABLE as the batch and
-            // the place drop, and the place is given back.
-            Err(_) => drop((place, batch)),
+            // Dropped outside any runtime: nothing can send them, so every
+            // caller still waiting is answered UNAVAILABLE (its reply
+            // sender drops), and the place is given back.
+            Err(_) => {
+                drop(batch);
+                while self.checks.next(&self.key).is_some() {}
+            }
         }
     }
 }
@@ -750,6 +754,102 @@ mod tests {
             "o-next"
         );
         assert_eq!(credit.calls().len(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_caller_past_its_deadline_hands_the_waiting_checks_on() {
+        let credit = Recorded::new(true);
+        let checks = CreditChecks::new(credit.clone(), 1);
+        let context = CallContext {
+            deadline: Some(Instant::now() + Duration::from_secs(1)),
+            ..CallContext::for_tenant("t1", "user")
+        };
+        let mine = checks.clone();
+        let lone = tokio::spawn(o2c_kit::auth::scope(context, async move {
+            mine.check(order("o-late")).await
+        }));
+        credit.until_calls(1).await;
+        let waiting = start(&checks, "t1", "o-2");
+        until_waiting(&checks, 1).await;
+        // Credit never answers the lone call: its caller's deadline ends it.
+        assert_eq!(
+            lone.await.unwrap().unwrap_err().code(),
+            Code::DeadlineExceeded
+        );
+        credit.gate.add_permits(1);
+        assert_eq!(ordered(waiting.await.unwrap()), "o-2");
+        assert_eq!(
+            credit.calls(),
+            vec![
+                ("alone", vec!["o-late".to_owned()]),
+                ("many", vec!["o-2".to_owned()])
+            ]
+        );
+        until_no_lanes(&checks).await;
+    }
+
+    /// A lane with a call in flight and `n` checks waiting behind it.
+    fn lane_with_waiting(
+        checks: &CreditChecks<Recorded>,
+        n: usize,
+    ) -> (Key, Vec<oneshot::Receiver<Answer>>) {
+        let key: Key = (Some("t1".into()), Some("user".into()));
+        let mut lanes = checks.lanes();
+        let lane = lanes.entry(key.clone()).or_default();
+        lane.in_flight = 1;
+        let answers = (0..n)
+            .map(|i| {
+                let (reply, answer) = oneshot::channel();
+                lane.waiting.push_back(Waiting {
+                    check: pb::BatchedCheck {
+                        check: Some(order(&format!("o-{i}"))),
+                        ..Default::default()
+                    },
+                    deadline: None,
+                    reply,
+                });
+                answer
+            })
+            .collect();
+        (key, answers)
+    }
+
+    #[test]
+    fn a_place_dropped_outside_a_runtime_answers_every_waiting_check() {
+        let checks = CreditChecks::new(Recorded::new(true), 1);
+        let (key, answers) = lane_with_waiting(&checks, 3 * MAX_BATCH);
+        drop(checks.place(key, CallContext::for_tenant("t1", "user")));
+        for mut answer in answers {
+            assert!(
+                matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
+                "answered UNAVAILABLE: no reply will come"
+            );
+        }
+        assert!(checks.lanes().is_empty(), "the lane is given back");
+    }
+
+    #[test]
+    fn a_place_dropped_as_its_runtime_shuts_down_gives_its_lane_back() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let checks = CreditChecks::new(Recorded::new(true), 1);
+        let (key, answers) = lane_with_waiting(&checks, 3 * MAX_BATCH);
+        let place = checks.place(key, CallContext::for_tenant("t1", "user"));
+        // A task holding the place, stopped only by the runtime's end.
+        runtime.spawn(async move {
+            let _place = place;
+            std::future::pending::<()>().await;
+        });
+        drop(runtime);
+        for mut answer in answers {
+            assert!(matches!(
+                answer.try_recv(),
+                Err(oneshot::error::TryRecvError::Closed)
+            ));
+        }
+        assert!(checks.lanes().is_empty(), "the lane is given back");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
