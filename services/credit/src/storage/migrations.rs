@@ -249,6 +249,14 @@ impl MigrationTrait for SelectiveFirst {
 /// state-only index is replaced: every other query of reservations by
 /// state also names the account, the order or the id, and a lookup by
 /// state alone can use the new index's first column.
+///
+/// On PostgreSQL the migration builds the index while it holds the table
+/// against writes: on a large table, build it by hand first
+/// (`CREATE INDEX CONCURRENTLY IF NOT EXISTS
+/// "idx-credit_reservations-state-expires_at" ON credit_reservations
+/// (state, expires_at)`, then `DROP INDEX CONCURRENTLY IF EXISTS
+/// "idx-credit_reservations-state"`), and the migration finds nothing
+/// left to do.
 struct SweepIndex;
 
 /// The index the entity's `indexed` state makes in the first migration.
@@ -303,6 +311,7 @@ impl MigrationTrait for SweepIndex {
                 Index::drop()
                     .name(SWEEP_INDEX)
                     .table(reservation::Entity)
+                    .if_exists()
                     .to_owned(),
             )
             .await

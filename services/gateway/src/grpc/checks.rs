@@ -756,7 +756,8 @@ mod tests {
         assert_eq!(credit.calls().len(), 3);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // Paused time: the deadline passes only once everything else waits.
+    #[tokio::test(start_paused = true)]
     async fn a_lone_caller_past_its_deadline_hands_the_waiting_checks_on() {
         let credit = Recorded::new(true);
         let checks = CreditChecks::new(credit.clone(), 1);
