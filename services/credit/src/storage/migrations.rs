@@ -270,50 +270,47 @@ impl MigrationName for SweepIndex {
     }
 }
 
-#[async_trait::async_trait]
-impl MigrationTrait for SweepIndex {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .create_index(
-                Index::create()
-                    .name(SWEEP_INDEX)
-                    .table(reservation::Entity)
-                    .col(reservation::Column::State)
-                    .col(reservation::Column::ExpiresAt)
-                    .if_not_exists()
-                    .to_owned(),
-            )
-            .await?;
+impl SweepIndex {
+    /// Makes the index `made` on `columns` (unless there), then drops the
+    /// index `dropped` (if there): up one way, down the other.
+    async fn swap(
+        manager: &SchemaManager<'_>,
+        made: &str,
+        columns: &[reservation::Column],
+        dropped: &str,
+    ) -> Result<(), DbErr> {
+        let mut index = Index::create();
+        index.name(made).table(reservation::Entity).if_not_exists();
+        for column in columns {
+            index.col(*column);
+        }
+        manager.create_index(index.to_owned()).await?;
         manager
             .drop_index(
                 Index::drop()
-                    .name(STATE_INDEX)
+                    .name(dropped)
                     .table(reservation::Entity)
                     .if_exists()
                     .to_owned(),
             )
             .await
     }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for SweepIndex {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        use reservation::Column::{ExpiresAt, State};
+        Self::swap(manager, SWEEP_INDEX, &[State, ExpiresAt], STATE_INDEX).await
+    }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .create_index(
-                Index::create()
-                    .name(STATE_INDEX)
-                    .table(reservation::Entity)
-                    .col(reservation::Column::State)
-                    .if_not_exists()
-                    .to_owned(),
-            )
-            .await?;
-        manager
-            .drop_index(
-                Index::drop()
-                    .name(SWEEP_INDEX)
-                    .table(reservation::Entity)
-                    .if_exists()
-                    .to_owned(),
-            )
-            .await
+        Self::swap(
+            manager,
+            STATE_INDEX,
+            &[reservation::Column::State],
+            SWEEP_INDEX,
+        )
+        .await
     }
 }
