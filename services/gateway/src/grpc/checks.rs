@@ -606,9 +606,22 @@ mod tests {
         tenant: &str,
         id: &str,
     ) -> tokio::task::JoinHandle<Answer> {
+        start_until(checks, tenant, id, None)
+    }
+
+    /// [`start`], for a caller that stops waiting at `deadline`.
+    fn start_until(
+        checks: &CreditChecks<Recorded>,
+        tenant: &str,
+        id: &str,
+        deadline: Option<Instant>,
+    ) -> tokio::task::JoinHandle<Answer> {
         let checks = checks.clone();
         let request = order(id);
-        let context = CallContext::for_tenant(tenant, "user");
+        let context = CallContext {
+            deadline,
+            ..CallContext::for_tenant(tenant, "user")
+        };
         tokio::spawn(o2c_kit::auth::scope(context, async move {
             checks.check(request).await
         }))
@@ -761,14 +774,8 @@ mod tests {
     async fn a_lone_caller_past_its_deadline_hands_the_waiting_checks_on() {
         let credit = Recorded::new(true);
         let checks = CreditChecks::new(credit.clone(), 1);
-        let context = CallContext {
-            deadline: Some(Instant::now() + Duration::from_secs(1)),
-            ..CallContext::for_tenant("t1", "user")
-        };
-        let mine = checks.clone();
-        let lone = tokio::spawn(o2c_kit::auth::scope(context, async move {
-            mine.check(order("o-late")).await
-        }));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let lone = start_until(&checks, "t1", "o-late", Some(deadline));
         credit.until_calls(1).await;
         let waiting = start(&checks, "t1", "o-2");
         until_waiting(&checks, 1).await;
@@ -923,15 +930,8 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(60);
         let mut waiting = Vec::new();
         for (n, deadline) in [soon, later].into_iter().enumerate() {
-            let mine = checks.clone();
-            let context = CallContext {
-                deadline: Some(deadline),
-                ..CallContext::for_tenant("t1", "user")
-            };
-            let check = order(&format!("o-{}", n + 2));
-            waiting.push(tokio::spawn(o2c_kit::auth::scope(context, async move {
-                mine.check(check).await
-            })));
+            let id = format!("o-{}", n + 2);
+            waiting.push(start_until(&checks, "t1", &id, Some(deadline)));
             until_waiting(&checks, n + 1).await;
         }
         credit.gate.add_permits(2);
