@@ -306,3 +306,254 @@ async fn a_relay_drains_a_backlog_within_one_interval() {
         backlog
     );
 }
+
+/// A health server on `listener` that counts the connections it accepts,
+/// until `stop` resolves.
+fn counted_health_server(
+    listener: tokio::net::TcpListener,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    use tokio_stream::StreamExt;
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |tcp| {
+        accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tcp
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming, stop),
+    )
+}
+
+fn check() -> HealthCheckRequest {
+    HealthCheckRequest {
+        service: String::new(),
+    }
+}
+
+/// Concurrent calls share one connection; a service that restarted on
+/// the same address is reached again on a new one, without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_carries_concurrent_calls_and_a_restart_is_reconnected() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = counted_health_server(listener, accepted.clone(), async move {
+        let _ = stopped.await;
+    });
+    let channel =
+        o2c_kit::client::channel(&format!("http://{addr}"), Duration::from_secs(5)).unwrap();
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let mut health = HealthClient::new(channel.clone());
+            tokio::spawn(async move { health.check(check()).await })
+        })
+        .collect();
+    for call in calls {
+        let answer = call.await.unwrap().unwrap().into_inner();
+        assert_eq!(answer.status(), ServingStatus::Serving);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection for all");
+
+    // The service stops (its connection closes with it) and starts again
+    // on the same address.
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let _server = counted_health_server(listener, accepted.clone(), async move {
+        let _ = stopped.await;
+    });
+    let answer = HealthClient::new(channel.clone())
+        .check(check())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.status(), ServingStatus::Serving);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
+}
+
+/// A peer that takes the connection and never answers: the call ends
+/// DEADLINE_EXCEEDED at its deadline (not retried past it), and once the
+/// connection has failed a PING it is dropped, so a later call connects
+/// anew instead of waiting on the dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_times_calls_out_and_its_connection_is_dropped() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    let timeout = Duration::from_millis(300);
+    let channel = o2c_kit::client::channel(&format!("http://{addr}"), timeout).unwrap();
+    let started = std::time::Instant::now();
+    let status = HealthClient::new(channel.clone())
+        .check(check())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= timeout && took < timeout * 3,
+        "ended after {took:?}, its deadline {timeout:?}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // The PING gets no answer within the connect timeout; calls made until
+    // then still use (and time out on) the same connection.
+    let patience = Duration::from_millis(o2c_kit::client::CONNECT_TIMEOUT_MS);
+    let deadline = std::time::Instant::now() + patience * 5;
+    while accepted.load(Ordering::SeqCst) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead connection was kept"
+        );
+        let status = HealthClient::new(channel.clone())
+            .check(check())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    }
+    assert!(
+        started.elapsed() >= patience,
+        "dropped before the PING's patience ran out"
+    );
+}
+
+/// A message of `size` bytes, asked for by size.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Blob {
+    #[prost(uint32, tag = "1")]
+    size: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    data: Vec<u8>,
+}
+
+/// Answers every call with a [`Blob`] of the size asked.
+#[derive(Clone)]
+struct Blobs;
+
+struct Sized;
+
+impl tonic::server::UnaryService<Blob> for Sized {
+    type Response = Blob;
+    type Future = std::future::Ready<Result<tonic::Response<Blob>, tonic::Status>>;
+
+    fn call(&mut self, request: tonic::Request<Blob>) -> Self::Future {
+        let size = request.into_inner().size as usize;
+        std::future::ready(Ok(tonic::Response::new(Blob {
+            size: 0,
+            data: vec![7; size],
+        })))
+    }
+}
+
+impl tonic::server::NamedService for Blobs {
+    const NAME: &'static str = "test.Blobs";
+}
+
+impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for Blobs {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+                .max_decoding_message_size(16 << 20)
+                .max_encoding_message_size(16 << 20);
+            Ok(grpc.unary(Sized, request).await)
+        })
+    }
+}
+
+/// Answers larger than the stream and connection windows arrive whole, one
+/// after another on one connection: what was read is given back to the
+/// peer's window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_larger_than_the_flow_control_windows_arrive_whole() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(Blobs)
+            .serve_with_incoming(o2c_kit::serve::incoming(listener)),
+    );
+    let channel =
+        o2c_kit::client::channel(&format!("http://{addr}"), Duration::from_secs(10)).unwrap();
+    let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(16 << 20);
+    // 3 × 3 MiB: more than the 2 MiB stream window each, more than the
+    // 5 MiB connection window together.
+    for size in [3 << 20, 3 << 20, 3 << 20, 10] {
+        client.ready().await.unwrap();
+        let blob: Blob = client
+            .unary(
+                tonic::Request::new(Blob {
+                    size,
+                    data: Vec::new(),
+                }),
+                tonic::codegen::http::uri::PathAndQuery::from_static("/test.Blobs/Get"),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(blob.data.len(), size as usize);
+        assert!(blob.data.iter().all(|&b| b == 7));
+    }
+}
+
+/// An answer that stops midway (its head and part of its message sent,
+/// the connection alive) ends DEADLINE_EXCEEDED at the call's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_stalls_midway_ends_at_the_deadline() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(tcp).await.unwrap();
+        let (_request, mut respond) = connection.accept().await.unwrap().unwrap();
+        let head = tonic::codegen::http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let mut stream = respond.send_response(head, false).unwrap();
+        // A message announced as 100 bytes long, and 10 of them.
+        let mut part = vec![0u8, 0, 0, 0, 100];
+        part.extend([1u8; 10]);
+        stream.send_data(bytes::Bytes::from(part), false).unwrap();
+        // Drives the connection (it answers PINGs) and never finishes.
+        while connection.accept().await.is_some() {}
+        drop(stream);
+    });
+    let timeout = Duration::from_millis(500);
+    let channel = o2c_kit::client::channel(&format!("http://{addr}"), timeout).unwrap();
+    let started = std::time::Instant::now();
+    let status = HealthClient::new(channel).check(check()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= timeout && took < timeout * 3,
+        "ended after {took:?}, its deadline {timeout:?}"
+    );
+}

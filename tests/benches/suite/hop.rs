@@ -65,12 +65,47 @@ impl tower::Service<http::Request<tonic::body::Body>> for Unary {
     }
 }
 
+/// What a client calls over: tonic's `Channel`, or the kit's channel.
+pub trait Transport:
+    tonic::client::GrpcService<
+        tonic::body::Body,
+        Error: Into<tonic::codegen::StdError>,
+        ResponseBody: http_body::Body<
+            Data = bytes::Bytes,
+            Error: Into<tonic::codegen::StdError> + Send,
+        > + Send
+                          + 'static,
+        Future: Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Transport for T where
+    T: tonic::client::GrpcService<
+            tonic::body::Body,
+            Error: Into<tonic::codegen::StdError>,
+            ResponseBody: http_body::Body<
+                Data = bytes::Bytes,
+                Error: Into<tonic::codegen::StdError> + Send,
+            > + Send
+                              + 'static,
+            Future: Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A client of either server.
 #[derive(Clone)]
-pub struct Client(tonic::client::Grpc<Channel>);
+pub struct Client<T = Channel>(tonic::client::Grpc<T>);
 
-impl Client {
-    pub fn new(channel: Channel) -> Self {
+impl<T: Transport> Client<T> {
+    pub fn new(channel: T) -> Self {
         Self(tonic::client::Grpc::new(channel))
     }
 
@@ -98,7 +133,7 @@ impl Client {
         self.0
             .ready()
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| Status::unavailable(e.into().to_string()))?;
         self.0
             .unary(
                 request,
@@ -141,7 +176,10 @@ pub async fn echo() -> std::io::Result<SocketAddr> {
 
 /// Forwards every call to `path` of `upstream`, with its metadata (the
 /// caller's credentials, say): tonic drops the reserved headers.
-pub async fn forwarder(upstream: Channel, path: &'static str) -> std::io::Result<SocketAddr> {
+pub async fn forwarder<T: Transport>(
+    upstream: T,
+    path: &'static str,
+) -> std::io::Result<SocketAddr> {
     let client = Client::new(upstream);
     serve(Arc::new(move |request: Request<CheckAndReserveRequest>| {
         let mut client = client.clone();
@@ -155,6 +193,6 @@ pub async fn forwarder(upstream: Channel, path: &'static str) -> std::io::Result
 }
 
 /// Forwards to the echo service.
-pub async fn echo_forwarder(upstream: Channel) -> std::io::Result<SocketAddr> {
+pub async fn echo_forwarder<T: Transport>(upstream: T) -> std::io::Result<SocketAddr> {
     forwarder(upstream, PATH).await
 }

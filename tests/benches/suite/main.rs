@@ -13,7 +13,9 @@
 //!    service and the bare tonic forwarder built in here (goal ≤ 1.2);
 //!    beside it, the same ratio against that bare forwarder in front of
 //!    credit's real check, since a hop there costs more than in front of
-//!    the echo (the database's time grows with the gap between checks);
+//!    the echo (the database's time grows with the gap between checks),
+//!    and against the same bare forwarder calling over the kit's channel
+//!    (`o2c_kit::client::channel`, as every service calls another);
 //! 4. idle resident memory of each service binary (goal ≤ 25 MiB) and of
 //!    the all-in-one binary (goal ≤ 80 MiB);
 //! 5. open-loop load at fixed rates, counting dropped and late requests.
@@ -641,7 +643,15 @@ async fn main() {
         .await
         .unwrap();
     let mut credit_forwarded = hop::Client::new(channel(credit_forwarder).await);
-    let mut samples: [Vec<Duration>; 7] = Default::default();
+    // The same bare forwarder calling over the kit's channel, as every
+    // service calls another (`o2c_kit::client::channel`).
+    let kit_forwarder = hop::echo_forwarder(
+        o2c_kit::client::channel(&format!("http://{echo}"), Duration::from_secs(5)).unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut echo_kit_forwarded = hop::Client::new(channel(kit_forwarder).await);
+    let mut samples: [Vec<Duration>; 8] = Default::default();
     let latency_began = suite.credit_batches.timings();
     let mut n = 0u64;
     for _ in 0..rounds {
@@ -670,6 +680,9 @@ async fn main() {
                     }
                     3 => {
                         echo_forwarded.check(check).await.unwrap();
+                    }
+                    7 => {
+                        echo_kit_forwarded.check(check).await.unwrap();
                     }
                     6 => {
                         let (metadata, _, ()) =
@@ -717,6 +730,7 @@ async fn main() {
         read_direct,
         read_through,
         check_forwarded,
+        kit_forwarded,
     ] = samples.map(|mut s| load::percentiles(&mut s));
     let hop_cost = forwarded.p50 - echoed.p50;
     let order_cost = (through.p50 - direct.p50) / hop_cost;
@@ -725,6 +739,10 @@ async fn main() {
     // there, the database's share of it included.
     let check_hop_cost = check_forwarded.p50 - direct.p50;
     let order_cost_on_check = (through.p50 - direct.p50) / check_hop_cost;
+    // And the bare hop on the kit's own channel: the gateway's layers
+    // against a hop over the same transport.
+    let kit_hop_cost = kit_forwarded.p50 - echoed.p50;
+    let order_cost_on_kit = (through.p50 - direct.p50) / kit_hop_cost;
     for (name, p) in [
         ("credit CheckAndReserve, direct", direct),
         ("gateway PlaceOrder", through),
@@ -733,9 +751,10 @@ async fn main() {
         ("credit GetExposure, direct", read_direct),
         ("gateway GetCustomerExposure", read_through),
         ("credit CheckAndReserve, bare forwarder", check_forwarded),
+        ("echo through a bare kit-channel forwarder", kit_forwarded),
     ] {
         println!(
-            "  latency {name:<38} p50 {:>8.0} µs  p99 {:>8.0} µs  max {:>8.0} µs",
+            "  latency {name:<41} p50 {:>8.0} µs  p99 {:>8.0} µs  max {:>8.0} µs",
             p.p50, p.p99, p.max
         );
     }
@@ -834,6 +853,16 @@ async fn main() {
         "    beside it, the bare hop in front of credit's real check: {order_cost_on_check:.2} \
          (({:.0} − {:.0}) ÷ ({:.0} − {:.0}) µs); p99 through it {:.0} µs",
         through.p50, direct.p50, check_forwarded.p50, direct.p50, check_forwarded.p99
+    );
+    println!(
+        "    and the bare hop over the kit's channel (as the gateway calls credit): \
+         {order_cost_on_kit:.2} (({:.0} − {:.0}) ÷ ({:.0} − {:.0}) µs); that hop is {:.2} of \
+         the tonic hop",
+        through.p50,
+        direct.p50,
+        kit_forwarded.p50,
+        echoed.p50,
+        kit_hop_cost / hop_cost
     );
     for (binary, mib) in &rss {
         let goal = if *binary == memory::ALL_IN_ONE {

@@ -1,6 +1,9 @@
 //! Calling other services: lazily connected channels with a per-call
 //! deadline, and W3C trace-context injection so the callee continues the
 //! caller's trace.
+//!
+//! Unary calls go over [`h2::H2Channel`], an HTTP/2 connection driven from
+//! the caller's task; server streams over tonic's `Channel`.
 
 use std::time::Duration;
 
@@ -10,6 +13,10 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+pub mod h2;
+
+pub use self::h2::H2Channel;
 
 /// Deadline for any one internal call unless the caller sets a shorter one.
 pub const DEFAULT_CALL_TIMEOUT_MS: u64 = 5_000;
@@ -25,23 +32,21 @@ pub type TracedChannel = InterceptedService<RetryChannel, TracePropagation>;
 #[error("invalid service address {url:?}: {source}")]
 pub struct InvalidAddress {
     url: String,
-    source: tonic::transport::Error,
+    source: BoxError,
 }
 
 /// A channel to `url` (e.g. `http://127.0.0.1:50052`). It connects on first
 /// use and reconnects by itself, so services can start in any order.
 pub fn channel(url: &str, call_timeout: Duration) -> Result<TracedChannel, InvalidAddress> {
-    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| InvalidAddress {
-        url: url.to_owned(),
-        source,
-    })?;
-    let channel = endpoint
-        .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-        .timeout(call_timeout)
-        .tcp_nodelay(true)
-        .connect_lazy();
+    let channel = H2Channel::lazy(url, Duration::from_millis(CONNECT_TIMEOUT_MS), call_timeout)
+        .map_err(|source| InvalidAddress {
+            url: url.to_owned(),
+            source,
+        })?;
     Ok(InterceptedService::new(
-        RetryChannel::new(channel),
+        RetryChannel {
+            transport: Transport::H2(channel),
+        },
         TracePropagation,
     ))
 }
@@ -51,7 +56,7 @@ pub fn channel(url: &str, call_timeout: Duration) -> Result<TracedChannel, Inval
 pub fn streaming_channel(url: &str) -> Result<TracedChannel, InvalidAddress> {
     let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| InvalidAddress {
         url: url.to_owned(),
-        source,
+        source: source.into(),
     })?;
     let channel = endpoint
         .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
@@ -133,12 +138,33 @@ pub const RETRY_BUDGET_MS: u64 = 1_000;
 /// answer is returned as it is.
 #[derive(Debug, Clone)]
 pub struct RetryChannel {
-    inner: Channel,
+    transport: Transport,
+}
+
+/// How a [`RetryChannel`] reaches its service.
+#[derive(Debug, Clone)]
+enum Transport {
+    /// Unary calls ([`channel`]).
+    H2(H2Channel),
+    /// Server streams ([`streaming_channel`]).
+    Tonic(Channel),
 }
 
 impl RetryChannel {
-    pub fn new(inner: Channel) -> Self {
-        Self { inner }
+    /// Retries over tonic's `channel`.
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            transport: Transport::Tonic(channel),
+        }
+    }
+
+    /// The HTTP/2 channel under a unary channel (none under a streaming
+    /// one).
+    pub fn h2(&self) -> Option<&H2Channel> {
+        match &self.transport {
+            Transport::H2(channel) => Some(channel),
+            Transport::Tonic(_) => None,
+        }
     }
 }
 
@@ -169,7 +195,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for RetryChannel {
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         use http_body_util::BodyExt;
         use tower::ServiceExt;
-        let channel = self.inner.clone();
+        let transport = self.transport.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             // Unary requests are one small message: keep it to resend.
@@ -179,21 +205,36 @@ impl tower::Service<http::Request<tonic::body::Body>> for RetryChannel {
                 .get::<tonic::GrpcMethod<'static>>()
                 .cloned();
             let started = tokio::time::Instant::now();
+            // One deadline for every attempt: a retry does not start the
+            // caller's time afresh.
+            let deadline = match &transport {
+                Transport::H2(channel) => Some(channel.deadline(&parts.headers)),
+                Transport::Tonic(_) => None,
+            };
             let mut attempt = 0;
             loop {
-                let mut request = http::Request::new(tonic::body::Body::new(
-                    http_body_util::Full::new(bytes.clone()),
-                ));
-                *request.method_mut() = parts.method.clone();
-                *request.uri_mut() = parts.uri.clone();
-                *request.version_mut() = parts.version;
-                *request.headers_mut() = parts.headers.clone();
-                if let Some(method) = &method {
-                    request.extensions_mut().insert(method.clone());
-                }
-                let outcome = match channel.clone().ready_oneshot().await {
-                    Ok(mut ready) => tower::Service::call(&mut ready, request).await,
-                    Err(error) => Err(error),
+                let outcome = match &transport {
+                    Transport::H2(channel) => {
+                        let deadline = deadline.unwrap_or_else(|| channel.deadline(&parts.headers));
+                        channel.send(&parts, bytes.clone(), deadline).await
+                    }
+                    Transport::Tonic(channel) => {
+                        let mut request = http::Request::new(tonic::body::Body::new(
+                            http_body_util::Full::new(bytes.clone()),
+                        ));
+                        *request.method_mut() = parts.method.clone();
+                        *request.uri_mut() = parts.uri.clone();
+                        *request.version_mut() = parts.version;
+                        *request.headers_mut() = parts.headers.clone();
+                        if let Some(method) = &method {
+                            request.extensions_mut().insert(method.clone());
+                        }
+                        match channel.clone().ready_oneshot().await {
+                            Ok(mut ready) => tower::Service::call(&mut ready, request).await,
+                            Err(error) => Err(error),
+                        }
+                        .map_err(BoxError::from)
+                    }
                 };
                 match outcome {
                     // An answer of UNAVAILABLE (the service's own dependency is
@@ -215,10 +256,14 @@ impl tower::Service<http::Request<tonic::body::Body>> for RetryChannel {
                     Err(error) => {
                         attempt += 1;
                         let spent = started.elapsed();
+                        let out_of_time = error
+                            .downcast_ref::<tonic::Status>()
+                            .is_some_and(|s| s.code() == tonic::Code::DeadlineExceeded);
                         if attempt >= RETRY_ATTEMPTS
                             || spent >= Duration::from_millis(RETRY_BUDGET_MS)
+                            || out_of_time
                         {
-                            return Err(error.into());
+                            return Err(error);
                         }
                         tracing::debug!(attempt, %error, "internal call failed to connect; retrying");
                         tokio::time::sleep(jittered(attempt - 1)).await;
