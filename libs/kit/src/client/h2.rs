@@ -14,17 +14,21 @@
 //! the one on tonic's.
 //!
 //! What tonic's `Channel` did for these calls, this does too:
-//! - connects on first use, one connection at a time however many calls
-//!   wait for it, within the connect timeout, with `TCP_NODELAY`;
+//! - connects on first use, within the connect timeout, with
+//!   `TCP_NODELAY`: one attempt at a time, in a task of its own, whose
+//!   outcome every call waiting for it gets (a caller that gives up stops
+//!   only its own wait);
 //! - a call that finds its connection closed (the peer went away or sent
-//!   GOAWAY) before its request left takes a new connection at once;
+//!   GOAWAY) or its stream refused before the peer processed it takes a
+//!   new connection at once;
 //! - every call's deadline is the shorter of the caller's `grpc-timeout`
 //!   and the channel's own, sent on as `grpc-timeout`; a call past it
-//!   ends with DEADLINE_EXCEEDED;
-//! - a call that timed out makes the channel PING its connection: a peer
-//!   that does not answer within the connect timeout (a host gone without
-//!   closing its connections) has its connection dropped, so the next call
-//!   connects anew instead of waiting out its deadline on a dead one;
+//!   ends with DEADLINE_EXCEEDED, its answer's body included;
+//! - a call abandoned before its answer came (past its deadline, or its
+//!   caller gone) makes the channel PING its connection: a peer that does
+//!   not answer within the connect timeout (a host gone without closing
+//!   its connections) has its connection dropped, so later calls connect
+//!   anew instead of each waiting out its deadline on a dead one;
 //! - flow-control windows as hyper's client sets them (2 MiB a stream,
 //!   5 MiB the connection), so a large answer does not wait on window
 //!   updates.
@@ -35,7 +39,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -43,6 +47,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http::uri::{Authority, Scheme};
 use http_body::Frame;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::Status;
 
@@ -71,26 +76,37 @@ struct Shared {
     port: u16,
     connect_timeout: Duration,
     call_timeout: Duration,
-    live: Mutex<Option<Live>>,
-    /// Held while one call connects: the others wait for its connection.
-    connecting: tokio::sync::Mutex<()>,
+    slot: Mutex<Slot>,
     /// Connections made so far (each one's id).
     made: AtomicU64,
+}
+
+/// The channel's connection, or the attempt to make one.
+enum Slot {
+    Idle,
+    /// An attempt under way; its outcome (the error's message when it
+    /// failed) once it ends.
+    Connecting(watch::Receiver<Option<Result<Live, String>>>),
+    Live(Live),
 }
 
 #[derive(Clone)]
 struct Live {
     id: u64,
     send: h2::client::SendRequest<Bytes>,
-    /// PINGs the peer after a call timed out; one at a time.
+    /// PINGs the peer after a call was abandoned; one at a time.
     ping: Option<Arc<tokio::sync::Mutex<h2::PingPong>>>,
 }
 
 /// Why a call got no answer.
 enum Failure {
-    /// The request never left: the connection was closed or refused new
-    /// streams. Another connection may take it.
+    /// The peer did not process the request (the connection closed or
+    /// went away before it left, or the peer refused its stream): another
+    /// connection may take it.
     NotSent(h2::Error),
+    /// The request could not be written as it is: no connection would
+    /// take it.
+    Refused(h2::Error),
     /// The request left; the answer did not come.
     Sent(h2::Error),
 }
@@ -124,8 +140,7 @@ impl H2Channel {
                 port,
                 connect_timeout,
                 call_timeout,
-                live: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(()),
+                slot: Mutex::new(Slot::Idle),
                 made: AtomicU64::new(0),
             }),
         })
@@ -149,6 +164,14 @@ impl H2Channel {
             })
     }
 
+    /// DEADLINE_EXCEEDED for a call to this channel's service.
+    pub(crate) fn late(&self) -> BoxError {
+        Box::new(Status::deadline_exceeded(format!(
+            "{} did not answer before the call's deadline",
+            self.shared.authority
+        )))
+    }
+
     /// Sends one request (`parts` and its whole `body`) and returns the
     /// answer's head, its body streaming in behind it; DEADLINE_EXCEEDED
     /// when the head has not come by `deadline`.
@@ -158,24 +181,21 @@ impl H2Channel {
         body: Bytes,
         deadline: Instant,
     ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-        let late = || -> BoxError {
-            Box::new(Status::deadline_exceeded(format!(
-                "{} did not answer before the call's deadline",
-                self.shared.authority
-            )))
-        };
+        if Instant::now() >= deadline {
+            return Err(self.late());
+        }
         let mut uri = http::uri::Parts::from(parts.uri.clone());
         uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(self.shared.authority.clone());
         let uri = http::Uri::from_parts(uri)?;
-        // A closed connection found before the request left costs one
-        // more try, on a new connection.
+        // A request the peer did not process costs one more try, on a new
+        // connection.
         let mut tries = 2;
         loop {
             tries -= 1;
             let live = tokio::time::timeout_at(deadline, self.connection())
                 .await
-                .map_err(|_| late())??;
+                .map_err(|_| self.late())??;
             let mut request = http::Request::new(());
             *request.method_mut() = parts.method.clone();
             *request.uri_mut() = uri.clone();
@@ -186,67 +206,136 @@ impl H2Channel {
                 grpc_timeout(deadline.saturating_duration_since(Instant::now())),
             );
             headers.insert(http::header::USER_AGENT, USER_AGENT.clone());
-            match tokio::time::timeout_at(deadline, exchange(&live, request, body.clone())).await {
-                Ok(Ok(response)) => {
+            // Armed until the answer's head (or a sure failure) comes: a
+            // call abandoned meanwhile, past its deadline or by its caller,
+            // has the connection checked.
+            let mut abandoned = Probe::of(&self.shared, &live);
+            let exchanged =
+                tokio::time::timeout_at(deadline, exchange(&live, request, body.clone())).await;
+            let Ok(exchanged) = exchanged else {
+                return Err(self.late());
+            };
+            let failure = match exchanged {
+                Ok(response) => {
+                    let probe = abandoned.take();
                     return Ok(response.map(|recv| {
                         tonic::body::Body::new(Answer {
                             recv,
                             data_done: false,
                             deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                            probe,
                         })
                     }));
                 }
-                Ok(Err(Failure::NotSent(error))) => {
+                Err(failure) => failure,
+            };
+            abandoned.disarm();
+            match failure {
+                Failure::NotSent(error) => {
                     self.shared.forget(live.id);
                     if tries == 0 {
                         return Err(Box::new(Status::unavailable(format!(
-                            "{}: the connection closed: {error}",
+                            "{} did not take the call: {error}",
                             self.shared.authority
                         ))));
                     }
                 }
+                Failure::Refused(error) => {
+                    return Err(Box::new(Status::internal(format!(
+                        "the call to {} could not be sent: {error}",
+                        self.shared.authority
+                    ))));
+                }
                 // Mapped by tonic as for its own channel (the stream's
                 // reset reason, or UNKNOWN for a broken connection).
-                Ok(Err(Failure::Sent(error))) => return Err(Box::new(error)),
-                Err(_) => {
-                    self.probe(live);
-                    return Err(late());
-                }
+                Failure::Sent(error) => return Err(Box::new(error)),
             }
         }
     }
 
-    /// The live connection, or a new one.
+    /// The live connection, or the outcome of the attempt to make one
+    /// (started here when none is under way).
     async fn connection(&self) -> Result<Live, BoxError> {
-        if let Some(live) = self.shared.current() {
-            return Ok(live);
-        }
-        let _only = self.shared.connecting.lock().await;
-        if let Some(live) = self.shared.current() {
-            return Ok(live);
-        }
-        let live = tokio::time::timeout(self.shared.connect_timeout, self.connect())
+        let mut attempt = {
+            let mut slot = self.shared.lock();
+            match &*slot {
+                Slot::Live(live) => return Ok(live.clone()),
+                Slot::Connecting(attempt) => attempt.clone(),
+                Slot::Idle => {
+                    let (outcome, attempt) = watch::channel(None);
+                    *slot = Slot::Connecting(attempt.clone());
+                    tokio::spawn(self.clone().connect(outcome));
+                    attempt
+                }
+            }
+        };
+        let waited = attempt
+            .wait_for(Option::is_some)
             .await
-            .map_err(|_| {
-                Status::unavailable(format!(
-                    "connecting to {} took longer than {} ms",
-                    self.shared.authority,
-                    self.shared.connect_timeout.as_millis()
-                ))
-            })??;
-        *self
-            .shared
-            .live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(live.clone());
-        Ok(live)
+            .map(|outcome| outcome.clone());
+        let outcome = match waited {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // The attempt's task ended without an outcome (its runtime
+                // is stopping): the next call tries afresh.
+                let mut slot = self.shared.lock();
+                if matches!(&*slot, Slot::Connecting(a) if a.same_channel(&attempt)) {
+                    *slot = Slot::Idle;
+                }
+                None
+            }
+        };
+        match outcome {
+            Some(Ok(live)) => Ok(live),
+            Some(Err(message)) => Err(Box::new(Status::unavailable(message))),
+            None => Err(Box::new(Status::unavailable("no connection"))),
+        }
     }
 
-    async fn connect(&self) -> Result<Live, Status> {
+    /// One attempt to connect, within the connect timeout; its outcome
+    /// goes in the slot and to every call waiting for it.
+    async fn connect(self, outcome: watch::Sender<Option<Result<Live, String>>>) {
         let shared = &self.shared;
-        let refused = |error: &dyn std::fmt::Display| {
-            Status::unavailable(format!("connecting to {}: {error}", shared.authority))
+        let made = tokio::time::timeout(shared.connect_timeout, self.handshake())
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "connecting to {} took longer than {} ms",
+                    shared.authority,
+                    shared.connect_timeout.as_millis()
+                ))
+            });
+        let made = match made {
+            Ok((live, connection)) => {
+                *shared.lock() = Slot::Live(live.clone());
+                // Driven from here on; when it ends (the peer closed it,
+                // or every handle is gone), the slot lets it go.
+                let owner = Arc::downgrade(shared);
+                let (id, authority) = (live.id, shared.authority.clone());
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%authority, %error, "internal connection ended");
+                    }
+                    if let Some(shared) = owner.upgrade() {
+                        shared.forget(id);
+                    }
+                });
+                Ok(live)
+            }
+            Err(message) => {
+                *shared.lock() = Slot::Idle;
+                Err(message)
+            }
         };
+        outcome.send_replace(Some(made));
+    }
+
+    async fn handshake(
+        &self,
+    ) -> Result<(Live, h2::client::Connection<tokio::net::TcpStream, Bytes>), String> {
+        let shared = &self.shared;
+        let refused =
+            |error: &dyn std::fmt::Display| format!("connecting to {}: {error}", shared.authority);
         let tcp = tokio::net::TcpStream::connect((shared.host.as_str(), shared.port))
             .await
             .map_err(|e| refused(&e))?;
@@ -263,44 +352,7 @@ impl H2Channel {
             .ping_pong()
             .map(|ping| Arc::new(tokio::sync::Mutex::new(ping)));
         let id = shared.made.fetch_add(1, Ordering::Relaxed) + 1;
-        let owner = Arc::downgrade(shared);
-        let authority = shared.authority.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%authority, %error, "internal connection ended");
-            }
-            if let Some(shared) = owner.upgrade() {
-                shared.forget(id);
-            }
-        });
-        Ok(Live { id, send, ping })
-    }
-
-    /// After a call timed out: PINGs its connection and drops it when no
-    /// answer comes within the connect timeout. A slow service answers
-    /// PINGs from its connection's task while its handler still works.
-    fn probe(&self, live: Live) {
-        let Some(ping) = live.ping else {
-            return;
-        };
-        let shared = Arc::downgrade(&self.shared);
-        let patience = self.shared.connect_timeout;
-        tokio::spawn(async move {
-            // One PING at a time: a probe under way answers for the others.
-            let Ok(mut ping) = ping.try_lock() else {
-                return;
-            };
-            let answered = tokio::time::timeout(patience, ping.ping(h2::Ping::opaque())).await;
-            if !matches!(answered, Ok(Ok(_)))
-                && let Some(shared) = shared.upgrade()
-            {
-                tracing::warn!(
-                    authority = %shared.authority,
-                    "an internal connection did not answer a PING; connecting anew"
-                );
-                shared.forget(live.id);
-            }
-        });
+        Ok((Live { id, send, ping }, connection))
     }
 }
 
@@ -328,18 +380,15 @@ impl tower::Service<http::Request<tonic::body::Body>> for H2Channel {
 }
 
 impl Shared {
-    fn current(&self) -> Option<Live> {
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Drops connection `id`, unless another already replaced it.
+    /// Lets connection `id` go, unless another already replaced it.
     fn forget(&self, id: u64) {
-        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        if live.as_ref().is_some_and(|live| live.id == id) {
-            *live = None;
+        let mut slot = self.lock();
+        if matches!(&*slot, Slot::Live(live) if live.id == id) {
+            *slot = Slot::Idle;
         }
     }
 }
@@ -353,6 +402,68 @@ impl std::fmt::Debug for H2Channel {
     }
 }
 
+/// Checks a connection with a PING when dropped armed: the call on it was
+/// abandoned before its answer came. A slow service answers PINGs from its
+/// connection's task while its handler still works; a peer that does not
+/// answer within the connect timeout has its connection let go.
+struct Probe {
+    armed: Option<(Weak<Shared>, u64, Arc<tokio::sync::Mutex<h2::PingPong>>)>,
+}
+
+impl Probe {
+    fn of(shared: &Arc<Shared>, live: &Live) -> Self {
+        Self {
+            armed: live
+                .ping
+                .clone()
+                .map(|ping| (Arc::downgrade(shared), live.id, ping)),
+        }
+    }
+
+    /// Hands this one's charge on (to the answer's body).
+    fn take(&mut self) -> Self {
+        Self {
+            armed: self.armed.take(),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = None;
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let Some((shared, id, ping)) = self.armed.take() else {
+            return;
+        };
+        // Outside a runtime (it is shutting down) there is nothing to keep.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            // One PING at a time: a probe under way answers for the others.
+            let Ok(mut ping) = ping.try_lock() else {
+                return;
+            };
+            let Some(patience) = shared.upgrade().map(|s| s.connect_timeout) else {
+                return;
+            };
+            let answered = tokio::time::timeout(patience, ping.ping(h2::Ping::opaque())).await;
+            if !matches!(answered, Ok(Ok(_)))
+                && let Some(shared) = shared.upgrade()
+                && matches!(&*shared.lock(), Slot::Live(live) if live.id == id)
+            {
+                tracing::warn!(
+                    authority = %shared.authority,
+                    "an internal connection did not answer a PING; connecting anew"
+                );
+                shared.forget(id);
+            }
+        });
+    }
+}
+
 /// Sends `request` with `body` on `live` and awaits the answer's head.
 async fn exchange(
     live: &Live,
@@ -362,11 +473,27 @@ async fn exchange(
     let mut send = live.send.clone().ready().await.map_err(Failure::NotSent)?;
     let (response, mut stream) = send
         .send_request(request, body.is_empty())
-        .map_err(Failure::NotSent)?;
+        .map_err(|error| {
+            if error.is_go_away() || error.is_io() {
+                Failure::NotSent(error)
+            } else {
+                Failure::Refused(error)
+            }
+        })?;
     if !body.is_empty() {
         stream.send_data(body, true).map_err(Failure::Sent)?;
     }
-    response.await.map_err(Failure::Sent)
+    response.await.map_err(|error| {
+        // A stream the peer refused, or one past the last it said it would
+        // process when it went away, was not processed.
+        let unprocessed = error.reason() == Some(h2::Reason::REFUSED_STREAM)
+            || (error.is_go_away() && error.is_remote());
+        if unprocessed {
+            Failure::NotSent(error)
+        } else {
+            Failure::Sent(error)
+        }
+    })
 }
 
 /// `timeout` as a `grpc-timeout` value: the finest unit that fits gRPC's
@@ -389,6 +516,9 @@ struct Answer {
     recv: h2::RecvStream,
     data_done: bool,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Disarmed once the whole answer came; armed, dropped with a body
+    /// that stalled.
+    probe: Probe,
 }
 
 impl Answer {
@@ -423,6 +553,9 @@ impl http_body::Body for Answer {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Poll::Ready(next) = self.poll_next(cx) {
+            if matches!(next, None | Some(Err(_))) {
+                self.probe.disarm();
+            }
             return Poll::Ready(next);
         }
         ready!(self.deadline.as_mut().poll(cx));

@@ -212,6 +212,12 @@ impl tower::Service<http::Request<tonic::body::Body>> for RetryChannel {
                 Transport::Tonic(_) => None,
             };
             let mut attempt = 0;
+            // The backoff before a retry, cut short at the deadline (the
+            // attempt then ends at once, DEADLINE_EXCEEDED).
+            let backoff = |attempt: u32| {
+                let until = tokio::time::Instant::now() + jittered(attempt);
+                tokio::time::sleep_until(deadline.map_or(until, |deadline| until.min(deadline)))
+            };
             loop {
                 let outcome = match &transport {
                     Transport::H2(channel) => {
@@ -250,23 +256,26 @@ impl tower::Service<http::Request<tonic::body::Body>> for RetryChannel {
                     {
                         attempt += 1;
                         tracing::debug!(attempt, "internal call answered UNAVAILABLE; retrying");
-                        tokio::time::sleep(jittered(attempt - 1)).await;
+                        backoff(attempt - 1).await;
                     }
                     Ok(response) => return Ok(response),
                     Err(error) => {
                         attempt += 1;
                         let spent = started.elapsed();
-                        let out_of_time = error
+                        // The channel's own verdicts other than UNAVAILABLE
+                        // (past the deadline, a request no connection would
+                        // take) are final.
+                        let settled = error
                             .downcast_ref::<tonic::Status>()
-                            .is_some_and(|s| s.code() == tonic::Code::DeadlineExceeded);
+                            .is_some_and(|s| s.code() != tonic::Code::Unavailable);
                         if attempt >= RETRY_ATTEMPTS
                             || spent >= Duration::from_millis(RETRY_BUDGET_MS)
-                            || out_of_time
+                            || settled
                         {
                             return Err(error);
                         }
                         tracing::debug!(attempt, %error, "internal call failed to connect; retrying");
-                        tokio::time::sleep(jittered(attempt - 1)).await;
+                        backoff(attempt - 1).await;
                     }
                 }
             }
