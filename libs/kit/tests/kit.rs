@@ -377,24 +377,34 @@ async fn one_connection_carries_concurrent_calls_and_a_restart_is_reconnected() 
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
 }
 
+/// A peer that takes every connection, holds it open and never sends a
+/// byte; with the number of connections it took.
+async fn silent_peer() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    (addr, accepted)
+}
+
 /// A peer that takes the connection and never answers: the call ends
 /// DEADLINE_EXCEEDED at its deadline (not retried past it), and once the
 /// connection has failed a PING it is dropped, so a later call connects
 /// anew instead of waiting on the dead one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_times_calls_out_and_its_connection_is_dropped() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = accepted.clone();
-    let _silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((tcp, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            held.push(tcp);
-        }
-    });
+    use std::sync::atomic::Ordering;
+    let (addr, accepted) = silent_peer().await;
     let timeout = Duration::from_millis(300);
     let channel = o2c_kit::client::channel(&format!("http://{addr}"), timeout).unwrap();
     let started = std::time::Instant::now();
@@ -435,18 +445,8 @@ async fn a_silent_peer_times_calls_out_and_its_connection_is_dropped() {
 /// connection checked too: a silent peer's connection is replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_given_up_by_its_caller_has_a_silent_connection_replaced() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = accepted.clone();
-    let _silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((tcp, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            held.push(tcp);
-        }
-    });
+    use std::sync::atomic::Ordering;
+    let (addr, accepted) = silent_peer().await;
     // The channel would wait 60 s; the caller gives up after 300 ms.
     let channel =
         o2c_kit::client::channel(&format!("http://{addr}"), Duration::from_secs(60)).unwrap();
