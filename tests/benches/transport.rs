@@ -21,6 +21,9 @@
 #[path = "suite/hop.rs"]
 #[allow(dead_code)]
 mod hop;
+#[path = "suite/load.rs"]
+#[allow(dead_code)]
+mod load;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -71,16 +74,6 @@ async fn channel(addr: std::net::SocketAddr) -> Channel {
         .connect()
         .await
         .unwrap()
-}
-
-fn p50(samples: &mut [Duration]) -> f64 {
-    samples.sort();
-    samples[samples.len() / 2].as_secs_f64() * 1e6
-}
-
-fn p99(samples: &mut [Duration]) -> f64 {
-    samples.sort();
-    samples[(samples.len() - 1) * 99 / 100].as_secs_f64() * 1e6
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -158,14 +151,14 @@ async fn main() {
             }
         }
     }
-    let direct = p50(&mut samples[0]);
-    let tonic = p50(&mut samples[1]) - direct;
+    let measured: Vec<_> = samples.iter_mut().map(|s| load::percentiles(s)).collect();
+    let direct = measured[0].p50;
+    let tonic = measured[1].p50 - direct;
     println!(
         "transport benchmark: {} rounds of 100 calls a kind, one at a time",
         rounds
     );
-    for ((name, _), samples) in kinds.iter().zip(samples.iter_mut()) {
-        let (p50, p99) = (p50(samples), p99(samples));
+    for ((name, _), load::Percentiles { p50, p99, .. }) in kinds.iter().zip(measured) {
         let hop = p50 - direct;
         println!(
             "  {name:<33} p50 {p50:>7.1} µs  p99 {p99:>7.1} µs  hop {hop:>6.1} µs  \

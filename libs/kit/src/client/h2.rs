@@ -77,7 +77,7 @@ struct Shared {
     connect_timeout: Duration,
     call_timeout: Duration,
     slot: Mutex<Slot>,
-    /// Connections made so far (each one's id).
+    /// Connections made so far: the next one's id.
     made: AtomicU64,
 }
 
@@ -146,11 +146,6 @@ impl H2Channel {
         })
     }
 
-    /// Connections this channel has made (a new one after each loss).
-    pub fn connections_made(&self) -> u64 {
-        self.shared.made.load(Ordering::Relaxed)
-    }
-
     /// The deadline of a call with `headers` made now: the shorter of its
     /// `grpc-timeout` and the channel's own.
     pub(crate) fn deadline(&self, headers: &http::HeaderMap) -> Instant {
@@ -165,7 +160,7 @@ impl H2Channel {
     }
 
     /// DEADLINE_EXCEEDED for a call to this channel's service.
-    pub(crate) fn late(&self) -> BoxError {
+    fn late(&self) -> BoxError {
         Box::new(Status::deadline_exceeded(format!(
             "{} did not answer before the call's deadline",
             self.shared.authority
@@ -384,12 +379,15 @@ impl Shared {
         self.slot.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Lets connection `id` go, unless another already replaced it.
-    fn forget(&self, id: u64) {
+    /// Lets connection `id` go, unless another already replaced it;
+    /// whether it did.
+    fn forget(&self, id: u64) -> bool {
         let mut slot = self.lock();
-        if matches!(&*slot, Slot::Live(live) if live.id == id) {
+        let current = matches!(&*slot, Slot::Live(live) if live.id == id);
+        if current {
             *slot = Slot::Idle;
         }
+        current
     }
 }
 
@@ -452,13 +450,12 @@ impl Drop for Probe {
             let answered = tokio::time::timeout(patience, ping.ping(h2::Ping::opaque())).await;
             if !matches!(answered, Ok(Ok(_)))
                 && let Some(shared) = shared.upgrade()
-                && matches!(&*shared.lock(), Slot::Live(live) if live.id == id)
+                && shared.forget(id)
             {
                 tracing::warn!(
                     authority = %shared.authority,
                     "an internal connection did not answer a PING; connecting anew"
                 );
-                shared.forget(id);
             }
         });
     }

@@ -157,18 +157,17 @@ impl RetryChannel {
             transport: Transport::Tonic(channel),
         }
     }
-
-    /// The HTTP/2 channel under a unary channel (none under a streaming
-    /// one).
-    pub fn h2(&self) -> Option<&H2Channel> {
-        match &self.transport {
-            Transport::H2(channel) => Some(channel),
-            Transport::Tonic(_) => None,
-        }
-    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// When the retry after `attempt` starts: after its jittered backoff, or
+/// at `deadline` if that comes first (the attempt then ends at once,
+/// DEADLINE_EXCEEDED).
+fn retry_at(attempt: u32, deadline: Option<tokio::time::Instant>) -> tokio::time::Instant {
+    let after_backoff = tokio::time::Instant::now() + jittered(attempt);
+    deadline.map_or(after_backoff, |deadline| after_backoff.min(deadline))
+}
 
 fn jittered(attempt: u32) -> Duration {
     let base = RETRY_BASE_MS.saturating_mul(1 << attempt.min(10));
@@ -212,12 +211,6 @@ impl tower::Service<http::Request<tonic::body::Body>> for RetryChannel {
                 Transport::Tonic(_) => None,
             };
             let mut attempt = 0;
-            // The backoff before a retry, cut short at the deadline (the
-            // attempt then ends at once, DEADLINE_EXCEEDED).
-            let backoff = |attempt: u32| {
-                let until = tokio::time::Instant::now() + jittered(attempt);
-                tokio::time::sleep_until(deadline.map_or(until, |deadline| until.min(deadline)))
-            };
             loop {
                 let outcome = match &transport {
                     Transport::H2(channel) => {
@@ -256,7 +249,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for RetryChannel {
                     {
                         attempt += 1;
                         tracing::debug!(attempt, "internal call answered UNAVAILABLE; retrying");
-                        backoff(attempt - 1).await;
+                        tokio::time::sleep_until(retry_at(attempt - 1, deadline)).await;
                     }
                     Ok(response) => return Ok(response),
                     Err(error) => {
@@ -275,7 +268,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for RetryChannel {
                             return Err(error);
                         }
                         tracing::debug!(attempt, %error, "internal call failed to connect; retrying");
-                        backoff(attempt - 1).await;
+                        tokio::time::sleep_until(retry_at(attempt - 1, deadline)).await;
                     }
                 }
             }
@@ -325,6 +318,21 @@ mod tests {
         let verified = auth::verify_request(&headers).unwrap();
         assert_eq!(verified.tenant.as_deref(), Some("acme"));
         assert_eq!(verified.user.as_deref(), Some("ana"));
+    }
+
+    #[tokio::test]
+    async fn a_retry_starts_after_its_backoff_but_never_past_the_deadline() {
+        let now = tokio::time::Instant::now();
+        let base = Duration::from_millis(RETRY_BASE_MS);
+        for attempt in 0..4 {
+            let unbounded = retry_at(attempt, None);
+            assert!(unbounded >= now + base * (1 << attempt), "{attempt}");
+            assert!(unbounded <= tokio::time::Instant::now() + base * (2 << attempt));
+            let deadline = now + Duration::from_millis(5);
+            assert_eq!(retry_at(attempt, Some(deadline)), deadline, "{attempt}");
+            let far = now + Duration::from_secs(60);
+            assert!(retry_at(attempt, Some(far)) < far, "{attempt}");
+        }
     }
 
     #[tokio::test]
